@@ -1,0 +1,3 @@
+"""HF checkpoints in and out; orbax checkpoints of converted models."""
+from mllm_jax.convert.hf_io import CheckpointMismatchError, abstract_params, load_hf, save_hf
+from mllm_jax.convert.hf_config import UnsupportedModelError

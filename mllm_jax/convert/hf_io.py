@@ -1,0 +1,192 @@
+"""`load_hf` / `save_hf`: HF checkpoint directories in and out.
+
+Loading checks the whole key set and every shape before reading any tensor, then reads one
+tensor at a time from memory-mapped safetensors and places it on the device, so a bad
+checkpoint loads nothing and a 7B one never needs two host copies.
+"""
+import json
+import os
+import re
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mllm_jax.convert import hf_config, hf_keys
+from mllm_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
+from mllm_jax.models import build_model
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def abstract_params(model):
+    """Parameter shapes/dtypes of `model` (no allocation), unboxed from logical metadata."""
+    cfg = model.cfg
+    rng = jax.random.PRNGKey(0)
+    if cfg.model_type == "clip_vision":
+        v = cfg.vision
+        args = (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32),)
+    else:
+        args = (jnp.zeros((1, 1), jnp.int32),)
+    variables = jax.eval_shape(model.init, rng, *args)
+    return nn.meta.unbox(variables["params"])
+
+
+def _expected(model):
+    """{hf key: (param path, layer index or None, hf shape)} for every tensor `model` needs."""
+    flat = flax.traverse_util.flatten_dict(abstract_params(model))
+    out = {}
+    for path, leaf in flat.items():
+        if hf_keys.is_scanned(path):
+            for i in range(leaf.shape[0]):
+                p = hf_keys.unstack_path(path, i)
+                out[hf_keys.hf_name(p)] = (path, i, hf_keys.hf_shape(p, leaf.shape[1:]))
+        else:
+            out[hf_keys.hf_name(path)] = (path, None, hf_keys.hf_shape(path, leaf.shape))
+    return out, flat
+
+
+def _match_keys(reader, model_type, expected, tied):
+    """{hf key: checkpoint key}; raises naming every missing, unexpected or misshapen key."""
+    found, problems = {}, []
+    for key in reader.keys():
+        if any(re.search(p, key) for p in hf_keys.IGNORED_KEYS):
+            continue
+        canon = hf_keys.canonical_key(key, model_type)
+        if canon in found:
+            problems.append(f"both {found[canon]!r} and {key!r} map to {canon!r}")
+        found[canon] = key
+    skip = []
+    if model_type == "clip_vision":
+        skip += hf_keys.CLIP_TEXT_KEYS
+    if tied:  # HF ties lm_head to embed_tokens and ignores a stored copy.
+        skip += [r"(^|\.)lm_head\.weight$"]
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(k for k in found if k not in expected
+                        and not any(re.search(p, k) for p in skip))
+    shapes = []
+    for k, (path, _, shape) in expected.items():
+        if k in found and tuple(reader.shape(found[k])) != tuple(shape):
+            shapes.append(f"{found[k]} ({reader.file_of(found[k])}): checkpoint "
+                          f"{list(reader.shape(found[k]))}, model expects {list(shape)}")
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): "
+                        f"{_few([found[k] for k in unexpected])}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {_few(shapes)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{reader.directory} does not match its config.json "
+            f"(model_type {model_type}); nothing was loaded:\n  " + "\n  ".join(problems))
+    return {k: found[k] for k in expected}
+
+
+def _few(items, n=8):
+    head = ", ".join(str(i) for i in items[:n])
+    return head + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, **overrides):
+    """Reads an HF checkpoint directory. Returns (model, params).
+
+    dtype: parameter dtype (None keeps what the checkpoint stores, float32 if mixed).
+    scan_layers: build the model with scanned layers (params stacked on a layer axis).
+    shardings: optional pytree of `jax.sharding.Sharding` matching params; each tensor is
+      placed directly with it.
+    overrides: other config fields (e.g. remat_policy="full").
+    """
+    path = os.fspath(path)
+    hf = hf_config.read_config_json(path)
+    cfg = hf_config.from_hf(hf, where=os.path.join(path, "config.json"))
+    cfg.scan_layers = scan_layers
+    for k, v in overrides.items():
+        cfg[k] = v
+    reader = CheckpointReader(path)
+    if dtype is None:
+        stored = {reader.dtype(k) for k in reader.keys()
+                  if np.issubdtype(reader.dtype(k), np.floating) or reader.dtype(k).name == "bfloat16"}
+        dtype = stored.pop() if len(stored) == 1 else np.dtype(np.float32)
+    dtype = jnp.dtype(dtype)
+    cfg.param_dtype = dtype.name
+    model = build_model(cfg)
+    expected, flat = _expected(model)
+    tied = cfg.get("text") is not None and cfg.text.tie_word_embeddings
+    keymap = _match_keys(reader, cfg.model_type, expected, tied)
+
+    by_path = {}
+    for hf_key, (p, layer, _) in expected.items():
+        by_path.setdefault(p, []).append((layer, hf_key))
+    flat_shardings = (flax.traverse_util.flatten_dict(shardings) if shardings is not None
+                      else {})
+    out = {}
+    for p, entries in by_path.items():
+        leaf = flat[p]
+        if entries[0][0] is None:
+            host = _read(reader, keymap[entries[0][1]], p, dtype)
+        else:
+            host = np.empty(leaf.shape, dtype)
+            for layer, hf_key in entries:
+                host[layer] = _read(reader, keymap[hf_key], hf_keys.unstack_path(p, layer), dtype)
+        out[p] = jax.device_put(host, flat_shardings.get(p))
+        del host
+    return model, flax.traverse_util.unflatten_dict(out)
+
+
+def _read(reader, key, path, dtype):
+    return np.ascontiguousarray(hf_keys.from_hf_layout(path, reader.get(key)), dtype=dtype)
+
+
+def save_hf(model, params, out_dir, *, dtype=None, max_shard_size=5 * 1024 ** 3):
+    """Writes `params` as an HF checkpoint directory (config.json + safetensors, sharded with
+    an index past `max_shard_size` bytes) in the layout of published checkpoints, which
+    transformers loads with its own classes. dtype: None keeps each parameter's dtype."""
+    cfg = model.cfg
+    hf = hf_config.to_hf(cfg)
+    params = nn.meta.unbox(params)
+    flat = flax.traverse_util.flatten_dict(params)
+    expected, abstract = _expected(model)
+    if set(flat) != set(abstract):
+        extra = sorted("/".join(p) for p in set(flat) - set(abstract))
+        missing = sorted("/".join(p) for p in set(abstract) - set(flat))
+        raise CheckpointMismatchError(
+            f"params do not match the model: missing {_few(missing)}; unexpected {_few(extra)}")
+    for p, leaf in flat.items():
+        if tuple(leaf.shape) != tuple(abstract[p].shape):
+            raise CheckpointMismatchError(
+                f"param {'/'.join(p)} has shape {tuple(leaf.shape)}, the model expects "
+                f"{tuple(abstract[p].shape)}")
+    out_dtype = jnp.dtype(dtype) if dtype is not None else None
+    stored = {jnp.dtype(l.dtype) for l in flat.values()}
+    hf["torch_dtype"] = hf["dtype"] = (out_dtype or (stored.pop() if len(stored) == 1
+                                                     else jnp.dtype("float32"))).name
+
+    def make(p, layer):
+        def fn():
+            arr = np.asarray(jax.device_get(flat[p] if layer is None else flat[p][layer]))
+            if out_dtype is not None:
+                arr = arr.astype(out_dtype)
+            q = p if layer is None else hf_keys.unstack_path(p, layer)
+            return np.ascontiguousarray(hf_keys.to_hf_layout(q, arr))
+        return fn
+
+    entries = []
+    for hf_key in sorted(expected, key=_natural):
+        p, layer, shape = expected[hf_key]
+        itemsize = (out_dtype or jnp.dtype(flat[p].dtype)).itemsize
+        entries.append((hf_key, (int(np.prod(shape, dtype=np.int64)) * itemsize,
+                                 make(p, layer))))
+    os.makedirs(out_dir, exist_ok=True)
+    write_checkpoint(out_dir, entries, max_shard_bytes=max_shard_size)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    return out_dir
+
+
+def _natural(key):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]

@@ -1,0 +1,89 @@
+"""The composed LLaVA model: vision tower -> projector -> features placed at the image-token
+positions of the text embeddings -> LLM. Paths mirror HF's on-disk layout:
+`vision_tower/vision_model/...`, `multi_modal_projector/...`, `language_model/model/...`,
+`language_model/lm_head`.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mllm_jax.models.layers import dtype_of
+from mllm_jax.models.llm import CausalLM
+from mllm_jax.models.projector import MLPProjector
+from mllm_jax.models.vit import VisionModel, select_features
+
+
+def merge_image_features(embeds, input_ids, image_features, image_token_index):
+    """Places image features, in order, at the image-token positions (HF's masked_scatter).
+
+    embeds: [b, s, d]; image_features: [n_images, n_tokens, d]. The k-th image token of the
+    flattened batch receives the k-th feature row, so any number of images per sample works
+    with static shapes. The caller guarantees the counts agree (see `check_image_tokens`).
+    """
+    b, s, d = embeds.shape
+    feats = image_features.reshape(-1, d).astype(embeds.dtype)
+    is_image = (input_ids == image_token_index).reshape(-1)
+    index = jnp.clip(jnp.cumsum(is_image) - 1, 0, feats.shape[0] - 1)
+    gathered = jnp.take(feats, index, axis=0)
+    merged = jnp.where(is_image[:, None], gathered, embeds.reshape(-1, d))
+    return merged.reshape(b, s, d)
+
+
+def check_image_tokens(input_ids, num_images, tokens_per_image, image_token_index):
+    """Raises when concrete inputs hold a different number of image tokens than features."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    n_tokens = int(np.sum(np.asarray(input_ids) == image_token_index))
+    expected = num_images * tokens_per_image
+    if n_tokens != expected:
+        raise ValueError(
+            f"input_ids hold {n_tokens} image tokens (id {image_token_index}) but "
+            f"{num_images} image(s) give {expected} features ({tokens_per_image} each); expand "
+            "each image placeholder to that many image tokens")
+
+
+class Llava(nn.Module):
+    cfg: Any  # llava config
+
+    def setup(self):
+        c = self.cfg
+        self.vision_tower = VisionModel(c)
+        self.multi_modal_projector = MLPProjector(
+            c.projector, c.text.hidden_size, dtype_of(c.dtype), dtype_of(c.param_dtype))
+        self.language_model = CausalLM(c)
+
+    def image_features(self, pixel_values):
+        """[n_images, h, w, 3] -> projected features [n_images, tokens, text hidden]."""
+        c = self.cfg
+        out = self.vision_tower(pixel_values)
+        feats = select_features(out["hidden_states"], _layers(c.vision_feature_layer),
+                                keep_cls=c.vision_feature_select_strategy == "full",
+                                has_cls=c.vision.use_class_token)
+        return self.multi_modal_projector(feats)
+
+    def embed(self, input_ids, pixel_values=None):
+        embeds = self.language_model.embed(input_ids)
+        if pixel_values is None and self.is_initializing():
+            c = self.cfg
+            pixel_values = jnp.zeros((1, c.vision.image_size, c.vision.image_size,
+                                      c.vision.num_channels), jnp.float32)
+            self.image_features(pixel_values)  # creates the vision parameters
+            return embeds
+        if pixel_values is None:
+            return embeds
+        feats = self.image_features(pixel_values)
+        check_image_tokens(input_ids, feats.shape[0], feats.shape[1], self.cfg.image_token_index)
+        return merge_image_features(embeds, input_ids, feats, self.cfg.image_token_index)
+
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, segment_ids=None,
+                 position_ids=None):
+        embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                   segment_ids=segment_ids, position_ids=position_ids)
+
+
+def _layers(value):
+    return value if isinstance(value, int) else tuple(value)

@@ -1,0 +1,151 @@
+"""Decoder-only LLMs of the LLaMA family: LLaMA-1/2/3, Vicuna, Mistral, Qwen2.
+
+Parameter paths mirror HF: `model/embed_tokens`, `model/layers_{i}/self_attn/q_proj`, ...,
+`model/norm`, `lm_head` (absent when embeddings are tied).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mllm_jax.models import attention, rope
+from mllm_jax.models.layers import Dense, Embed, RMSNorm, activation, dtype_of
+from mllm_jax.models.stack import LayerStack
+
+ACT_AXES = ("batch", "length", "embed")
+
+
+class LlamaAttention(nn.Module):
+    cfg: Any  # text config
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin):
+        c = self.cfg
+        b, s, _ = x.shape
+        hd = c.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = Dense(c.num_attention_heads * hd, ("embed", "heads"), c.qkv_bias, name="q_proj", **kw)(x)
+        k = Dense(c.num_key_value_heads * hd, ("embed", "kv"), c.qkv_bias, name="k_proj", **kw)(x)
+        v = Dense(c.num_key_value_heads * hd, ("embed", "kv"), c.qkv_bias, name="v_proj", **kw)(x)
+        q = q.reshape(b, s, c.num_attention_heads, hd)
+        k = k.reshape(b, s, c.num_key_value_heads, hd)
+        v = v.reshape(b, s, c.num_key_value_heads, hd)
+        q = rope.apply_rope(q, cos, sin)
+        k = rope.apply_rope(k, cos, sin)
+        out = attention.dot_product_attention(q, k, v, mask, scale=hd ** -0.5)
+        out = out.reshape(b, s, c.num_attention_heads * hd)
+        return Dense(c.hidden_size, ("heads", "embed"), c.o_bias, name="o_proj", **kw)(out)
+
+
+class LlamaMLP(nn.Module):
+    cfg: Any
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = Dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="gate_proj", **kw)(x)
+        up = Dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="up_proj", **kw)(x)
+        h = activation(c.hidden_act)(gate) * up
+        return Dense(c.hidden_size, ("mlp", "embed"), c.mlp_bias, name="down_proj", **kw)(h)
+
+
+class LlamaDecoderLayer(nn.Module):
+    cfg: Any
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
+        x = x + LlamaAttention(c, name="self_attn", **kw)(h, mask, cos, sin)
+        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+        x = x + LlamaMLP(c, name="mlp", **kw)(h)
+        return nn.with_logical_constraint(x, ACT_AXES)
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers and the final norm; returns the last hidden states."""
+
+    cfg: Any  # text config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    def setup(self):
+        c = self.cfg
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+        self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.inv_freq = rope.inverse_frequencies(
+            c.head_dim, c.rope_theta, _plain(c.rope_scaling))
+        self.stack = LayerStack(
+            LlamaDecoderLayer, dict(cfg=c, dtype=self.dtype, param_dtype=self.param_dtype),
+            c.num_hidden_layers, num_args=3, scan=self.scan_layers,
+            remat_policy=self.remat_policy)
+        nn.share_scope(self, self.stack)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, inputs_embeds, attention_mask=None, segment_ids=None, position_ids=None):
+        c = self.cfg
+        b, s, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+        cos, sin = rope.rope_cos_sin(position_ids, self.inv_freq, self.dtype)
+        mask = attention.make_attention_mask(
+            s, causal=True, attention_mask=attention_mask, segment_ids=segment_ids,
+            sliding_window=c.get("sliding_window"))
+        x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ACT_AXES)
+        x, _ = self.stack(x, mask, cos, sin)
+        return self.norm(x)
+
+
+def _plain(value):
+    if value is None:
+        return None
+    return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
+class CausalLM(nn.Module):
+    """`LlamaForCausalLM` and friends: logits [batch, seq, vocab]."""
+
+    cfg: Any  # model config with a `text` section
+
+    def setup(self):
+        c = self.cfg
+        self.model = LlamaModel(c.text, dtype_of(c.dtype), dtype_of(c.param_dtype),
+                                c.scan_layers, c.remat_policy)
+        if not c.text.tie_word_embeddings:
+            self.lm_head = Dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False,
+                                 dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
+
+    def embed(self, input_ids):
+        return self.model.embed(input_ids)
+
+    def hidden_states(self, inputs_embeds, attention_mask=None, segment_ids=None,
+                      position_ids=None):
+        return self.model(inputs_embeds, attention_mask, segment_ids, position_ids)
+
+    def logits_from_hidden(self, h):
+        if self.cfg.text.tie_word_embeddings:
+            return self.model.embed_tokens.attend(h)
+        return self.lm_head(h)
+
+    def __call__(self, input_ids=None, pixel_values=None, attention_mask=None, *,
+                 inputs_embeds=None, segment_ids=None, position_ids=None):
+        if pixel_values is not None:
+            raise ValueError("this is a text-only model; pixel_values must be None")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        h = self.hidden_states(inputs_embeds, attention_mask, segment_ids, position_ids)
+        return self.logits_from_hidden(h)

@@ -1,0 +1,203 @@
+"""ViT encoders: OpenAI CLIP, and the knobs SigLIP / EVA variants need.
+
+Paths mirror HF's `CLIPVisionModel`: `vision_model/embeddings/{patch_embedding,
+class_embedding, position_embedding}`, `vision_model/pre_layrnorm`,
+`vision_model/encoder/layers_{i}/...`, `vision_model/post_layernorm`.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mllm_jax.models import attention
+from mllm_jax.models.interpolate import interpolate_position_embedding
+from mllm_jax.models.layers import Dense, Embed, LayerNorm, activation, dtype_of, with_axes
+from mllm_jax.models.stack import LayerStack
+
+ACT_AXES = ("batch", "length", "embed")
+
+
+class PatchEmbedding(nn.Module):
+    """A stride-`patch` conv, computed as a matmul on flattened patches.
+
+    kernel is in Flax conv layout [kh, kw, in, out] (torch stores [out, in, kh, kw])."""
+
+    patch_size: int
+    features: int
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        b, h, w, ch = pixel_values.shape
+        p, d = self.patch_size, self.features
+        kernel = self.param("kernel", with_axes(nn.initializers.normal(0.02),
+                                                (None, None, None, "embed")),
+                            (p, p, ch, d), self.param_dtype)
+        gh, gw = h // p, w // p
+        patches = pixel_values.astype(self.dtype).reshape(b, gh, p, gw, p, ch)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * ch)
+        x = jnp.dot(patches, kernel.astype(self.dtype).reshape(p * p * ch, d))
+        if self.use_bias:
+            x = x + self.param("bias", with_axes(nn.initializers.zeros, ("embed",)), (d,),
+                               self.param_dtype).astype(self.dtype)
+        return x
+
+
+class VisionEmbeddings(nn.Module):
+    cfg: Any  # vision config
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        c = self.cfg
+        _, h, w, ch = pixel_values.shape
+        p = c.patch_size
+        if ch != c.num_channels or h % p or w % p:
+            raise ValueError(
+                f"pixel_values must be NHWC with {c.num_channels} channels and sides divisible "
+                f"by patch_size={p}; got shape {pixel_values.shape}")
+        x = PatchEmbedding(p, c.hidden_size, c.patch_bias, self.dtype, self.param_dtype,
+                           name="patch_embedding")(pixel_values)
+        b = x.shape[0]
+        prefix = 0
+        if c.use_class_token:
+            cls = self.param("class_embedding", with_axes(nn.initializers.normal(0.02),
+                                                          ("embed",)),
+                             (c.hidden_size,), self.param_dtype)
+            x = jnp.concatenate(
+                [jnp.broadcast_to(cls.astype(self.dtype), (b, 1, c.hidden_size)), x], axis=1)
+            prefix = 1
+        grid = c.image_size // p
+        pos = Embed(prefix + grid * grid, c.hidden_size, axes=(None, "embed"),
+                    dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="position_embedding").embedding
+        # Other resolutions: bicubic resize of the position grid, as torch does it.
+        pos = interpolate_position_embedding(pos.astype(self.dtype), (grid, grid),
+                                             (h // p, w // p), num_prefix_tokens=prefix)
+        return x + pos[None]
+
+
+class VisionMLP(nn.Module):
+    cfg: Any
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Dense(c.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(x)
+        h = activation(c.hidden_act)(h)
+        return Dense(c.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)
+
+
+class VisionAttention(nn.Module):
+    cfg: Any
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, mask):
+        c = self.cfg
+        b, s, d = x.shape
+        nh = c.num_attention_heads
+        hd = d // nh
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = Dense(d, ("embed", "heads"), c.qkv_bias, name="q_proj", **kw)(x)
+        k = Dense(d, ("embed", "heads"), c.qkv_bias, name="k_proj", **kw)(x)
+        v = Dense(d, ("embed", "heads"), c.qkv_bias, name="v_proj", **kw)(x)
+        split = lambda t: t.reshape(b, s, nh, hd)  # noqa: E731
+        out = attention.dot_product_attention(split(q), split(k), split(v), mask,
+                                              scale=hd ** -0.5)
+        return Dense(d, ("heads", "embed"), name="out_proj", **kw)(out.reshape(b, s, d))
+
+
+class VisionEncoderLayer(nn.Module):
+    cfg: Any
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, mask):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x + VisionAttention(c, name="self_attn", **kw)(
+            LayerNorm(c.layer_norm_eps, name="layer_norm1", **kw)(x), mask)
+        x = x + VisionMLP(c, name="mlp", **kw)(
+            LayerNorm(c.layer_norm_eps, name="layer_norm2", **kw)(x))
+        return nn.with_logical_constraint(x, ACT_AXES)
+
+
+class VisionEncoder(nn.Module):
+    cfg: Any
+    dtype: Any
+    param_dtype: Any
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    def setup(self):
+        self.stack = LayerStack(
+            VisionEncoderLayer, dict(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype),
+            self.cfg.num_hidden_layers, num_args=1, scan=self.scan_layers,
+            remat_policy=self.remat_policy, collect=True)
+        nn.share_scope(self, self.stack)
+
+    def __call__(self, x, mask):
+        return self.stack(x, mask)
+
+
+class VisionTransformer(nn.Module):
+    """Returns a dict: `hidden_states` (embeddings output then every layer's output, as HF's
+    `output_hidden_states`), `last_hidden_state`, `pooler_output` (post-LayerNorm on CLS or
+    mean of tokens)."""
+
+    cfg: Any  # vision config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = VisionEmbeddings(c, name="embeddings", **kw)(pixel_values)
+        if c.pre_layernorm:
+            x = LayerNorm(c.layer_norm_eps, name="pre_layrnorm", **kw)(x)
+        x = nn.with_logical_constraint(x, ACT_AXES)
+        mask = jnp.ones((1, 1, x.shape[1], x.shape[1]), bool)
+        last, layer_outputs = VisionEncoder(c, scan_layers=self.scan_layers,
+                                            remat_policy=self.remat_policy, name="encoder",
+                                            **kw)(x, mask)
+        pooled = last[:, 0] if c.use_class_token else last.mean(axis=1)
+        if c.post_layernorm:
+            pooled = LayerNorm(c.layer_norm_eps, name="post_layernorm", **kw)(pooled)
+        return {"hidden_states": [x] + list(layer_outputs), "last_hidden_state": last,
+                "pooler_output": pooled}
+
+
+class VisionModel(nn.Module):
+    """HF `CLIPVisionModel`: the transformer under `vision_model`."""
+
+    cfg: Any  # model config with a `vision` section
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        c = self.cfg
+        return VisionTransformer(c.vision, dtype_of(c.dtype), dtype_of(c.param_dtype),
+                                 c.scan_layers, c.remat_policy,
+                                 name="vision_model")(pixel_values)
+
+
+def select_features(hidden_states, layers, keep_cls: bool, has_cls: bool):
+    """LLaVA's feature selection: hidden_states[layer] (or several, concatenated on the feature
+    axis), without the CLS token unless `keep_cls`."""
+    layer_list = [layers] if isinstance(layers, int) else list(layers)
+    feats = [hidden_states[i] for i in layer_list]
+    if has_cls and not keep_cls:
+        feats = [f[:, 1:] for f in feats]
+    return feats[0] if len(feats) == 1 else jnp.concatenate(feats, axis=-1)
+

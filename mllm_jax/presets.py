@@ -1,0 +1,140 @@
+"""Named model configs. `get(name)` returns a fresh ConfigDict; `names()` lists them.
+
+The 7B/13B presets mirror the published HF configs (parameter counts are checked against
+transformers models built on the meta device).
+"""
+import ml_collections
+
+from mllm_jax import config as mc
+
+_PRESETS = {}
+
+
+def register(name):
+    def wrap(fn):
+        _PRESETS[name] = fn
+        return fn
+    return wrap
+
+
+def get(name: str) -> ml_collections.ConfigDict:
+    if name not in _PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(names())}")
+    return _PRESETS[name]()
+
+
+def names():
+    return sorted(_PRESETS)
+
+
+# ---- vision towers -------------------------------------------------------------------------
+
+def clip_l14(image_size=224):
+    return mc.vision_config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                            num_attention_heads=16, image_size=image_size, patch_size=14)
+
+
+def tiny_clip():
+    return mc.vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, image_size=28, patch_size=7)
+
+
+register("clip-vit-l-14")(lambda: mc.clip_vision_model_config(clip_l14(224)))
+register("clip-vit-l-14-336")(lambda: mc.clip_vision_model_config(clip_l14(336)))
+register("tiny-clip")(lambda: mc.clip_vision_model_config(tiny_clip()))
+
+# ---- language models -----------------------------------------------------------------------
+
+
+def llama2_7b(vocab_size=32000):
+    return mc.text_config(vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def llama2_13b(vocab_size=32000):
+    return mc.text_config(vocab_size=vocab_size, hidden_size=5120, intermediate_size=13824,
+                          num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                          max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def llama3_8b():
+    return mc.text_config(vocab_size=128256, intermediate_size=14336, num_key_value_heads=8,
+                          rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                          bos_token_id=128000, eos_token_id=128001)
+
+
+def llama31_8b():
+    t = llama3_8b()
+    t.rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    t.max_position_embeddings = 131072
+    t.eos_token_id = 128001
+    return t
+
+
+def mistral_7b():
+    return mc.text_config(model_type="mistral", intermediate_size=14336, num_key_value_heads=8,
+                          max_position_embeddings=32768, sliding_window=4096, rms_norm_eps=1e-5)
+
+
+def qwen2_7b():
+    return mc.text_config(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                          intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                          num_key_value_heads=4, head_dim=128, rope_theta=1000000.0,
+                          max_position_embeddings=131072, rms_norm_eps=1e-6, qkv_bias=True,
+                          bos_token_id=151643, eos_token_id=151643)
+
+
+def tiny_llama(**kw):
+    d = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             max_position_embeddings=512, rms_norm_eps=1e-5)
+    d.update(kw)
+    return mc.text_config(**d)
+
+
+register("llama-2-7b")(lambda: mc.llm_config(llama2_7b()))
+register("llama-2-13b")(lambda: mc.llm_config(llama2_13b()))
+register("vicuna-7b-v1.5")(lambda: mc.llm_config(llama2_7b()))
+register("vicuna-13b-v1.5")(lambda: mc.llm_config(llama2_13b()))
+register("llama-3-8b")(lambda: mc.llm_config(llama3_8b()))
+register("llama-3.1-8b")(lambda: mc.llm_config(llama31_8b()))
+register("mistral-7b")(lambda: mc.llm_config(mistral_7b()))
+register("qwen2-7b")(lambda: mc.llm_config(qwen2_7b()))
+register("tiny-llama")(lambda: mc.llm_config(tiny_llama()))
+register("tiny-qwen2")(lambda: mc.llm_config(tiny_llama(model_type="qwen2", qkv_bias=True)))
+register("tiny-mistral")(lambda: mc.llm_config(tiny_llama(model_type="mistral",
+                                                          sliding_window=8)))
+
+# ---- LLaVA ---------------------------------------------------------------------------------
+
+
+def _llava(vision, text, **kw):
+    # llava-hf pads the vocabulary to 32064; <image> is 32000 and <pad> 32001.
+    c = mc.llava_config(vision=vision, text=text, image_token_index=32000, **kw)
+    c.text.pad_token_id = 32001
+    return c
+
+
+register("llava-1.5-7b")(lambda: _llava(clip_l14(336), llama2_7b(32064)))
+register("llava-1.5-13b")(lambda: _llava(clip_l14(336), llama2_13b(32064)))
+
+
+@register("tiny-llava")
+def _tiny_llava():
+    v = tiny_clip()
+    c = mc.llava_config(vision=v, text=tiny_llama(), image_token_index=255,
+                        image_seq_length=(v.image_size // v.patch_size) ** 2)
+    c.text.pad_token_id = 0
+    return c
+
+
+@register("llava-bench-small")
+def _bench_small():
+    """The training / decode benchmark model (see `mllm-jax bench`)."""
+    v = mc.vision_config(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=4, image_size=224, patch_size=14)
+    t = mc.text_config(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+                       max_position_embeddings=2048, vocab_size=32000)
+    c = mc.llava_config(vision=v, text=t, image_token_index=31999, image_seq_length=256)
+    return c
