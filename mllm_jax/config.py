@@ -102,3 +102,33 @@ def llava_config(vision=None, text=None, projector=None, **overrides) -> ml_coll
     runtime_fields(c)
     c.update(overrides)
     return c
+
+
+# Model config factories by `model_type`; `config_from_json` starts from these templates so
+# that typed fields (FieldReferences such as `rope_scaling`, `sliding_window`,
+# `vision_feature_layer`) keep their declared types instead of becoming what JSON parses to.
+MODEL_CONFIGS = {"llava": llava_config, "causal_lm": llm_config,
+                 "clip_vision": clip_vision_model_config}
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """The inverse of `cfg.to_json()` for model configs: a dict-valued field such as
+    `rope_scaling` comes back as a dict (not a ConfigDict), None stays None, lists stay lists."""
+    import json
+
+    data = json.loads(text)
+    model_type = data.get("model_type")
+    if model_type not in MODEL_CONFIGS:
+        raise ValueError(f"model config JSON has model_type {model_type!r}; known: "
+                         f"{sorted(MODEL_CONFIGS)}")
+    cfg = MODEL_CONFIGS[model_type]()
+    _merge(cfg, data)
+    return cfg
+
+
+def _merge(cfg: ml_collections.ConfigDict, data: dict):
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), ml_collections.ConfigDict):
+            _merge(cfg[key], value)
+        else:
+            cfg[key] = value

@@ -1,3 +1,4 @@
 """HF checkpoints in and out; orbax checkpoints of converted models."""
 from mllm_jax.convert.hf_io import CheckpointMismatchError, abstract_params, load_hf, save_hf
 from mllm_jax.convert.hf_config import UnsupportedModelError
+from mllm_jax.convert.orbax_io import load_orbax, save_orbax

@@ -55,34 +55,51 @@ class Llava(nn.Module):
             c.projector, c.text.hidden_size, dtype_of(c.dtype), dtype_of(c.param_dtype))
         self.language_model = CausalLM(c)
 
-    def image_features(self, pixel_values):
-        """[n_images, h, w, 3] -> projected features [n_images, tokens, text hidden]."""
+    def vision_features(self, pixel_values):
+        """Selected vision-tower features, before the projector: [n_images, tokens, d_vis]."""
         c = self.cfg
         out = self.vision_tower(pixel_values)
-        feats = select_features(out["hidden_states"], _layers(c.vision_feature_layer),
-                                keep_cls=c.vision_feature_select_strategy == "full",
-                                has_cls=c.vision.use_class_token)
-        return self.multi_modal_projector(feats)
+        return select_features(out["hidden_states"], _layers(c.vision_feature_layer),
+                               keep_cls=c.vision_feature_select_strategy == "full",
+                               has_cls=c.vision.use_class_token)
 
-    def embed(self, input_ids, pixel_values=None):
+    def project(self, vision_features):
+        return self.multi_modal_projector(vision_features)
+
+    def image_features(self, pixel_values):
+        """[n_images, h, w, 3] -> projected features [n_images, tokens, text hidden]."""
+        return self.project(self.vision_features(pixel_values))
+
+    def embed(self, input_ids, pixel_values=None, *, image_features=None):
+        """Text embeddings with image features at the image-token positions. Give either
+        pixel_values or precomputed (projected) image_features."""
         embeds = self.language_model.embed(input_ids)
-        if pixel_values is None and self.is_initializing():
-            c = self.cfg
-            pixel_values = jnp.zeros((1, c.vision.image_size, c.vision.image_size,
-                                      c.vision.num_channels), jnp.float32)
-            self.image_features(pixel_values)  # creates the vision parameters
+        if image_features is None and pixel_values is None:
+            if self.is_initializing():
+                c = self.cfg
+                self.image_features(jnp.zeros(
+                    (1, c.vision.image_size, c.vision.image_size, c.vision.num_channels),
+                    jnp.float32))  # creates the vision and projector parameters
             return embeds
-        if pixel_values is None:
-            return embeds
-        feats = self.image_features(pixel_values)
+        feats = image_features if image_features is not None else self.image_features(
+            pixel_values)
         check_image_tokens(input_ids, feats.shape[0], feats.shape[1], self.cfg.image_token_index)
         return merge_image_features(embeds, input_ids, feats, self.cfg.image_token_index)
 
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *,
+                      image_features=None, segment_ids=None, position_ids=None):
+        """Final (normed) hidden states [b, s, d]; `logits_from_hidden` finishes the job."""
+        embeds = self.embed(input_ids, pixel_values, image_features=image_features)
+        return self.language_model.decode(embeds, attention_mask, segment_ids, position_ids)
+
+    def logits_from_hidden(self, h):
+        return self.language_model.logits_from_hidden(h)
+
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, segment_ids=None,
                  position_ids=None):
-        embeds = self.embed(input_ids, pixel_values)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                   segment_ids=segment_ids, position_ids=position_ids)
+        h = self.hidden_states(input_ids, pixel_values, attention_mask,
+                               segment_ids=segment_ids, position_ids=position_ids)
+        return self.logits_from_hidden(h)
 
 
 def _layers(value):

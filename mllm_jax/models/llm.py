@@ -13,7 +13,7 @@ from mllm_jax.models import attention, rope
 from mllm_jax.models.layers import Dense, Embed, RMSNorm, activation, dtype_of
 from mllm_jax.models.stack import LayerStack
 
-ACT_AXES = ("batch", "length", "embed")
+ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 class LlamaAttention(nn.Module):
@@ -132,9 +132,18 @@ class CausalLM(nn.Module):
     def embed(self, input_ids):
         return self.model.embed(input_ids)
 
-    def hidden_states(self, inputs_embeds, attention_mask=None, segment_ids=None,
-                      position_ids=None):
+    def decode(self, inputs_embeds, attention_mask=None, segment_ids=None, position_ids=None):
+        """Final (normed) hidden states for given input embeddings."""
         return self.model(inputs_embeds, attention_mask, segment_ids, position_ids)
+
+    def hidden_states(self, input_ids=None, pixel_values=None, attention_mask=None, *,
+                      inputs_embeds=None, segment_ids=None, position_ids=None):
+        """Final (normed) hidden states [b, s, d]; `logits_from_hidden` finishes the job."""
+        if pixel_values is not None:
+            raise ValueError("this is a text-only model; pixel_values must be None")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        return self.decode(inputs_embeds, attention_mask, segment_ids, position_ids)
 
     def logits_from_hidden(self, h):
         if self.cfg.text.tie_word_embeddings:
@@ -143,9 +152,7 @@ class CausalLM(nn.Module):
 
     def __call__(self, input_ids=None, pixel_values=None, attention_mask=None, *,
                  inputs_embeds=None, segment_ids=None, position_ids=None):
-        if pixel_values is not None:
-            raise ValueError("this is a text-only model; pixel_values must be None")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
-        h = self.hidden_states(inputs_embeds, attention_mask, segment_ids, position_ids)
+        h = self.hidden_states(input_ids, pixel_values, attention_mask,
+                               inputs_embeds=inputs_embeds, segment_ids=segment_ids,
+                               position_ids=position_ids)
         return self.logits_from_hidden(h)

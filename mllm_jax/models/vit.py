@@ -14,7 +14,7 @@ from mllm_jax.models.interpolate import interpolate_position_embedding
 from mllm_jax.models.layers import Dense, Embed, LayerNorm, activation, dtype_of, with_axes
 from mllm_jax.models.stack import LayerStack
 
-ACT_AXES = ("batch", "length", "embed")
+ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 class PatchEmbedding(nn.Module):

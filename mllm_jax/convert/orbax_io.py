@@ -1,0 +1,121 @@
+"""`save_orbax` / `load_orbax`: converted models as orbax checkpoints.
+
+A directory holds `model_config.json` (the model's ConfigDict, `cfg.to_json()`) and
+`params/` (an orbax StandardCheckpointer checkpoint of the parameter pytree). The config
+alone rebuilds the module, so a checkpoint restores without the HF files it came from, and
+directly onto any sharding: orbax reads each shard of each array where it is placed.
+"""
+import os
+
+import flax
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+
+from mllm_jax import config as mc
+from mllm_jax.convert.hf_io import CheckpointMismatchError, _few, abstract_params
+from mllm_jax.models import build_model
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+def save_orbax(model, params, out_dir, *, overwrite=False):
+    """Writes `params` of `model` to `out_dir` (created if needed). Returns `out_dir`.
+
+    overwrite: replace an existing checkpoint in `out_dir` instead of raising.
+    Every process of a multi-host run calls this with its (global) arrays; orbax writes each
+    shard once, and process 0 writes the config.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    params_dir = os.path.join(out_dir, PARAMS_DIR)
+    if os.path.exists(params_dir) and not overwrite:
+        raise FileExistsError(f"{params_dir} exists; pass overwrite=True to replace it")
+    params = nn.meta.unbox(params)
+    _check_structure(model, params, what="params")
+    os.makedirs(out_dir, exist_ok=True)
+    # StandardCheckpointer saves asynchronously; leaving the `with` block waits for the write
+    # to be committed (the directory is renamed into place only when complete).
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(params_dir, params, force=overwrite)
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+            f.write(model.cfg.to_json(indent=2, sort_keys=True))
+            f.write("\n")
+    return out_dir
+
+
+def read_model_config(directory):
+    path = os.path.join(os.fspath(directory), CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{directory} has no {CONFIG_FILE}; it is not a checkpoint written by save_orbax")
+    with open(path) as f:
+        return mc.config_from_json(f.read())
+
+
+def load_orbax(directory, *, shardings=None):
+    """Reads a checkpoint written by `save_orbax`. Returns (model, params).
+
+    shardings: None (every array on the default device), one `jax.sharding.Sharding` for
+      all arrays, or a pytree of them matching params (e.g. from the logical axis rules).
+    Arrays keep the dtypes they were saved with.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    cfg = read_model_config(directory)
+    model = build_model(cfg)
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"{directory} has {CONFIG_FILE} but no {PARAMS_DIR}/ checkpoint")
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(params_dir).item_metadata
+        # A TreeMetadata (a Mapping over the saved tree, `.tree` the dict itself) in current
+        # orbax; older versions return the tree of ArrayMetadata directly.
+        stored = flax.traverse_util.flatten_dict(_plain_tree(getattr(stored, "tree", stored)))
+        _check_structure(model, flax.traverse_util.unflatten_dict(stored), what=params_dir)
+        flat_shardings = _flat_shardings(shardings, stored)
+        target = {p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=flat_shardings[p])
+                  for p, m in stored.items()}
+        params = ckptr.restore(params_dir, flax.traverse_util.unflatten_dict(target))
+    return model, params
+
+
+def _plain_tree(tree):
+    """orbax metadata trees are Mapping-like objects; flax's traversal wants dicts."""
+    if hasattr(tree, "items") and not hasattr(tree, "shape"):
+        return {k: _plain_tree(v) for k, v in tree.items()}
+    return tree
+
+
+def _flat_shardings(shardings, stored):
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return {p: device for p in stored}
+    if isinstance(shardings, jax.sharding.Sharding):
+        return {p: shardings for p in stored}
+    flat = flax.traverse_util.flatten_dict(nn.meta.unbox(shardings))
+    if set(flat) != set(stored):
+        missing = sorted("/".join(p) for p in set(stored) - set(flat))
+        raise ValueError(f"shardings do not cover the checkpoint's params: {_few(missing)}")
+    return flat
+
+
+def _check_structure(model, params, what):
+    """Raises naming every parameter path or shape that differs from what `model` needs."""
+    flat = flax.traverse_util.flatten_dict(params)
+    expected = flax.traverse_util.flatten_dict(abstract_params(model))
+    problems = []
+    missing = sorted("/".join(p) for p in set(expected) - set(flat))
+    extra = sorted("/".join(p) for p in set(flat) - set(expected))
+    if missing:
+        problems.append(f"missing ({len(missing)}): {_few(missing)}")
+    if extra:
+        problems.append(f"unexpected ({len(extra)}): {_few(extra)}")
+    shapes = [f"{'/'.join(p)}: {tuple(flat[p].shape)} vs {tuple(expected[p].shape)}"
+              for p in expected if p in flat and tuple(flat[p].shape) != tuple(expected[p].shape)]
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {_few(shapes)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{what} do not match the model config (scan_layers={model.cfg.scan_layers}):\n  "
+            + "\n  ".join(problems))

@@ -1,0 +1,103 @@
+"""Meshes, the one logical-axis rules table, and shardings for params, state and batches.
+
+Every parameter and the activations at block boundaries carry logical axis names; this file
+alone maps them to the mesh axes `data`, `fsdp`, `tensor`. Changing parallelism is a change
+of `mesh` sizes (or of `rules`) in the config, never of model code.
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.experimental.mesh_utils
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or None: replicated). First matching rule whose mesh axes are
+# still free in the array's spec wins (flax semantics).
+LOGICAL_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vision_embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("layers", None),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_vocab", "tensor"),
+)
+
+
+def mesh_config(data=-1, fsdp=1, tensor=1) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def make_mesh(cfg=None, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 for "all the remaining devices"."""
+    cfg = cfg if cfg is not None else mesh_config()
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [int(cfg[a]) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide "
+                             f"{len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
+                         f"devices, {len(devices)} are available")
+    try:
+        arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
+    except Exception:  # CPU / odd topologies: plain order is fine
+        arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, MESH_AXES)
+
+
+def rules_from(cfg=None):
+    """The rules table, or the config's `rules` (list of [logical, mesh]) when given."""
+    if cfg is not None and cfg.get("rules"):
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.rules)
+    return LOGICAL_RULES
+
+
+def param_specs(boxed_params, rules=LOGICAL_RULES):
+    """PartitionSpecs for a tree of `nn.Partitioned`/`LogicallyPartitioned` leaves."""
+    logical = nn.get_partition_spec(boxed_params)
+    return nn.logical_to_mesh(logical, rules)
+
+
+def param_shardings(boxed_params, mesh: Mesh, rules=LOGICAL_RULES):
+    specs = param_specs(boxed_params, rules)
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading axis over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def activation_rules_context(rules=LOGICAL_RULES):
+    """Context in which `nn.with_logical_constraint` inside the models takes effect."""
+    return nn.logical_axis_rules(rules)
+
+
+def bytes_per_device(tree) -> dict:
+    """{device: bytes} held by the addressable shards of the arrays in `tree`."""
+    out = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out

@@ -1,0 +1,65 @@
+"""AdamW with warmup + cosine, per-group learning rates, no decay on norms and biases,
+global-norm clipping."""
+import re
+
+import flax
+import jax
+import optax
+
+from mllm_jax.train.partition import path_str
+
+DECAYED_LEAVES = ("kernel", "embedding")
+
+
+def schedule(peak_lr: float, total_steps: int, warmup_ratio: float = 0.0,
+             warmup_steps: int | None = None, end_lr_ratio: float = 0.0):
+    """Linear warmup from 0 then cosine decay to `end_lr_ratio * peak_lr` (HF's
+    `get_cosine_schedule_with_warmup` when end_lr_ratio is 0)."""
+    warmup = warmup_steps if warmup_steps is not None else int(
+        -(-warmup_ratio * total_steps // 1))  # ceil, as HF's TrainingArguments
+    warmup = min(warmup, total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=peak_lr * end_lr_ratio)
+
+
+def group_labels(params, groups):
+    """Each leaf's group: the first `(name, regex)` of `groups` that matches, else 'default'."""
+    def label(path, _):
+        s = path_str(path)
+        for name, pattern in groups:
+            if re.search(pattern, s):
+                return name
+        return "default"
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict({k: label(k, v) for k, v in flat.items()})
+
+
+def decay_mask(params):
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict(
+        {k: k[-1] in DECAYED_LEAVES for k in flat})
+
+
+def make_optimizer(cfg, params, total_steps: int):
+    """cfg (ConfigDict): lr, warmup_ratio, weight_decay, b1, b2, eps, grad_clip,
+    lr_groups: list of [name, regex, lr] (optional)."""
+    groups = [(g[0], g[1], float(g[2])) for g in (cfg.get("lr_groups") or [])]
+    lrs = {"default": float(cfg.lr), **{n: lr for n, _, lr in groups}}
+    labels = group_labels(params, [(n, p) for n, p, _ in groups])
+    mask = decay_mask(params)
+
+    def adamw(lr):
+        return optax.adamw(
+            schedule(lr, total_steps, cfg.get("warmup_ratio", 0.0)),
+            b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
+            weight_decay=cfg.get("weight_decay", 0.0), mask=mask)
+
+    used = set(jax.tree_util.tree_leaves(labels))
+    tx = optax.multi_transform({name: adamw(lr) for name, lr in lrs.items() if name in used},
+                               labels)
+    clip = cfg.get("grad_clip", 1.0)
+    if clip:
+        tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    return tx, {name: schedule(lr, total_steps, cfg.get("warmup_ratio", 0.0))
+                for name, lr in lrs.items()}
