@@ -20,6 +20,7 @@ setup(
         "numpy",
         "pillow",
         "safetensors",
+        "tensorboardX",
     ],
     extras_require={
         "torch": TORCH,

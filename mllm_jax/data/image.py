@@ -16,10 +16,11 @@ def preprocess_image(image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarr
         image = Image.open(image)
     image = image.convert("RGB")
     w, h = image.size
-    scale = size / min(w, h)
-    # Rounded as HF's get_resize_output_image_size does (int, not round, for the long side).
-    new_w, new_h = (size, int(w * scale)) if False else (
-        (size, int(size * w / h)) if w < h else (int(size * w / h), size)) if w != h else (size, size)
+    # The long side is truncated, not rounded, as in HF's get_resize_output_image_size.
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
     image = image.resize((new_w, new_h), Image.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     image = image.crop((left, top, left + size, top + size))

@@ -19,16 +19,25 @@ from mllm_jax.models.vit import VisionModel, select_features
 def merge_image_features(embeds, input_ids, image_features, image_token_index):
     """Places image features, in order, at the image-token positions (HF's masked_scatter).
 
-    embeds: [b, s, d]; image_features: [n_images, n_tokens, d]. The k-th image token of the
-    flattened batch receives the k-th feature row, so any number of images per sample works
-    with static shapes. The caller guarantees the counts agree (see `check_image_tokens`).
+    embeds: [b, s, d]; image_features: [n_images, n_tokens, d] (HF's layout: the k-th image
+    token of the flattened batch receives the k-th feature row, any number of images per
+    sample) or [b, max_images, n_tokens, d] (the training layout, see below). Shapes are
+    static; `check_image_tokens` verifies the counts when inputs are concrete.
     """
     b, s, d = embeds.shape
+    is_image = input_ids == image_token_index
+    if image_features.ndim == 4:
+        # Per-sample images [b, max_images, n_tokens, d] (padded): sample i's k-th image
+        # token takes row k of its own images, so batches shard along their first axis.
+        feats = image_features.reshape(b, -1, d).astype(embeds.dtype)
+        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
+        gathered = jnp.take_along_axis(feats, index[..., None], axis=1)
+        return jnp.where(is_image[..., None], gathered, embeds)
     feats = image_features.reshape(-1, d).astype(embeds.dtype)
-    is_image = (input_ids == image_token_index).reshape(-1)
-    index = jnp.clip(jnp.cumsum(is_image) - 1, 0, feats.shape[0] - 1)
+    flat = is_image.reshape(-1)
+    index = jnp.clip(jnp.cumsum(flat) - 1, 0, feats.shape[0] - 1)
     gathered = jnp.take(feats, index, axis=0)
-    merged = jnp.where(is_image[:, None], gathered, embeds.reshape(-1, d))
+    merged = jnp.where(flat[:, None], gathered, embeds.reshape(-1, d))
     return merged.reshape(b, s, d)
 
 
@@ -67,7 +76,12 @@ class Llava(nn.Module):
         return self.multi_modal_projector(vision_features)
 
     def image_features(self, pixel_values):
-        """[n_images, h, w, 3] -> projected features [n_images, tokens, text hidden]."""
+        """[n_images, h, w, 3] -> projected features [n_images, tokens, text hidden];
+        [b, max_images, h, w, 3] -> [b, max_images, tokens, text hidden]."""
+        if pixel_values.ndim == 5:
+            b, m = pixel_values.shape[:2]
+            feats = self.image_features(pixel_values.reshape(b * m, *pixel_values.shape[2:]))
+            return feats.reshape(b, m, *feats.shape[1:])
         return self.project(self.vision_features(pixel_values))
 
     def embed(self, input_ids, pixel_values=None, *, image_features=None):
@@ -83,7 +97,9 @@ class Llava(nn.Module):
             return embeds
         feats = image_features if image_features is not None else self.image_features(
             pixel_values)
-        check_image_tokens(input_ids, feats.shape[0], feats.shape[1], self.cfg.image_token_index)
+        if feats.ndim == 3:
+            check_image_tokens(input_ids, feats.shape[0], feats.shape[1],
+                               self.cfg.image_token_index)
         return merge_image_features(embeds, input_ids, feats, self.cfg.image_token_index)
 
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *,

@@ -1,0 +1,41 @@
+"""Pieces shared by the training recipes."""
+import ml_collections
+
+from mllm_jax import presets, sharding
+
+# Parameter-path regexes (searched in '/'-joined paths) for the LLaVA stages.
+PROJECTOR = r"^multi_modal_projector/"
+LLM = r"^language_model/"
+VISION = r"^vision_tower/"
+
+
+def base(preset: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = presets.get(preset)
+    c.init = ml_collections.ConfigDict({"hf_checkpoint": "", "orbax_checkpoint": "",
+                                        "seed": 0})
+    c.stage = ml_collections.ConfigDict({
+        "name": "stage1",
+        "trainable": [PROJECTOR],
+        "objective": "lm",  # lm | dpo
+        "objective_kwargs": {},  # e.g. {"beta": 0.1} for dpo
+        "frozen_dtype": "",  # e.g. "bfloat16": frozen towers stored in bf16
+    })
+    c.optim = ml_collections.ConfigDict({
+        "lr": 1e-3, "warmup_ratio": 0.03, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999,
+        "eps": 1e-8, "grad_clip": 1.0,
+        "lr_groups": [],  # [[name, regex, lr], ...], e.g. [["projector", PROJECTOR, 2e-5]]
+    })
+    c.train = ml_collections.ConfigDict({
+        "global_batch_size": 256, "micro_batches": 1, "num_steps": 2181, "seed": 0,
+        "loss_chunk": 512, "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 3,
+        "async_checkpointing": True, "max_nan_streak": 5, "export_final": True,
+    })
+    c.mesh = sharding.mesh_config(data=-1, fsdp=1, tensor=1)
+    c.rules = []  # [[logical, mesh axis or list or None], ...]; empty: sharding.LOGICAL_RULES
+    c.data = ml_collections.ConfigDict({"source": "synthetic", "text_len": 64, "images": 1,
+                                        "seed": 0, "nan_batches": []})
+    c.distributed = ml_collections.ConfigDict({
+        "enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0,
+        "cpu_collectives": "", "local_device_ids": []})
+    return c

@@ -1,0 +1,291 @@
+"""The trainer, top to bottom: mesh -> model -> parameters -> trainable/frozen split ->
+optimizer -> (resume) -> steps with checkpoints, NaN guard and logging -> final export.
+
+`train(cfg, workdir)` is what `mllm-jax train` runs; the config layout is documented in
+`configs/llava15_tiny_stage1.py`.
+"""
+import json
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mllm_jax import sharding
+from mllm_jax.models import build_model
+from mllm_jax.train import flops as flops_lib
+from mllm_jax.train import partition, step as step_lib
+from mllm_jax.train.optimizer import make_optimizer
+
+OBJECTIVES = {"lm": step_lib.lm_objective, "dpo": step_lib.dpo_objective}
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the NaN guard stops a run."""
+
+
+def maybe_initialize_distributed(cfg):
+    d = cfg.get("distributed")
+    if not d or not d.get("enabled"):
+        return
+    if d.get("cpu_collectives"):
+        jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
+    kw = {k: d[k] for k in ("coordinator_address", "num_processes", "process_id")
+          if d.get(k) is not None}
+    if d.get("local_device_ids") is not None:
+        kw["local_device_ids"] = list(d.local_device_ids)
+    jax.distributed.initialize(**kw)
+
+
+def _dummy_inputs(mcfg):
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return (ids,)
+
+
+def abstract_boxed_params(model, mcfg, seed):
+    return jax.eval_shape(model.init, jax.random.PRNGKey(seed), *_dummy_inputs(mcfg))["params"]
+
+
+def initial_params(cfg, model, boxed, shardings):
+    """Parameters from `cfg.init`: an HF directory, an orbax export, or random (seeded)."""
+    init = cfg.init
+    flat_sh = shardings
+    if init.get("hf_checkpoint"):
+        from mllm_jax.convert import load_hf
+        _, params = load_hf(init.hf_checkpoint, dtype=cfg.model.param_dtype,
+                            scan_layers=cfg.model.scan_layers, shardings=flat_sh)
+        return params
+    if init.get("orbax_checkpoint"):
+        from mllm_jax.convert.orbax_io import load_orbax
+        _, params = load_orbax(init.orbax_checkpoint, shardings=flat_sh)
+        return params
+    init_fn = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, *_dummy_inputs(cfg.model))
+                                                ["params"]), out_shardings=flat_sh)
+    return init_fn(jax.random.PRNGKey(init.get("seed", 0)))
+
+
+def _flat_select(tree, reference):
+    """The subtree of `tree` with the same paths as `reference` (a dict tree)."""
+    import flax
+    flat = flax.traverse_util.flatten_dict(tree)
+    ref = flax.traverse_util.flatten_dict(reference)
+    return flax.traverse_util.unflatten_dict({k: flat[k] for k in ref})
+
+
+def state_shardings(tx, boxed_trainable, mesh, rules, rng):
+    """Shardings of the TrainState: optimizer moments inherit their parameter's axes."""
+    abstract = jax.eval_shape(lambda: step_lib.init_state(boxed_trainable, tx, rng))
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), rules)
+    sh = jax.tree_util.tree_map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
+                                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return sh
+
+
+def trained_parts(cfg, trainable):
+    keys = set(trainable)
+    return {"vision": "vision_tower" in keys, "projector": "multi_modal_projector" in keys,
+            "llm": "language_model" in keys or "model" in keys or "lm_head" in keys}
+
+
+def make_data(cfg, process_index, process_count):
+    d = cfg.data
+    if d.source == "synthetic":
+        from mllm_jax.data.synthetic import SyntheticSource
+        return SyntheticSource(cfg.model, cfg.train.global_batch_size, d.text_len,
+                               seed=d.get("seed", 0), images_per_sample=d.get("images", 1),
+                               objective=cfg.stage.objective,
+                               nan_batches=tuple(d.get("nan_batches") or ()),
+                               process_index=process_index, process_count=process_count)
+    raise ValueError(f"unknown data.source {d.source!r} (available: synthetic)")
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(cfg, workdir: str, *, log=print) -> dict:
+    """Runs (or resumes) training. Returns a summary dict; writes checkpoints, TensorBoard
+    scalars and the final parameters under workdir."""
+    maybe_initialize_distributed(cfg)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.rules_from(cfg)
+    model = build_model(cfg.model)
+    tc = cfg.train
+    total_steps = int(tc.num_steps)
+    objective_name = cfg.stage.objective
+    if objective_name not in OBJECTIVES:
+        raise ValueError(f"unknown stage.objective {objective_name!r}; known: {list(OBJECTIVES)}")
+
+    with mesh, sharding.activation_rules_context(rules):
+        boxed = abstract_boxed_params(model, cfg.model, cfg.init.get("seed", 0))
+        param_sh = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+        params = initial_params(cfg, model, boxed, param_sh)
+        trainable, frozen = partition.split(params, cfg.stage.trainable)
+        if objective_name == "dpo" and "vision_tower" in trainable:
+            raise ValueError("DPO shares one vision-tower pass between policy and reference; "
+                             "keep vision_tower frozen in stage.trainable")
+        frozen_dtype = jnp.dtype(cfg.stage.frozen_dtype) if cfg.stage.get("frozen_dtype") else None
+        frozen = partition.cast_floating(frozen, frozen_dtype)
+        frozen_extra = {}
+        if objective_name == "dpo":
+            frozen_extra["ref"] = partition.cast_floating(params, frozen_dtype)
+        del params
+        trainable_boxed = _flat_select(boxed, trainable)
+        tx, schedules = make_optimizer(cfg.optim, nn.meta.unbox(trainable_boxed), total_steps)
+        rng = jax.random.PRNGKey(tc.get("seed", 0))
+        st_sh = state_shardings(tx, trainable_boxed, mesh, rules, rng)
+        trainable = jax.device_put(trainable, st_sh.params)
+        state = jax.jit(lambda p: step_lib.init_state(p, tx, rng), out_shardings=st_sh)(trainable)
+        del trainable
+
+        data = make_data(cfg, jax.process_index(), jax.process_count())
+        ckpt_dir = os.path.join(workdir, "checkpoints")
+        mngr = ocp.CheckpointManager(
+            ckpt_dir,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=tc.get("keep_checkpoints", 3),
+                save_interval_steps=tc.get("checkpoint_every", 100),
+                enable_async_checkpointing=tc.get("async_checkpointing", True)))
+        start = 0
+        latest = mngr.latest_step()
+        if latest is not None:
+            abstract_state = jax.tree_util.tree_map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, st_sh)
+            restored = mngr.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            state = restored["state"]
+            data.set_state(restored["data"])
+            start = int(jax.device_get(state.step))
+            log(f"resumed from {ckpt_dir} step {start}")
+
+        objective = OBJECTIVES[objective_name]
+        okw = dict(cfg.stage.get("objective_kwargs") or {})
+        okw.setdefault("chunk_size", tc.get("loss_chunk", 512))
+        obj = lambda m, p, b, e: objective(m, p, b, e, **okw)  # noqa: E731
+        train_step = step_lib.make_train_step(model, obj, tx, tc.get("micro_batches", 1))
+        batch_sh = None  # set from the first batch's ranks
+        rep = sharding.replicated(mesh)
+        frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+        extra_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen_extra)
+        jit_step = None
+
+        tb = _tensorboard(workdir) if jax.process_index() == 0 else None
+        flops_step = flops_lib.train_step_flops(
+            cfg.model, tc.global_batch_size, getattr(data, "seq_len", 0),
+            cfg.data.get("images", 1) if cfg.model.model_type == "llava" else 0,
+            trained_parts(cfg, state.params))
+        summary = {"start_step": start, "losses": [], "nan_skipped": 0}
+        t_last, steps_since = time.time(), 0
+        tokens_since = 0
+        max_streak = tc.get("max_nan_streak", 5)
+        with _StopFlag() as stop:
+            for i in range(start, total_steps):
+                local = next(data)
+                if jit_step is None:
+                    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in local.items()}
+                    jit_step = jax.jit(train_step,
+                                       in_shardings=(st_sh, frozen_sh, extra_sh, batch_sh),
+                                       out_shardings=(st_sh, rep), donate_argnums=(0,))
+                batch = {k: jax.make_array_from_process_local_data(batch_sh[k], v)
+                         for k, v in local.items()}
+                state, metrics = jit_step(state, frozen, frozen_extra, batch)
+                m = jax.device_get(metrics)
+                summary["losses"].append(float(m["loss"]))
+                steps_since += 1
+                tokens_since += int(np.sum(local.get("attention_mask",
+                                                     local.get("chosen_attention_mask", 0))))
+                streak = int(jax.device_get(state.nan_streak))
+                step_no = i + 1
+                mngr.save(step_no, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data.get_state())))
+                if streak >= max_streak:
+                    mngr.wait_until_finished()
+                    raise TrainingStopped(
+                        f"{streak} steps in a row had a non-finite loss or gradient (at step "
+                        f"{step_no}); stopping. The newest complete checkpoint in {ckpt_dir} "
+                        f"(step {mngr.latest_step()}) holds the last good parameters.")
+                if step_no % tc.get("log_every", 10) == 0 or step_no == total_steps:
+                    dt = time.time() - t_last
+                    tok_s = tokens_since * jax.process_count() / max(dt, 1e-9)
+                    lr = float(schedules["default"](step_no))
+                    eta = (total_steps - step_no) * dt / max(steps_since, 1)
+                    skipped = int(jax.device_get(state.nan_skipped))
+                    log(f"step {step_no}/{total_steps} loss {m['loss']:.4f} lr {lr:.3g} "
+                        f"grad_norm {m['grad_norm']:.3g} tokens/s {tok_s:,.0f} "
+                        f"skipped {skipped} ETA {eta:.0f}s")
+                    if tb is not None:
+                        tb.add_scalar("train/loss", float(m["loss"]), step_no)
+                        tb.add_scalar("train/grad_norm", float(m["grad_norm"]), step_no)
+                        tb.add_scalar("train/lr", lr, step_no)
+                        tb.add_scalar("train/tokens_per_s", tok_s, step_no)
+                        tb.add_scalar("train/skipped_updates", skipped, step_no)
+                        tb.add_scalar("train/model_flops_per_step", flops_step, step_no)
+                        tb.flush()
+                    t_last, steps_since, tokens_since = time.time(), 0, 0
+                if stop.signum is not None:
+                    mngr.save(step_no, args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state),
+                        data=ocp.args.JsonSave(data.get_state())), force=True)
+                    mngr.wait_until_finished()
+                    log(f"signal {stop.signum}: checkpointed step {step_no} in {ckpt_dir}")
+                    summary.update(stopped_at=step_no, signal=stop.signum)
+                    return _finish(summary, state, tb)
+            if mngr.latest_step() != total_steps and total_steps > start:
+                mngr.save(total_steps, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data.get_state())), force=True)
+            mngr.wait_until_finished()
+        final = partition.merge(state.params, frozen)
+        if cfg.train.get("export_final", True):
+            from mllm_jax.convert.orbax_io import save_orbax
+            save_orbax(model, final, os.path.join(workdir, "final"))
+        summary["final_params"] = final
+        return _finish(summary, state, tb)
+
+
+def _finish(summary, state, tb):
+    summary["nan_skipped"] = int(jax.device_get(state.nan_skipped))
+    summary["step"] = int(jax.device_get(state.step))
+    summary["state"] = state
+    if tb is not None:
+        tb.close()
+    return summary
+
+
+def _tensorboard(workdir):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # logging must never stop training
+        return None
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)

@@ -1,0 +1,137 @@
+"""The training step: objectives, gradient accumulation, the NaN/Inf guard.
+
+Gradients are taken with respect to the trainable tree only; the frozen tree (and the DPO
+reference) enter as plain inputs, so XLA computes no weight gradient for them.
+"""
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from mllm_jax.train import losses
+from mllm_jax.train.partition import merge
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray  # batches consumed
+    params: Any  # trainable tree (float32 master weights)
+    opt_state: Any
+    rng: jnp.ndarray
+    nan_skipped: jnp.ndarray  # updates skipped for a non-finite loss or gradient, in total
+    nan_streak: jnp.ndarray  # ... in a row, up to now
+
+
+def init_state(params, tx, rng) -> TrainState:
+    z = jnp.zeros((), jnp.int32)
+    return TrainState(step=z, params=params, opt_state=tx.init(params), rng=rng,
+                      nan_skipped=z, nan_streak=z)
+
+
+def _apply(model, params, method, *args, **kw):
+    return model.apply({"params": params}, *args, method=method, **kw)
+
+
+def lm_objective(model, params, batch, frozen_extra, *, chunk_size=512):
+    """Masked next-token cross-entropy: (sum of NLL, label tokens, metrics)."""
+    del frozen_extra
+    h = _apply(model, params, "hidden_states", batch["input_ids"], batch.get("pixel_values"),
+               batch.get("attention_mask"), segment_ids=batch.get("segment_ids"),
+               position_ids=batch.get("position_ids"))
+    logits_fn = lambda x: _apply(model, params, "logits_from_hidden", x)  # noqa: E731
+    loss_sum, n = losses.masked_lm_loss(h, batch["labels"], logits_fn, chunk_size)
+    return loss_sum, n, {}
+
+
+def dpo_objective(model, params, batch, frozen_extra, *, beta=0.1, chunk_size=512):
+    """DPO over (chosen, rejected) pairs sharing their images. The vision tower runs once per
+    pair (it is frozen, so policy and reference share it); each side projects it with its own
+    connector. frozen_extra["ref"] holds the full reference parameters."""
+    ref = frozen_extra["ref"]
+    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    labels = jnp.concatenate([batch["chosen_labels"], batch["rejected_labels"]])
+    b = batch["chosen_input_ids"].shape[0]
+
+    def logps(p, vis):
+        kw = {}
+        if vis is not None:
+            feats = _apply(model, p, "project", vis)
+            kw["image_features"] = jnp.concatenate([feats, feats])
+        h = _apply(model, p, "hidden_states", ids, None, mask, **kw)
+        lf = lambda x: _apply(model, p, "logits_from_hidden", x)  # noqa: E731
+        return losses.sequence_logprob(h, labels, lf, chunk_size)
+
+    vis = None
+    if batch.get("pixel_values") is not None:
+        pix = batch["pixel_values"]
+        bb, m = pix.shape[:2]
+        vis = jax.lax.stop_gradient(
+            _apply(model, params, "vision_features", pix.reshape(bb * m, *pix.shape[2:])))
+        vis = vis.reshape(bb, m, *vis.shape[1:])
+    pi = logps(params, vis)
+    ref_lp = jax.lax.stop_gradient(logps(ref, vis))
+    per_pair, r_c, r_r = losses.dpo_loss(pi[:b], pi[b:], ref_lp[:b], ref_lp[b:], beta)
+    metrics = {"reward_margin": jnp.sum(r_c - r_r), "reward_accuracy": jnp.sum(r_c > r_r)}
+    return jnp.sum(per_pair), jnp.asarray(b, jnp.int32), metrics
+
+
+def _micro_batches(batch, accum):
+    """[B, ...] -> [accum, B/accum, ...], micro-batch i = rows i, i+accum, ... so each
+    device keeps feeding its own rows."""
+    def split(x):
+        if x is None:
+            return None
+        if x.shape[0] % accum:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {accum} micro-batches")
+        return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(model, objective: Callable, tx, accum_steps: int = 1):
+    """Returns step(state, frozen, frozen_extra, batch) -> (state, metrics)."""
+
+    def step(state: TrainState, frozen, frozen_extra, batch):
+        def loss_fn(trainable, micro):
+            lsum, n, aux = objective(model, merge(trainable, frozen), micro, frozen_extra)
+            return lsum, (n, aux)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if accum_steps == 1:
+            (lsum, (n, aux)), grads = grad_fn(state.params, batch)
+        else:
+            micro = _micro_batches(batch, accum_steps)
+
+            def body(carry, mb):
+                (l, (k, a)), g = grad_fn(state.params, mb)
+                cl, ck, ca, cg = carry
+                return (cl + l, ck + k, jax.tree_util.tree_map(jnp.add, ca, a),
+                        jax.tree_util.tree_map(jnp.add, cg, g)), None
+
+            first = jax.tree_util.tree_map(lambda x: x[0], micro)
+            (l0, (k0, a0)), g0 = grad_fn(state.params, first)
+            rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
+            (lsum, n, aux, grads), _ = jax.lax.scan(body, (l0, k0, a0, g0), rest)
+
+        denom = jnp.maximum(n, 1).astype(jnp.float32)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        loss = lsum / denom
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=jax.tree_util.tree_map(keep, new_params, state.params),
+            opt_state=jax.tree_util.tree_map(keep, new_opt, state.opt_state),
+            nan_skipped=state.nan_skipped + (~finite).astype(jnp.int32),
+            nan_streak=jnp.where(finite, 0, state.nan_streak + 1),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "label_tokens": n,
+                   "finite": finite, **{k: v / denom for k, v in aux.items()}}
+        return new_state, metrics
+
+    return step
