@@ -77,7 +77,10 @@ def text_from_hf(hf: dict, where: str = "config.json"):
     theta, scaling = _rope(hf)
     if scaling is not None:
         from mllm_jax.models.rope import inverse_frequencies
-        inverse_frequencies(head_dim, theta, scaling)  # rejects unsupported rope types early
+        try:  # rejects unsupported rope types early
+            inverse_frequencies(head_dim, theta, scaling)
+        except (ValueError, KeyError) as e:
+            raise UnsupportedModelError(f"{where}: {e}") from None
     if model_type == "qwen2":
         qkv_bias, o_bias = True, False
         if hf.get("use_sliding_window"):
@@ -125,8 +128,11 @@ def from_hf(hf: dict, where: str = "config.json"):
     model_type = hf.get("model_type")
     if model_type == "llava":
         text = text_from_hf(hf.get("text_config") or {}, where + " text_config")
-        vision = vision_from_hf(hf.get("vision_config") or {}, where + " vision_config",
-                                defaults=LLAVA_VISION_DEFAULTS)
+        # LlavaConfig uses its ViT-L/14-336 defaults only when vision_config is absent; a
+        # given (even partial or empty) vision_config is completed with CLIPVisionConfig's.
+        vision_hf = hf.get("vision_config")
+        vision = vision_from_hf(vision_hf or {}, where + " vision_config",
+                                defaults=LLAVA_VISION_DEFAULTS if vision_hf is None else None)
         layer = hf.get("vision_feature_layer", -2)
         cfg = mc.llava_config(
             vision=vision, text=text,
@@ -138,9 +144,10 @@ def from_hf(hf: dict, where: str = "config.json"):
             image_seq_length=hf.get("image_seq_length", 576),
         )
         cfg.vision_feature_layer = layer if isinstance(layer, int) else list(layer)
-        if "tie_word_embeddings" in hf and "tie_word_embeddings" not in (hf.get("text_config")
-                                                                         or {}):
-            cfg.text.tie_word_embeddings = bool(hf["tie_word_embeddings"])
+        # LlavaForConditionalGeneration ties on the top-level flag, which LlavaConfig sets when
+        # either it or text_config's flag is true.
+        cfg.text.tie_word_embeddings = bool(hf.get("tie_word_embeddings", False)
+                                            or cfg.text.tie_word_embeddings)
         return cfg
     if model_type in TEXT_DEFAULTS:
         return mc.llm_config(text_from_hf(hf, where))
