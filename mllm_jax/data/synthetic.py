@@ -2,7 +2,8 @@
 
 Batch k is a pure function of (seed, k), generated for the whole global batch and sliced
 per process, so any number of processes sees the same global batches. The iterator state is
-the index of the next batch: saving and restoring it resumes exactly.
+the index of the next batch: saving and restoring it resumes exactly. `distinct_batches=n`
+cycles through n batches (a model must be able to overfit them: a sanity check).
 """
 import numpy as np
 
@@ -12,7 +13,7 @@ from mllm_jax.train.losses import IGNORE_INDEX
 class SyntheticSource:
     def __init__(self, model_cfg, global_batch_size: int, text_len: int, *, seed: int = 0,
                  images_per_sample: int = 1, objective: str = "lm", nan_batches=(),
-                 process_index: int = 0, process_count: int = 1):
+                 distinct_batches: int = 0, process_index: int = 0, process_count: int = 1):
         if global_batch_size % process_count:
             raise ValueError(f"global batch {global_batch_size} does not split over "
                              f"{process_count} processes")
@@ -22,7 +23,8 @@ class SyntheticSource:
         self.seed = seed
         self.images = images_per_sample if model_cfg.model_type == "llava" else 0
         self.objective = objective
-        self.nan_batches = set(int(i) for i in nan_batches)
+        self.nan_batches = set(int(i) for i in nan_batches)  # by batch index, not content
+        self.distinct_batches = int(distinct_batches or 0)
         if self.nan_batches and not self.images:
             raise ValueError("nan_batches needs image inputs (a llava model) to inject NaNs")
         self.local = slice(process_index * global_batch_size // process_count,
@@ -80,7 +82,8 @@ class SyntheticSource:
         return ids.astype(np.int32), mask.astype(np.int32), labels.astype(np.int32)
 
     def global_batch(self, index: int) -> dict:
-        rng = np.random.default_rng([self.seed, index])
+        content = index % self.distinct_batches if self.distinct_batches else index
+        rng = np.random.default_rng([self.seed, content])
         b = self.global_batch_size
         out = {}
         if self.objective == "dpo":

@@ -1,0 +1,155 @@
+"""The `mllm-jax` command: convert, demo, presets (train, generate, eval, bench to come)."""
+import argparse
+import re
+import sys
+
+UNAVAILABLE = {
+    "train": "train a model through its stages",
+    "generate": "generate text for images and prompts",
+    "eval": "run evaluation benchmarks",
+    "bench": "benchmark training and decoding",
+}
+DTYPES = ("float32", "bfloat16", "float16")
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, '1234' -> 1234 (as HF's max_shard_size)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="mllm-jax", description="Multimodal LLMs in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    convert = sub.add_parser("convert", help="convert checkpoints between HF and orbax")
+    csub = convert.add_subparsers(dest="direction", metavar="DIRECTION")
+    h2o = csub.add_parser("hf-to-orbax", help="HF checkpoint directory -> orbax checkpoint")
+    h2o.add_argument("src", help="HF checkpoint directory (config.json + *.safetensors)")
+    h2o.add_argument("dst", help="output directory")
+    h2o.add_argument("--scan-layers", action="store_true",
+                     help="store decoder/encoder layers stacked on a leading layer axis")
+    h2o.add_argument("--dtype", choices=DTYPES, default=None,
+                     help="parameter dtype (default: as stored in the checkpoint)")
+    h2o.set_defaults(func=_hf_to_orbax)
+    o2h = csub.add_parser("orbax-to-hf", help="orbax checkpoint -> HF checkpoint directory")
+    o2h.add_argument("src", help="directory written by hf-to-orbax or save_orbax")
+    o2h.add_argument("dst", help="output directory")
+    o2h.add_argument("--dtype", choices=DTYPES, default=None,
+                     help="tensor dtype to write (default: as stored)")
+    o2h.add_argument("--max-shard-size", type=parse_size, default="5GB",
+                     help="largest safetensors file before sharding (default 5GB)")
+    o2h.set_defaults(func=_orbax_to_hf)
+    convert.set_defaults(func=lambda args: _usage(convert))
+
+    demo = sub.add_parser("demo", help="forward pass of a random-initialized tiny LLaVA on "
+                                       "the bundled image (a smoke run, offline)")
+    demo.add_argument("--workdir", default=None,
+                      help="write the inputs, logits and an orbax checkpoint here")
+    demo.set_defaults(func=_demo)
+
+    presets = sub.add_parser("presets", help="list model presets with parameter counts")
+    presets.set_defaults(func=_presets)
+
+    for name, text in UNAVAILABLE.items():
+        p = sub.add_parser(name, help=f"{text} (not available yet in this version)")
+        p.set_defaults(func=_unavailable(name))
+    parser.set_defaults(func=lambda args: _usage(parser))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    # Unavailable commands accept (and ignore) any arguments, so that what a user types for
+    # them gets the "not available yet" answer rather than a usage error.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command not in UNAVAILABLE:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    from mllm_jax.convert import CheckpointMismatchError, UnsupportedModelError
+    try:
+        return args.func(args) or 0
+    except (FileNotFoundError, FileExistsError, CheckpointMismatchError,
+            UnsupportedModelError) as e:
+        # Problems with the user's files: the message says what is wrong; no traceback.
+        print(f"mllm-jax {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _usage(parser):
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _unavailable(name):
+    def run(args):
+        print(f"mllm-jax {name}: not available yet in this version of mllm_jax; available "
+              "commands: convert, demo, presets", file=sys.stderr)
+        return 2
+    return run
+
+
+def _hf_to_orbax(args):
+    from mllm_jax.convert import load_hf, save_orbax
+    model, params = load_hf(args.src, dtype=args.dtype, scan_layers=args.scan_layers)
+    save_orbax(model, params, args.dst)
+    print(f"wrote {args.dst} ({model.cfg.model_type}, {_count(params):,} parameters, "
+          f"dtype {model.cfg.param_dtype}, scan_layers={model.cfg.scan_layers})")
+    return 0
+
+
+def _orbax_to_hf(args):
+    from mllm_jax.convert import load_orbax, save_hf
+    model, params = load_orbax(args.src)
+    save_hf(model, params, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.dst} ({model.cfg.model_type}, {_count(params):,} parameters)")
+    return 0
+
+
+def _count(tree):
+    import jax
+    import numpy as np
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree)))
+
+
+def _presets(args):
+    from mllm_jax import presets
+    from mllm_jax.convert import abstract_params
+    from mllm_jax.models import build_model
+    names = presets.names()
+    width = max(len(n) for n in names)
+    print(f"{'preset':<{width}}  {'model_type':<11}  {'parameters':>15}")
+    for name in names:
+        cfg = presets.get(name)
+        cfg.scan_layers = True  # same count, traced once per stack instead of per layer
+        count = _count(abstract_params(build_model(cfg)))  # eval_shape: nothing allocated
+        print(f"{name:<{width}}  {cfg.model_type:<11}  {count:>15,}")
+    return 0
+
+
+def _demo(args):
+    import numpy as np
+    from mllm_jax import demo
+    result = demo.run(workdir=args.workdir)
+    print("mllm-jax demo: a RANDOM-INITIALIZED tiny LLaVA (preset tiny-llava) -- a smoke run "
+          "of the whole forward pass; its outputs mean nothing.")
+    print(f"  image          {result['image_path']}")
+    print(f"  pixel_values   {tuple(result['pixel_values'].shape)} "
+          f"{result['pixel_values'].dtype} (NHWC, CLIP-normalized)")
+    print(f"  input_ids      {tuple(result['input_ids'].shape)} "
+          f"({result['num_image_tokens']} image tokens of id {result['image_token_index']})")
+    print(f"  image features {tuple(result['image_features'].shape)}")
+    print(f"  logits         {tuple(result['logits'].shape)}")
+    print(f"  top next-token id {int(np.argmax(result['logits'][0, -1]))}")
+    for what, path in result.get("written", {}).items():
+        print(f"  wrote {what}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
