@@ -3,14 +3,14 @@
 Published settings: global batch 256, lr 1e-3, 1 epoch of LCS-558K (2181 steps), cosine with
 3% warmup, no weight decay, max length 2048.
 """
-import configs.common as common
+from mllm_jax.train import recipe
 
 
 def get_config():
-    c = common.base("llava-1.5-7b")
+    c = recipe.base("llava-1.5-7b")
     c.init.hf_checkpoint = ""  # a converted LLaVA-style start (CLIP-L/336 + Vicuna-7B)
     c.stage.name = "stage1"
-    c.stage.trainable = [common.PROJECTOR]
+    c.stage.trainable = [recipe.PROJECTOR]
     c.stage.frozen_dtype = "bfloat16"
     c.model.dtype = "bfloat16"
     c.model.scan_layers = True

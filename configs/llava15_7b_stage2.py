@@ -3,13 +3,13 @@
 Published settings: global batch 128, lr 2e-5, 1 epoch of the 665K mix (5197 steps),
 cosine with 3% warmup, no weight decay, max length 2048.
 """
-import configs.common as common
+from mllm_jax.train import recipe
 
 
 def get_config():
-    c = common.base("llava-1.5-7b")
+    c = recipe.base("llava-1.5-7b")
     c.stage.name = "stage2"
-    c.stage.trainable = [common.PROJECTOR, common.LLM]
+    c.stage.trainable = [recipe.PROJECTOR, recipe.LLM]
     c.stage.frozen_dtype = "bfloat16"
     c.model.dtype = "bfloat16"
     c.model.scan_layers = True

@@ -1,13 +1,11 @@
-"""The `mllm-jax` command: convert, demo, presets (train, generate, eval, bench to come)."""
+"""The `mllm-jax` command: train, bench, convert, demo, presets (generate, eval to come)."""
 import argparse
 import re
 import sys
 
 UNAVAILABLE = {
-    "train": "train a model through its stages",
     "generate": "generate text for images and prompts",
     "eval": "run evaluation benchmarks",
-    "bench": "benchmark training and decoding",
 }
 DTYPES = ("float32", "bfloat16", "float16")
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
@@ -54,6 +52,28 @@ def build_parser():
                       help="write the inputs, logits and an orbax checkpoint here")
     demo.set_defaults(func=_demo)
 
+    train = sub.add_parser(
+        "train", help="train one stage from a config file (resumes from the workdir)",
+        description="Overrides: --config.a.b=value for any field of the config.")
+    train.add_argument("--config", required=True, help="a Python file defining get_config()")
+    train.add_argument("--workdir", required=True,
+                       help="checkpoints, TensorBoard scalars and the final parameters")
+    train.set_defaults(func=_train)
+
+    bench = sub.add_parser("bench", help="benchmarks (one JSON line each)")
+    bsub = bench.add_subparsers(dest="what", metavar="WHAT")
+    btrain = bsub.add_parser("train", help="training step time, tokens/s and MFU, next to "
+                                           "PyTorch/transformers")
+    btrain.add_argument("--preset", default="llava-bench-small")
+    btrain.add_argument("--stage", type=int, choices=(1, 2), default=2)
+    btrain.add_argument("--batch", type=int, default=4)
+    btrain.add_argument("--text-len", type=int, default=256)
+    btrain.add_argument("--steps", type=int, default=5)
+    btrain.add_argument("--dtype", choices=DTYPES, default="float32")
+    btrain.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    btrain.set_defaults(func=_bench_train)
+    bench.set_defaults(func=lambda args: _usage(bench))
+
     presets = sub.add_parser("presets", help="list model presets with parameter counts")
     presets.set_defaults(func=_presets)
 
@@ -66,16 +86,21 @@ def build_parser():
 
 def main(argv=None) -> int:
     parser = build_parser()
+    from mllm_jax.train.config_file import split_config_args
+    argv, overrides = split_config_args(list(sys.argv[1:] if argv is None else argv))
     # Unavailable commands accept (and ignore) any arguments, so that what a user types for
     # them gets the "not available yet" answer rather than a usage error.
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command not in UNAVAILABLE:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides and args.command not in ("train", *UNAVAILABLE):
+        parser.error(f"--config.* overrides apply to train only: {' '.join(overrides)}")
+    args.overrides = overrides
     from mllm_jax.convert import CheckpointMismatchError, UnsupportedModelError
     try:
         return args.func(args) or 0
     except (FileNotFoundError, FileExistsError, CheckpointMismatchError,
-            UnsupportedModelError) as e:
+            UnsupportedModelError, KeyError, ValueError) as e:
         # Problems with the user's files: the message says what is wrong; no traceback.
         print(f"mllm-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
@@ -89,9 +114,36 @@ def _usage(parser):
 def _unavailable(name):
     def run(args):
         print(f"mllm-jax {name}: not available yet in this version of mllm_jax; available "
-              "commands: convert, demo, presets", file=sys.stderr)
+              "commands: train, bench, convert, demo, presets", file=sys.stderr)
         return 2
     return run
+
+
+def _train(args):
+    from mllm_jax.train import config_file
+    from mllm_jax.train.loop import TrainingStopped, train
+    cfg = config_file.apply_overrides(config_file.load(args.config), args.overrides)
+    try:
+        summary = train(cfg, args.workdir)
+    except TrainingStopped as e:
+        print(f"mllm-jax train: {e}", file=sys.stderr)
+        return 3
+    if "stopped_at" in summary:
+        print(f"stopped by signal {summary['signal']} after step {summary['stopped_at']}; "
+              f"run the same command again to resume")
+        return 0
+    print(f"finished {summary['step']} steps; {summary['nan_skipped']} updates skipped; "
+          f"final parameters in {args.workdir}/final")
+    return 0
+
+
+def _bench_train(args):
+    import json
+    from mllm_jax.bench import train as bench_train
+    out = bench_train.run(args.preset, args.stage, args.batch, args.text_len, args.steps,
+                          torch_compare=not args.no_torch, dtype=args.dtype)
+    print(json.dumps(out))
+    return 0
 
 
 def _hf_to_orbax(args):

@@ -4,10 +4,13 @@ optimizer -> (resume) -> steps with checkpoints, NaN guard and logging -> final 
 `train(cfg, workdir)` is what `mllm-jax train` runs; the config layout is documented in
 `configs/llava15_tiny_stage1.py`.
 """
+import contextlib
+import dataclasses
 import json
 import os
 import signal
 import time
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -99,6 +102,7 @@ def make_data(cfg, process_index, process_count):
                                seed=d.get("seed", 0), images_per_sample=d.get("images", 1),
                                objective=cfg.stage.objective,
                                nan_batches=tuple(d.get("nan_batches") or ()),
+                               distinct_batches=d.get("distinct_batches", 0),
                                process_index=process_index, process_count=process_count)
     raise ValueError(f"unknown data.source {d.source!r} (available: synthetic)")
 
@@ -125,14 +129,75 @@ class _StopFlag:
         for s, h in self._old.items():
             signal.signal(s, h)
 
+    def agreed(self) -> bool:
+        """Whether any process was signalled. Every process calls this at every step
+        boundary: a signal usually reaches the hosts of a pod at different steps, and a host
+        that stopped (its checkpoint save is collective) while the others ran on would hang."""
+        mine = self.signum is not None
+        if jax.process_count() == 1:
+            return mine
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.int32(mine))))
 
-def train(cfg, workdir: str, *, log=print) -> dict:
-    """Runs (or resumes) training. Returns a summary dict; writes checkpoints, TensorBoard
-    scalars and the final parameters under workdir."""
-    maybe_initialize_distributed(cfg)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh(cfg.mesh)
+
+def _shardings_of(tree):
+    return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What `train` builds before its first step: mesh, model, optimizer, the trainable
+    state and the frozen trees (placed on the mesh), and the step function. Tests and
+    benchmarks drive it directly to inspect, lower or time a step without the loop."""
+
+    cfg: Any
+    mesh: jax.sharding.Mesh
+    rules: Any
+    model: nn.Module
+    tx: Any  # optax.GradientTransformation
+    schedules: dict  # lr group -> schedule
+    state: step_lib.TrainState | None
+    state_shardings: Any
+    frozen: Any  # frozen parameters (no gradient, no optimizer state)
+    frozen_extra: Any  # e.g. {"ref": reference parameters} for DPO
+    step_fn: Callable  # step(state, frozen, frozen_extra, batch) -> (state, metrics)
+
+    def context(self):
+        """The mesh and the rules table, under which the models' sharding constraints apply."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.mesh)
+        stack.enter_context(sharding.activation_rules_context(self.rules))
+        return stack
+
+    def batch_shardings(self, local_batch) -> dict:
+        return {k: sharding.batch_sharding(self.mesh, np.ndim(v)) for k, v in local_batch.items()}
+
+    def global_batch(self, local_batch) -> dict:
+        """This process's rows of a batch -> global arrays sharded over (data, fsdp)."""
+        sh = self.batch_shardings(local_batch)
+        return {k: jax.make_array_from_process_local_data(sh[k], v)
+                for k, v in local_batch.items()}
+
+    def jit_step(self, local_batch):
+        """The jitted step for batches shaped like `local_batch`; it donates the state."""
+        def step(state, frozen, frozen_extra, batch):
+            with self.context():  # the constraints are resolved while tracing
+                return self.step_fn(state, frozen, frozen_extra, batch)
+
+        return jax.jit(step, in_shardings=(self.state_shardings, _shardings_of(self.frozen),
+                                           _shardings_of(self.frozen_extra),
+                                           self.batch_shardings(local_batch)),
+                       out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                       donate_argnums=(0,))
+
+
+def build_trainer(cfg, *, devices=None, params=None) -> Trainer:
+    """Mesh -> model -> parameters -> trainable/frozen split -> optimizer -> state.
+
+    devices: the devices to build the mesh from (default: all of them, `jax.devices()`).
+    params: a full parameter tree to start from instead of the one `cfg.init` names.
+    """
+    mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = sharding.rules_from(cfg)
     model = build_model(cfg.model)
     tc = cfg.train
@@ -144,7 +209,10 @@ def train(cfg, workdir: str, *, log=print) -> dict:
     with mesh, sharding.activation_rules_context(rules):
         boxed = abstract_boxed_params(model, cfg.model, cfg.init.get("seed", 0))
         param_sh = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-        params = initial_params(cfg, model, boxed, param_sh)
+        if params is None:
+            params = initial_params(cfg, model, boxed, param_sh)
+        else:
+            params = jax.device_put(params, param_sh)
         trainable, frozen = partition.split(params, cfg.stage.trainable)
         if objective_name == "dpo" and "vision_tower" in trainable:
             raise ValueError("DPO shares one vision-tower pass between policy and reference; "
@@ -163,6 +231,36 @@ def train(cfg, workdir: str, *, log=print) -> dict:
         state = jax.jit(lambda p: step_lib.init_state(p, tx, rng), out_shardings=st_sh)(trainable)
         del trainable
 
+    objective = OBJECTIVES[objective_name]
+    okw = dict(cfg.stage.get("objective_kwargs") or {})
+    okw.setdefault("chunk_size", tc.get("loss_chunk", 512))
+    obj = lambda m, p, b, e: objective(m, p, b, e, **okw)  # noqa: E731
+    step_fn = step_lib.make_train_step(model, obj, tx, tc.get("micro_batches", 1))
+    return Trainer(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedules=schedules,
+                   state=state, state_shardings=st_sh, frozen=frozen,
+                   frozen_extra=frozen_extra, step_fn=step_fn)
+
+
+def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
+    """Runs (or resumes) training. Returns a summary dict; writes checkpoints, TensorBoard
+    scalars and the final parameters under workdir.
+
+    on_step: optional `on_step(step, metrics)` called after every step (its checkpoint save
+      requested and its log line written) with the 1-based step number and the step's
+      metrics as host values; a stop signal received meanwhile is honoured at this boundary.
+    devices: the devices to build the mesh from (default: all of them, `jax.devices()`).
+    """
+    maybe_initialize_distributed(cfg)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    trainer = build_trainer(cfg, devices=devices)
+    model, st_sh = trainer.model, trainer.state_shardings
+    frozen, frozen_extra, schedules = trainer.frozen, trainer.frozen_extra, trainer.schedules
+    state, trainer.state = trainer.state, None  # the loop owns (and donates) it from here on
+    tc = cfg.train
+    total_steps = int(tc.num_steps)
+
+    with trainer.context():
         data = make_data(cfg, jax.process_index(), jax.process_count())
         ckpt_dir = os.path.join(workdir, "checkpoints")
         mngr = ocp.CheckpointManager(
@@ -183,16 +281,7 @@ def train(cfg, workdir: str, *, log=print) -> dict:
             start = int(jax.device_get(state.step))
             log(f"resumed from {ckpt_dir} step {start}")
 
-        objective = OBJECTIVES[objective_name]
-        okw = dict(cfg.stage.get("objective_kwargs") or {})
-        okw.setdefault("chunk_size", tc.get("loss_chunk", 512))
-        obj = lambda m, p, b, e: objective(m, p, b, e, **okw)  # noqa: E731
-        train_step = step_lib.make_train_step(model, obj, tx, tc.get("micro_batches", 1))
-        batch_sh = None  # set from the first batch's ranks
-        rep = sharding.replicated(mesh)
-        frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
-        extra_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen_extra)
-        jit_step = None
+        jit_step = None  # built for the first batch's shapes
 
         tb = _tensorboard(workdir) if jax.process_index() == 0 else None
         flops_step = flops_lib.train_step_flops(
@@ -203,16 +292,13 @@ def train(cfg, workdir: str, *, log=print) -> dict:
         t_last, steps_since = time.time(), 0
         tokens_since = 0
         max_streak = tc.get("max_nan_streak", 5)
+        every = tc.get("checkpoint_every", 100)
         with _StopFlag() as stop:
             for i in range(start, total_steps):
                 local = next(data)
                 if jit_step is None:
-                    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in local.items()}
-                    jit_step = jax.jit(train_step,
-                                       in_shardings=(st_sh, frozen_sh, extra_sh, batch_sh),
-                                       out_shardings=(st_sh, rep), donate_argnums=(0,))
-                batch = {k: jax.make_array_from_process_local_data(batch_sh[k], v)
-                         for k, v in local.items()}
+                    jit_step = trainer.jit_step(local)
+                batch = trainer.global_batch(local)
                 state, metrics = jit_step(state, frozen, frozen_extra, batch)
                 m = jax.device_get(metrics)
                 summary["losses"].append(float(m["loss"]))
@@ -221,9 +307,10 @@ def train(cfg, workdir: str, *, log=print) -> dict:
                                                      local.get("chosen_attention_mask", 0))))
                 streak = int(jax.device_get(state.nan_streak))
                 step_no = i + 1
-                mngr.save(step_no, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=ocp.args.JsonSave(data.get_state())))
+                if step_no % every == 0:  # orbax alone would also save the first step
+                    mngr.save(step_no, args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state),
+                        data=ocp.args.JsonSave(data.get_state())), force=True)
                 if streak >= max_streak:
                     mngr.wait_until_finished()
                     raise TrainingStopped(
@@ -248,12 +335,19 @@ def train(cfg, workdir: str, *, log=print) -> dict:
                         tb.add_scalar("train/model_flops_per_step", flops_step, step_no)
                         tb.flush()
                     t_last, steps_since, tokens_since = time.time(), 0, 0
-                if stop.signum is not None:
-                    mngr.save(step_no, args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state),
-                        data=ocp.args.JsonSave(data.get_state())), force=True)
+                if on_step is not None:
+                    on_step(step_no, m)
+                if stop.agreed():
+                    # A step that hit checkpoint_every was saved above; saving it again
+                    # raises StepAlreadyExistsError.
+                    if mngr.latest_step() != step_no:
+                        mngr.save(step_no, args=ocp.args.Composite(
+                            state=ocp.args.StandardSave(state),
+                            data=ocp.args.JsonSave(data.get_state())), force=True)
                     mngr.wait_until_finished()
-                    log(f"signal {stop.signum}: checkpointed step {step_no} in {ckpt_dir}")
+                    why = (f"signal {stop.signum}" if stop.signum is not None
+                           else "another process was signalled")
+                    log(f"{why}: checkpointed step {step_no} in {ckpt_dir}")
                     summary.update(stopped_at=step_no, signal=stop.signum)
                     return _finish(summary, state, tb)
             if mngr.latest_step() != total_steps and total_steps > start:
@@ -264,7 +358,9 @@ def train(cfg, workdir: str, *, log=print) -> dict:
         final = partition.merge(state.params, frozen)
         if cfg.train.get("export_final", True):
             from mllm_jax.convert.orbax_io import save_orbax
-            save_orbax(model, final, os.path.join(workdir, "final"))
+            # overwrite: a run restarted after it finished (e.g. preempted between this
+            # export and exiting) resumes at the last step and exports the same parameters.
+            save_orbax(model, final, os.path.join(workdir, "final"), overwrite=True)
         summary["final_params"] = final
         return _finish(summary, state, tb)
 

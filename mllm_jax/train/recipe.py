@@ -1,4 +1,6 @@
-"""Pieces shared by the training recipes."""
+"""The training config layout and the parameter regexes of the LLaVA stages.
+
+A recipe (`configs/*.py`) is `base(preset)` plus its own overrides."""
 import ml_collections
 
 from mllm_jax import presets, sharding

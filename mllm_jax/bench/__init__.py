@@ -1,0 +1,1 @@
+"""Benchmarks behind `mllm-jax bench`: each prints one JSON line."""

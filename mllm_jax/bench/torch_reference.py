@@ -1,0 +1,77 @@
+"""The same training step in PyTorch/transformers, for side-by-side numbers.
+
+The model is transformers' own LlavaForConditionalGeneration (or *ForCausalLM) built from
+our config through `hf_config.to_hf`, random-initialized, float32, eager attention as
+transformers defaults to on CPU; AdamW on the same trainable parameters.
+"""
+import re
+import time
+
+import numpy as np
+
+
+def build(cfg, trainable_patterns, lr=1e-4, threads=None):
+    import torch
+    import transformers
+
+    from mllm_jax.convert import hf_config
+    if threads:
+        torch.set_num_threads(threads)
+    hf = hf_config.to_hf(cfg)
+    if cfg.model_type == "llava":
+        config = transformers.LlavaConfig(**{k: v for k, v in hf.items() if k != "architectures"})
+        model = transformers.LlavaForConditionalGeneration(config)
+    else:
+        config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items()
+                                                      if k != "architectures"})
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.train()
+    # Our paths ('language_model/model/layers_0/...') vs torch names: match on the top-level
+    # component, which is what the stage patterns select.
+    params = []
+    for name, p in model.named_parameters():
+        ours = _our_prefix(name)
+        p.requires_grad_(any(re.search(pat, ours) for pat in trainable_patterns))
+        if p.requires_grad:
+            params.append(p)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return model, opt
+
+
+def _our_prefix(torch_name: str) -> str:
+    n = torch_name
+    for a, b in (("model.language_model.", "language_model/model/"),
+                 ("lm_head.", "language_model/lm_head/"),
+                 ("model.vision_tower.", "vision_tower/vision_model/"),
+                 ("model.multi_modal_projector.", "multi_modal_projector/")):
+        if n.startswith(a):
+            return b + n[len(a):].replace(".", "/")
+    return n.replace(".", "/")
+
+
+def time_steps(model, opt, batch: dict, steps: int, warmup: int = 1) -> float:
+    """Median seconds per step (forward with labels, backward, AdamW, zero_grad)."""
+    import torch
+    inputs = {"input_ids": torch.from_numpy(np.asarray(batch["input_ids"], np.int64)),
+              "attention_mask": torch.from_numpy(np.asarray(batch["attention_mask"], np.int64)),
+              "labels": torch.from_numpy(np.asarray(batch["labels"], np.int64))}
+    if "pixel_values" in batch:
+        pix = np.asarray(batch["pixel_values"], np.float32)
+        pix = pix.reshape(-1, *pix.shape[2:]).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        inputs["pixel_values"] = torch.from_numpy(np.ascontiguousarray(pix))
+
+    def one():
+        out = model(**inputs)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss)
+
+    for _ in range(warmup):
+        one()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        one()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))

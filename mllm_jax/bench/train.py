@@ -1,0 +1,77 @@
+"""`mllm-jax bench train`: one training step of a preset, timed, next to the same step in
+PyTorch/transformers on the same machine in the same run.
+
+Prints one JSON line: step_time_s, tokens_per_s, model_flops_per_step (frozen towers
+forward-only, see `train.flops`), the measured matmul peak, MFU against it, compile_s, and
+the PyTorch figures with the ratio.
+"""
+import time
+
+import jax
+import numpy as np
+
+from mllm_jax.bench.peak import matmul_peak
+from mllm_jax.data.synthetic import SyntheticSource
+from mllm_jax.train import flops as flops_lib
+from mllm_jax.train import recipe
+from mllm_jax.train.loop import build_trainer, trained_parts
+
+STAGES = {1: [recipe.PROJECTOR], 2: [recipe.PROJECTOR, recipe.LLM]}
+
+
+def bench_config(preset="llava-bench-small", stage=2, batch=4, text_len=256, dtype="float32"):
+    c = recipe.base(preset)
+    c.stage.trainable = STAGES[stage]
+    c.model.dtype = dtype
+    c.train.global_batch_size = batch
+    c.train.num_steps = 1000
+    c.optim.warmup_ratio = 0.0
+    c.mesh.update(data=1, fsdp=1, tensor=1)
+    c.data.text_len = text_len - 1  # the BOS token counts as text
+    return c
+
+
+def run(preset="llava-bench-small", stage=2, batch=4, text_len=256, steps=5, warmup=2,
+        torch_compare=True, dtype="float32") -> dict:
+    cfg = bench_config(preset, stage, batch, text_len, dtype)
+    trainer = build_trainer(cfg, devices=jax.devices()[:1])
+    data = SyntheticSource(cfg.model, batch, cfg.data.text_len,
+                           images_per_sample=1 if cfg.model.model_type == "llava" else 0)
+    local = next(data)
+    seq = local["input_ids"].shape[1]
+    step = trainer.jit_step(local)
+    batch_arrays = trainer.global_batch(local)
+    t0 = time.perf_counter()
+    compiled = step.lower(trainer.state, trainer.frozen, trainer.frozen_extra,
+                          batch_arrays).compile()
+    compile_s = time.perf_counter() - t0
+    state = trainer.state
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, trainer.frozen, trainer.frozen_extra, batch_arrays)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    images = 1 if cfg.model.model_type == "llava" else 0
+    flops = flops_lib.train_step_flops(cfg.model, batch, seq, images,
+                                       trained_parts(cfg, state.params))
+    peak = matmul_peak()
+    out = {
+        "preset": preset, "stage": stage, "batch": batch, "seq_len": seq, "dtype": dtype,
+        "step_time_s": round(step_s, 4), "tokens_per_s": round(batch * seq / step_s, 1),
+        "model_flops_per_step": flops, "matmul_peak_flops": round(peak["peak"]),
+        "matmul_xla_flops": round(peak["xla"]),
+        "matmul_torch_flops": peak["torch"] and round(peak["torch"]),
+        "mfu": round(flops / step_s / peak["peak"], 4), "compile_s": round(compile_s, 2),
+        "loss": float(metrics["loss"]),
+    }
+    if torch_compare:
+        from mllm_jax.bench import torch_reference
+        model, opt = torch_reference.build(cfg.model, cfg.stage.trainable)
+        t_s = torch_reference.time_steps(model, opt, local, steps, warmup=1)
+        out.update(torch_step_time_s=round(t_s, 4),
+                   torch_tokens_per_s=round(batch * seq / t_s, 1),
+                   speedup_vs_torch=round(t_s / step_s, 3))
+    return out
