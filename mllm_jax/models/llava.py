@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mllm_jax.models.layers import dtype_of
-from mllm_jax.models.llm import CausalLM
+from mllm_jax.models.llm import ACT_AXES, CausalLM
 from mllm_jax.models.projector import MLPProjector
 from mllm_jax.models.vit import VisionModel, select_features
 
@@ -87,7 +87,7 @@ class Llava(nn.Module):
     def embed(self, input_ids, pixel_values=None, *, image_features=None):
         """Text embeddings with image features at the image-token positions. Give either
         pixel_values or precomputed (projected) image_features."""
-        embeds = self.language_model.embed(input_ids)
+        embeds = nn.with_logical_constraint(self.language_model.embed(input_ids), ACT_AXES)
         if image_features is None and pixel_values is None:
             if self.is_initializing():
                 c = self.cfg
@@ -100,7 +100,11 @@ class Llava(nn.Module):
         if feats.ndim == 3:
             check_image_tokens(input_ids, feats.shape[0], feats.shape[1],
                                self.cfg.image_token_index)
-        return merge_image_features(embeds, input_ids, feats, self.cfg.image_token_index)
+        if feats.ndim == 4:
+            feats = nn.with_logical_constraint(
+                feats, ("activation_batch", None, "activation_length", "activation_embed"))
+        merged = merge_image_features(embeds, input_ids, feats, self.cfg.image_token_index)
+        return nn.with_logical_constraint(merged, ACT_AXES)
 
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *,
                       image_features=None, segment_ids=None, position_ids=None):

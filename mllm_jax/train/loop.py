@@ -313,10 +313,15 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
                         data=ocp.args.JsonSave(data.get_state())), force=True)
                 if streak >= max_streak:
                     mngr.wait_until_finished()
+                    # Skipped steps leave the parameters as they were: any checkpoint holds
+                    # the last good ones.
+                    newest = mngr.latest_step()
+                    where = (f"The newest complete checkpoint in {ckpt_dir} (step {newest}) "
+                             "holds the last good parameters." if newest is not None else
+                             f"No checkpoint is in {ckpt_dir} yet (checkpoint_every={every}).")
                     raise TrainingStopped(
                         f"{streak} steps in a row had a non-finite loss or gradient (at step "
-                        f"{step_no}); stopping. The newest complete checkpoint in {ckpt_dir} "
-                        f"(step {mngr.latest_step()}) holds the last good parameters.")
+                        f"{step_no}); stopping. {where}")
                 if step_no % tc.get("log_every", 10) == 0 or step_no == total_steps:
                     dt = time.time() - t_last
                     tok_s = tokens_since * jax.process_count() / max(dt, 1e-9)
