@@ -31,13 +31,16 @@ def token_logprobs(hidden, targets, logits_fn, chunk_size: int = 512):
     hs = hidden.reshape(b, n, c, d).swapaxes(0, 1)
     ts = targets.reshape(b, n, c).swapaxes(0, 1)
 
-    @jax.checkpoint
     def chunk(h, t):
         logits = logits_fn(h).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         valid = t != IGNORE_INDEX
         picked = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[..., None], axis=-1)[..., 0]
         return jnp.where(valid, picked - lse, 0.0)
+
+    if n == 1:  # one chunk: nothing to save by recomputing the logits
+        return chunk(hidden, targets)[:, :s]
+    chunk = jax.checkpoint(chunk)
 
     def body(carry, xs):
         return carry, chunk(*xs)
