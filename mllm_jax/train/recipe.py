@@ -36,7 +36,8 @@ def base(preset: str) -> ml_collections.ConfigDict:
     c.mesh = sharding.mesh_config(data=-1, fsdp=1, tensor=1)
     c.rules = []  # [[logical, mesh axis or list or None], ...]; empty: sharding.LOGICAL_RULES
     c.data = ml_collections.ConfigDict({"source": "synthetic", "text_len": 64, "images": 1,
-                                        "seed": 0, "nan_batches": []})
+                                        "seed": 0, "nan_batches": [],
+                                        "distinct_batches": 0})
     c.distributed = ml_collections.ConfigDict({
         "enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0,
         "cpu_collectives": "", "local_device_ids": []})
