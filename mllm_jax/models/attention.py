@@ -1,4 +1,6 @@
 """Masks and dot-product attention (float32 softmax, grouped-query heads)."""
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -32,17 +34,56 @@ def dot_product_attention(q, k, v, mask, scale: float):
     """q: [b, q, h, d]; k, v: [b, kv, kv_heads, d]; mask broadcastable to [b, 1, q, kv].
 
     Query heads are grouped over the key/value heads (GQA) without copying k and v.
-    Rows with no allowed key (padding queries) get uniform weights instead of NaN, as
-    HF's eager attention does with its finite minimum.
+    Softmax is computed in float32. Rows with no allowed key (padding queries) get uniform
+    weights instead of NaN, as HF's eager attention does with its finite minimum.
+    The backward pass is written out (see `_attention_bwd`): it reduces over the head
+    dimension instead of the key axis, which XLA's derived backward does not find.
     """
-    b, q_len, h, d = q.shape
-    kv_heads = k.shape[2]
-    groups = h // kv_heads
-    qg = q.reshape(b, q_len, kv_heads, groups, d)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    return _attention(q, k, v, mask, scale)
+
+
+def _to_groups(q, kv_heads):
+    b, s, h, d = q.shape
+    return q.reshape(b, s, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def _from_groups(x):
+    b, kvh, g, s, d = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, s, kvh * g, d)
+
+
+def _attention_fwd(q, k, v, mask, scale):
+    qg = _to_groups(q, k.shape[2])  # [b, kv_heads, groups, q, d]
+    kt = k.transpose(0, 2, 1, 3)  # [b, kv_heads, kv, d]
+    vt = v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kt, preferred_element_type=jnp.float32)
     scores = scores * jnp.float32(scale)
-    big_neg = jnp.finfo(jnp.float32).min
-    scores = jnp.where(mask[:, :, None, :, :], scores, big_neg)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
-    return out.reshape(b, q_len, h, d)
+    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhgqk,bhkd->bhgqd", probs.astype(v.dtype), vt)
+    return _from_groups(out), (qg, kt, vt, probs, out, mask)
+
+
+def _attention_bwd(scale, residuals, d_out):
+    qg, kt, vt, probs, out, mask = residuals
+    do = _to_groups(d_out, kt.shape[1]).astype(out.dtype)
+    p = probs.astype(vt.dtype)
+    dv = jnp.einsum("bhgqk,bhgqd->bhkd", p, do)
+    dp = jnp.einsum("bhgqd,bhkd->bhgqk", do, vt, preferred_element_type=jnp.float32)
+    # sum_k P dP == sum_d dO * O: a reduction over d instead of over the keys.
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+    ds = probs * (dp - delta) * jnp.float32(scale)
+    # Masked scores are constants: no gradient, even in rows that are entirely masked.
+    ds = jnp.where(mask[:, :, None, :, :], ds, 0.0).astype(qg.dtype)
+    dq = jnp.einsum("bhgqk,bhkd->bhgqd", ds, kt)
+    dk = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qg)
+    return (_from_groups(dq), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3), None)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, mask, scale):
+    return _attention_fwd(q, k, v, mask, scale)[0]
+
+
+_attention.defvjp(lambda q, k, v, mask, scale: _attention_fwd(q, k, v, mask, scale),
+                  _attention_bwd)

@@ -58,7 +58,11 @@ class Dense(nn.Module):
         kernel = self.param(
             "kernel", with_axes(self.kernel_init, self.axes), (x.shape[-1], self.features),
             self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        # As a 2-D matmul: XLA:CPU handles the weight gradient of a [tokens, in] x [in, out]
+        # product far better than the same contraction over (batch, seq) dims.
+        lead = x.shape[:-1]
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
+        y = y.reshape(*lead, self.features)
         if self.use_bias:
             bias = self.param("bias", with_axes(nn.initializers.zeros, self.axes[1:]),
                               (self.features,), self.param_dtype)

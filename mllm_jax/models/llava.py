@@ -112,6 +112,9 @@ class Llava(nn.Module):
         embeds = self.embed(input_ids, pixel_values, image_features=image_features)
         return self.language_model.decode(embeds, attention_mask, segment_ids, position_ids)
 
+    def output_head(self):
+        return self.language_model.output_head()
+
     def logits_from_hidden(self, h):
         return self.language_model.logits_from_hidden(h)
 

@@ -145,6 +145,14 @@ class CausalLM(nn.Module):
             inputs_embeds = self.embed(input_ids)
         return self.decode(inputs_embeds, attention_mask, segment_ids, position_ids)
 
+    def output_head(self):
+        """(weight, vocab_major) of the output projection in the compute dtype: the lm_head
+        kernel [d, vocab], or the tied embedding [vocab, d]."""
+        dtype = dtype_of(self.cfg.dtype)
+        if self.cfg.text.tie_word_embeddings:
+            return self.model.embed_tokens.embedding.astype(dtype), True
+        return self.lm_head.variables["params"]["kernel"].astype(dtype), False
+
     def logits_from_hidden(self, h):
         if self.cfg.text.tie_word_embeddings:
             return self.model.embed_tokens.attend(h)

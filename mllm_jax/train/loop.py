@@ -233,7 +233,7 @@ def build_trainer(cfg, *, devices=None, params=None) -> Trainer:
 
     objective = OBJECTIVES[objective_name]
     okw = dict(cfg.stage.get("objective_kwargs") or {})
-    okw.setdefault("chunk_size", tc.get("loss_chunk", 512))
+    okw.setdefault("chunk_size", tc.get("loss_chunk", 2048))
     obj = lambda m, p, b, e: objective(m, p, b, e, **okw)  # noqa: E731
     step_fn = step_lib.make_train_step(model, obj, tx, tc.get("micro_batches", 1))
     return Trainer(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedules=schedules,

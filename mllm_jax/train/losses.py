@@ -1,9 +1,12 @@
-"""Losses: masked next-token cross-entropy computed in sequence chunks, and DPO.
+"""Losses: masked next-token cross-entropy computed in token chunks, and DPO.
 
 `labels` are aligned with `input_ids` as HF does it (-100 = no loss); position t predicts
-labels[t + 1]. The chunked loss never materializes [batch, seq, vocab] logits at once: each
-chunk's logits are recomputed in the backward pass (jax.checkpoint) instead of stored.
+labels[t + 1]. The output projection and the log-softmax are one operation with a written-out
+gradient (`linear_target_logprobs`); over several chunks, each chunk's logits are recomputed
+in the backward pass (jax.checkpoint), so [batch, seq, vocab] logits never exist at once.
 """
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -16,51 +19,90 @@ def shift_labels(labels):
     return jnp.concatenate([labels[:, 1:], pad], axis=1)
 
 
-def token_logprobs(hidden, targets, logits_fn, chunk_size: int = 512):
-    """log p(target) for every position ([b, s], 0 where target is ignored), in chunks.
+def _logits(h, w, vocab_major):
+    if vocab_major:  # tied embeddings [vocab, d]
+        return jnp.einsum("nd,vd->nv", h, w, preferred_element_type=jnp.float32)
+    return jnp.einsum("nd,dv->nv", h, w, preferred_element_type=jnp.float32)
 
-    hidden: [b, s, d] final hidden states; logits_fn: [b, c, d] -> [b, c, vocab].
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def linear_target_logprobs(h, w, targets, vocab_major: bool):
+    """log softmax(h @ w)[target] for tokens h [n, d]; 0 where the target is IGNORE_INDEX.
+
+    w is the output head, [d, vocab] (or [vocab, d] when vocab_major, for tied embeddings).
+    Logits and softmax are float32. The gradient is written out: XLA's derived one scatters
+    into the vocabulary axis and transposes the [tokens, vocab] matrix, which costs more
+    than the two matmuls it feeds.
     """
+    return _linear_logprobs_fwd(h, w, targets, vocab_major)[0]
+
+
+def _linear_logprobs_fwd(h, w, targets, vocab_major):
+    logits = _logits(h, w, vocab_major)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    valid = targets != IGNORE_INDEX
+    safe = jnp.where(valid, targets, 0)
+    picked = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+    return jnp.where(valid, picked - lse, 0.0), (h, w, logits, lse, safe, valid)
+
+
+def _linear_logprobs_bwd(vocab_major, residuals, g):
+    h, w, logits, lse, safe, valid = residuals
+    g = jnp.where(valid, g, 0.0)
+    onehot = jax.nn.one_hot(safe, logits.shape[-1], dtype=jnp.float32)
+    d_logits = (g[:, None] * (onehot - jnp.exp(logits - lse[:, None]))).astype(h.dtype)
+    if vocab_major:
+        dh = jnp.einsum("nv,vd->nd", d_logits, w)
+        dw = jnp.einsum("nv,nd->vd", d_logits, h)
+    else:
+        dh = jnp.einsum("nv,dv->nd", d_logits, w)
+        dw = jnp.einsum("nd,nv->dv", h, d_logits)
+    return dh.astype(h.dtype), dw.astype(w.dtype), None
+
+
+linear_target_logprobs.defvjp(_linear_logprobs_fwd, _linear_logprobs_bwd)
+
+
+def token_logprobs(hidden, targets, head, chunk_size: int = 2048):
+    """log p(target) for every position ([b, s], 0 where the target is ignored).
+
+    hidden: [b, s, d] final hidden states; head: (weight, vocab_major) of the output
+    projection; tokens are processed `chunk_size` at a time.
+    """
+    w, vocab_major = head
     b, s, d = hidden.shape
-    c = min(chunk_size, s)
-    n = -(-s // c)
-    pad = n * c - s
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
-    hs = hidden.reshape(b, n, c, d).swapaxes(0, 1)
-    ts = targets.reshape(b, n, c).swapaxes(0, 1)
-
-    def chunk(h, t):
-        logits = logits_fn(h).astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        valid = t != IGNORE_INDEX
-        picked = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[..., None], axis=-1)[..., 0]
-        return jnp.where(valid, picked - lse, 0.0)
-
+    n_tok = b * s
+    h = hidden.reshape(n_tok, d).astype(w.dtype)
+    t = targets.reshape(n_tok)
+    c = min(chunk_size, n_tok)
+    n = -(-n_tok // c)
     if n == 1:  # one chunk: nothing to save by recomputing the logits
-        return chunk(hidden, targets)[:, :s]
-    chunk = jax.checkpoint(chunk)
+        return linear_target_logprobs(h, w, t, vocab_major).reshape(b, s)
+    pad = n * c - n_tok
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    t = jnp.pad(t, (0, pad), constant_values=IGNORE_INDEX)
 
-    def body(carry, xs):
-        return carry, chunk(*xs)
+    @jax.checkpoint
+    def chunk(hc, tc):
+        return linear_target_logprobs(hc, w, tc, vocab_major)
 
-    _, lp = jax.lax.scan(body, None, (hs, ts))
-    return lp.swapaxes(0, 1).reshape(b, n * c)[:, :s]
+    _, lp = jax.lax.scan(lambda carry, xs: (carry, chunk(*xs)), None,
+                         (h.reshape(n, c, d), t.reshape(n, c)))
+    return lp.reshape(n * c)[:n_tok].reshape(b, s)
 
 
-def masked_lm_loss(hidden, labels, logits_fn, chunk_size: int = 512):
+def masked_lm_loss(hidden, labels, head, chunk_size: int = 2048):
     """(sum of token NLL, number of label tokens). Divide once over the global batch so
     micro-batching and data parallelism give the same mean as one big batch."""
     targets = shift_labels(labels)
-    lp = token_logprobs(hidden, targets, logits_fn, chunk_size)
+    lp = token_logprobs(hidden, targets, head, chunk_size)
     n = jnp.sum(targets != IGNORE_INDEX)
     return -jnp.sum(lp), n
 
 
-def sequence_logprob(hidden, labels, logits_fn, chunk_size: int = 512):
+def sequence_logprob(hidden, labels, head, chunk_size: int = 2048):
     """Sum of log-probs over each sample's label (completion) tokens: [b]."""
-    return jnp.sum(token_logprobs(hidden, shift_labels(labels), logits_fn, chunk_size), axis=1)
+    return jnp.sum(token_logprobs(hidden, shift_labels(labels), head, chunk_size), axis=1)
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):

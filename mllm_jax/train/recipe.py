@@ -30,7 +30,8 @@ def base(preset: str) -> ml_collections.ConfigDict:
     })
     c.train = ml_collections.ConfigDict({
         "global_batch_size": 256, "micro_batches": 1, "num_steps": 2181, "seed": 0,
-        "loss_chunk": 512, "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 3,
+        "loss_chunk": 2048,  # tokens per output-projection chunk
+        "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 3,
         "async_checkpointing": True, "max_nan_streak": 5, "export_final": True,
     })
     c.mesh = sharding.mesh_config(data=-1, fsdp=1, tensor=1)

@@ -34,18 +34,18 @@ def _apply(model, params, method, *args, **kw):
     return model.apply({"params": params}, *args, method=method, **kw)
 
 
-def lm_objective(model, params, batch, frozen_extra, *, chunk_size=512):
+def lm_objective(model, params, batch, frozen_extra, *, chunk_size=2048):
     """Masked next-token cross-entropy: (sum of NLL, label tokens, metrics)."""
     del frozen_extra
     h = _apply(model, params, "hidden_states", batch["input_ids"], batch.get("pixel_values"),
                batch.get("attention_mask"), segment_ids=batch.get("segment_ids"),
                position_ids=batch.get("position_ids"))
-    logits_fn = lambda x: _apply(model, params, "logits_from_hidden", x)  # noqa: E731
-    loss_sum, n = losses.masked_lm_loss(h, batch["labels"], logits_fn, chunk_size)
+    head = _apply(model, params, "output_head")
+    loss_sum, n = losses.masked_lm_loss(h, batch["labels"], head, chunk_size)
     return loss_sum, n, {}
 
 
-def dpo_objective(model, params, batch, frozen_extra, *, beta=0.1, chunk_size=512):
+def dpo_objective(model, params, batch, frozen_extra, *, beta=0.1, chunk_size=2048):
     """DPO over (chosen, rejected) pairs sharing their images. The vision tower runs once per
     pair (it is frozen, so policy and reference share it); each side projects it with its own
     connector. frozen_extra["ref"] holds the full reference parameters."""
@@ -61,8 +61,7 @@ def dpo_objective(model, params, batch, frozen_extra, *, beta=0.1, chunk_size=51
             feats = _apply(model, p, "project", vis)
             kw["image_features"] = jnp.concatenate([feats, feats])
         h = _apply(model, p, "hidden_states", ids, None, mask, **kw)
-        lf = lambda x: _apply(model, p, "logits_from_hidden", x)  # noqa: E731
-        return losses.sequence_logprob(h, labels, lf, chunk_size)
+        return losses.sequence_logprob(h, labels, _apply(model, p, "output_head"), chunk_size)
 
     vis = None
     if batch.get("pixel_values") is not None:
