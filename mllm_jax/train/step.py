@@ -119,13 +119,19 @@ def make_train_step(model, objective: Callable, tx, accum_steps: int = 1):
         loss = lsum / denom
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        def update(operands):
+            params, opt_state, grads = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A branch, not a select over every parameter: a skipped update costs nothing.
+        new_params, new_opt = jax.lax.cond(
+            finite, update, lambda operands: operands[:2],
+            (state.params, state.opt_state, grads))
         new_state = state.replace(
             step=state.step + 1,
-            params=jax.tree_util.tree_map(keep, new_params, state.params),
-            opt_state=jax.tree_util.tree_map(keep, new_opt, state.opt_state),
+            params=new_params,
+            opt_state=new_opt,
             nan_skipped=state.nan_skipped + (~finite).astype(jnp.int32),
             nan_streak=jnp.where(finite, 0, state.nan_streak + 1),
         )
