@@ -372,3 +372,18 @@ def test_train_rejects_unknown_override_naming_the_field(tmp_path, capsys):
     assert main(["train", "--config", cfg, "--workdir", str(tmp_path),
                  "--config.train.no_such_field=1"]) == 1
     assert "train.no_such_field" in capsys.readouterr().err
+
+
+def test_bench_train_prints_one_json_line_with_both_frameworks(capsys):
+    import json
+    assert main(["bench", "train", "--preset", "tiny-llava", "--batch", "2", "--text-len", "16",
+                 "--steps", "1"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+    out = json.loads(lines[-1])
+    for key in ("step_time_s", "tokens_per_s", "model_flops_per_step", "matmul_peak_flops",
+                "mfu", "compile_s", "torch_step_time_s", "torch_tokens_per_s",
+                "speedup_vs_torch"):
+        assert out[key] > 0, key
+    assert out["seq_len"] == 1 + 16 + 15  # BOS, the image's 16 tokens, 15 more text tokens
+    assert out["mfu"] == pytest.approx(
+        out["model_flops_per_step"] / out["step_time_s"] / out["matmul_peak_flops"], rel=5e-2)
