@@ -43,3 +43,17 @@ def base(preset: str) -> ml_collections.ConfigDict:
         "enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0,
         "cpu_collectives": "", "local_device_ids": []})
     return c
+
+
+def llava15(preset: str = "llava-1.5-7b") -> ml_collections.ConfigDict:
+    """What both LLaVA-1.5 stages share at scale: bf16 compute with float32 master weights,
+    frozen towers stored in bf16, scanned layers with remat, FSDP over all devices, and
+    sequences of 2048 tokens (576 image tokens, BOS, text)."""
+    c = base(preset)
+    c.stage.frozen_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"
+    c.model.scan_layers = True
+    c.model.remat_policy = "dots_no_batch"
+    c.data.text_len = 2048 - 576 - 1
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    return c
