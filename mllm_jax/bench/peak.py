@@ -29,8 +29,8 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> dict:
     out = {"xla": xla, "torch": None}
     try:
         import torch
-        ta = torch.from_numpy(np.asarray(a, np.float32))
-        tb = torch.from_numpy(np.asarray(b, np.float32))
+        ta = torch.from_numpy(np.array(a, np.float32))
+        tb = torch.from_numpy(np.array(b, np.float32))
         ta @ tb
         out["torch"] = 2 * n ** 3 / _best(lambda: ta @ tb, repeats)
     except ImportError:

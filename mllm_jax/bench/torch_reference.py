@@ -65,7 +65,7 @@ def time_steps(model, opt, batch: dict, steps: int, warmup: int = 1) -> float:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(out.loss)
+        return out.loss.item()
 
     for _ in range(warmup):
         one()

@@ -117,7 +117,7 @@ def make_train_step(model, objective: Callable, tx, accum_steps: int = 1):
         denom = jnp.maximum(n, 1).astype(jnp.float32)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         loss = lsum / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         def update(operands):
             params, opt_state, grads = operands

@@ -1,0 +1,64 @@
+"""LLaVA-format JSON data files: a list of {"id", "image" (a path or a list of paths, optional),
+"conversations": [{"from": "human" | "gpt", "value": "..."}, ...]}.
+
+Reading a file only parses it: image paths are joined to the image root but not opened, and
+conversations are kept as they are. Checking a record (images readable, conversation well
+formed, placeholders matching images) is the pipeline's job, so one bad record is counted and
+skipped there instead of failing the whole file here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One sample. `images` are full paths (joined to the image root), in placeholder order;
+    `conversations` is the raw value of the file (possibly malformed); `index` is the position
+    in the file (ids are not always unique in public LLaVA files)."""
+    id: object
+    images: tuple
+    conversations: object
+    index: int
+
+
+def record_from_dict(entry, index: int, image_root=None, source: str = "") -> Record:
+    if not isinstance(entry, dict):
+        # Kept as a record with no conversation: the pipeline reports it as malformed.
+        return Record(f"{source}:{index}", (), entry, index)
+    sample_id = entry.get("id")
+    if sample_id is None:
+        sample_id = f"{source}:{index}"
+    image = entry.get("image")
+    if image is None:
+        images = ()
+    elif isinstance(image, str):
+        images = (image,)
+    elif isinstance(image, (list, tuple)):
+        images = tuple(image)
+    else:
+        images = (image,)  # not a path: reading it fails and is reported
+    if image_root is not None:
+        images = tuple(os.path.join(os.fspath(image_root), p) if isinstance(p, str) else p
+                       for p in images)
+    return Record(sample_id, images, entry.get("conversations"), index)
+
+
+def read_llava_json(path, image_root=None) -> list[Record]:
+    """All records of a LLaVA-format .json file (a list) or .jsonl file (one object a line).
+    `image_root` defaults to the file's directory."""
+    path = os.fspath(path)
+    if image_root is None:
+        image_root = os.path.dirname(os.path.abspath(path))
+    source = os.path.basename(path)
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            entries = [json.loads(line) for line in f if line.strip()]
+        else:
+            entries = json.load(f)
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: a LLaVA data file holds a JSON list, got "
+                         f"{type(entries).__name__}")
+    return [record_from_dict(e, k, image_root, source) for k, e in enumerate(entries)]

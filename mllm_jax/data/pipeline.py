@@ -1,0 +1,378 @@
+"""A plain-Python input pipeline for LLaVA-format records, with grain's iterator interface.
+
+Order. Epoch e visits the records in the permutation `np.random.default_rng([seed, e])` of
+their indices; process i of n takes elements i, i + n, i + 2n, ... of it, so processes see
+disjoint records within an epoch and together see all of them. Batches may span epochs.
+
+Samples. Each record is checked and turned into an example (`build_example`) in order; a bad
+record is skipped and the next one fills its slot. Nothing bad is silent: each bad record is
+counted by reason (`report()`), and with a workdir appended, as {sample_id, reason, detail,
+index, epoch}, to `data_report.jsonl`, with the counts in `data_report.json` (multi-process
+runs write `data_report.process{i}.*`, one pair per process). A record found bad is
+remembered and skipped without re-reading in later epochs, and counted once.
+
+Parallelism. Images are decoded and preprocessed by a thread pool (PIL releases the GIL)
+that runs ahead of the consumer by a window of records; results are consumed in order, so
+batches do not depend on num_workers or timing. Text (templates, tokenization) runs on the
+consumer thread: the tokenizer wrappers keep lazy caches and are not meant to be shared.
+
+State. `get_state()` is {epoch, position (in this process's order), seed, process
+layout, num_records, bad records}: JSON-able. `set_state` discards the read-ahead and resumes
+exactly there, so the batches after a restore equal those an uninterrupted run yields; the
+report files are rewritten to hold only what the restored state had seen.
+
+Batches (numpy, this process's rows of the global batch): input_ids [B, max_length] int32
+(pad id), attention_mask [B, max_length] int32, labels [B, max_length] int32 (IGNORE_INDEX
+on padding), pixel_values [B, max_images, H, W, 3] float32 (a sample's images first, zeros
+after). `return_sample_ids=True` adds "sample_ids" (numpy str array; not for the device);
+`last_sample_ids` always holds those of the latest batch.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+
+from mllm_jax.data import image as image_lib
+from mllm_jax.data import templates as T
+from mllm_jax.train.losses import IGNORE_INDEX
+
+# Reasons a record is skipped (besides templates.PROMPT_TOO_LONG / IMAGE_DOES_NOT_FIT).
+MISSING_IMAGE = "missing_image"
+UNREADABLE_IMAGE = "unreadable_image"
+MALFORMED_CONVERSATION = "malformed_conversation"
+IMAGE_COUNT_MISMATCH = "image_count_mismatch"
+TOO_MANY_IMAGES = "too_many_images"
+EMPTY_TEXT = "empty_text"
+TOKENIZATION_MISMATCH = "tokenization_mismatch"
+REASONS = (MISSING_IMAGE, UNREADABLE_IMAGE, MALFORMED_CONVERSATION, IMAGE_COUNT_MISMATCH,
+           TOO_MANY_IMAGES, EMPTY_TEXT, TOKENIZATION_MISMATCH, T.PROMPT_TOO_LONG,
+           T.IMAGE_DOES_NOT_FIT)
+
+
+class Bad(NamedTuple):
+    reason: str
+    detail: str
+
+
+class _Pending(NamedTuple):
+    epoch: int
+    position: int
+    index: int
+    images: object  # a Future of the decoded images, or None (no images / known bad)
+
+
+def _image_shape(cfg: image_lib.ImageProcessorConfig) -> tuple:
+    if cfg.mode == "anyres":
+        raise NotImplementedError("LlavaPipeline batches one view per image; 'anyres' (tiles) "
+                                  "needs a views axis and is not supported yet")
+    if cfg.do_center_crop:
+        return cfg.crop_size["height"], cfg.crop_size["width"], 3
+    if cfg.do_resize and "height" in cfg.size:
+        return cfg.size["height"], cfg.size["width"], 3
+    raise ValueError("fixed batch shapes need do_center_crop or a (height, width) size")
+
+
+def decode_images(paths, cfg) -> list:
+    """Each path -> float32 pixels, or a `Bad` saying why it cannot be read."""
+    out = []
+    for path in paths:
+        if not isinstance(path, (str, os.PathLike)):
+            out.append(Bad(UNREADABLE_IMAGE, f"image entry is not a path: {path!r}"))
+            continue
+        if not os.path.exists(path):
+            out.append(Bad(MISSING_IMAGE, f"no such file {os.fspath(path)!r}"))
+            continue
+        try:
+            out.append(image_lib.preprocess(image_lib.read_image(path), cfg))
+        except image_lib.ImageReadError as e:
+            reason = MISSING_IMAGE if isinstance(e.__cause__, FileNotFoundError) \
+                else UNREADABLE_IMAGE
+            out.append(Bad(reason, str(e)))
+        except (OSError, ValueError, TypeError) as e:  # decodes, but preprocessing fails
+            out.append(Bad(UNREADABLE_IMAGE, f"cannot preprocess {os.fspath(path)!r}: {e}"))
+    return out
+
+
+def check_conversation(conversations, num_images, sample_id):
+    """Structural checks before templating: a `Bad` or None."""
+    if not isinstance(conversations, list):
+        return Bad(MALFORMED_CONVERSATION, f"'conversations' is not a list: "
+                                           f"{type(conversations).__name__}")
+    if not conversations:
+        return Bad(EMPTY_TEXT, "no messages")
+    try:
+        _, turns = T.parse_conversation(conversations, sample_id)
+    except T.MalformedConversation as e:
+        return Bad(MALFORMED_CONVERSATION, str(e))
+    placeholders = sum(t.user.count(T.IMAGE_PLACEHOLDER) for t in turns)
+    if placeholders != num_images:
+        return Bad(IMAGE_COUNT_MISMATCH, f"{placeholders} {T.IMAGE_PLACEHOLDER} placeholders, "
+                                         f"{num_images} images")
+    for k, t in enumerate(turns):
+        if t.assistant is not None and not t.assistant:
+            return Bad(EMPTY_TEXT, f"assistant message of turn {k} is empty")
+        if not t.user.replace(T.IMAGE_PLACEHOLDER, "").strip() and not num_images:
+            return Bad(EMPTY_TEXT, f"user message of turn {k} is empty")
+    return None
+
+
+class LlavaPipeline:
+    def __init__(self, records, tokenizer, image_cfg, template, *, global_batch_size: int,
+                 max_length: int, max_images: int, image_tokens_per_image: int,
+                 image_token_id: int | None = None, seed: int = 0, process_index: int = 0,
+                 process_count: int = 1, num_workers: int = 2, workdir=None,
+                 system: str | None = None, return_sample_ids: bool = False):
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch {global_batch_size} does not split over "
+                             f"{process_count} processes")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self.records = list(records)
+        if len(self.records) < process_count:
+            raise ValueError(f"{len(self.records)} records cannot feed {process_count} "
+                             f"processes")
+        self.tokenizer = tokenizer
+        self.image_cfg = image_lib._as_config(image_cfg)
+        self.image_shape = _image_shape(self.image_cfg)
+        self.template = T.get_template(template)
+        self.template.check_tokenizer(tokenizer)
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.max_length = max_length
+        self.max_images = max_images
+        self.image_tokens_per_image = image_tokens_per_image
+        self.image_token_id = image_token_id if image_token_id is not None \
+            else tokenizer.image_token_id
+        self.system = system
+        self.seed = int(seed)
+        self.process_index, self.process_count = process_index, process_count
+        self.return_sample_ids = return_sample_ids
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        self.pad_id = int(pad if pad is not None else 0)
+        # Every epoch gives this process the same number of records.
+        self.local_len = len(range(process_index, len(self.records), process_count))
+        self.num_workers = int(num_workers)
+        self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="llava-data") \
+            if self.num_workers > 0 else None
+        self._window = self.local_batch_size + 4 * max(self.num_workers, 1)
+        self._orders = {}
+        self.workdir = os.fspath(workdir) if workdir is not None else None
+        suffix = "" if process_count == 1 else f".process{process_index}"
+        if self.workdir is not None:
+            os.makedirs(self.workdir, exist_ok=True)
+            self._jsonl = os.path.join(self.workdir, f"data_report{suffix}.jsonl")
+            self._json = os.path.join(self.workdir, f"data_report{suffix}.json")
+        self.last_sample_ids = []
+        self._reset(epoch=0, position=0, bad={})
+
+    # ---- order and state ------------------------------------------------------------------
+    def local_order(self, epoch: int) -> np.ndarray:
+        """Record indices this process visits in `epoch`, in order."""
+        if epoch not in self._orders:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+            self._orders[epoch] = perm[self.process_index::self.process_count]
+            for old in [e for e in self._orders if e < epoch - 1]:
+                del self._orders[old]
+        return self._orders[epoch]
+
+    def _reset(self, epoch, position, bad):
+        for p in getattr(self, "_pending", ()):
+            if p.images is not None:
+                p.images.cancel()
+        self._epoch, self._position = epoch, position
+        self._cursor = (epoch, position)  # next record to read ahead
+        self._pending = collections.deque()
+        self._bad = dict(bad)  # record index -> reason
+        # The report files are brought in line with the state before the first batch (a
+        # new pipeline must not wipe them before a set_state that restores what they hold).
+        self._report_synced = False
+
+    def get_state(self) -> dict:
+        return {"epoch": self._epoch, "position": self._position, "seed": self.seed,
+                "process_index": self.process_index, "process_count": self.process_count,
+                "num_records": len(self.records),
+                "bad": [[int(i), r] for i, r in sorted(self._bad.items())]}
+
+    def set_state(self, state: dict):
+        mine = {"seed": self.seed, "process_index": self.process_index,
+                "process_count": self.process_count, "num_records": len(self.records)}
+        for key, value in mine.items():
+            if key in state and state[key] != value:
+                raise ValueError(f"data state was saved with {key}={state[key]}, this "
+                                 f"pipeline has {value}")
+        position = int(state["position"])
+        if not 0 <= position < self.local_len:
+            raise ValueError(f"data state position {position} outside [0, {self.local_len})")
+        self._reset(int(state["epoch"]), position,
+                    {int(i): r for i, r in state.get("bad", [])})
+
+    def report(self) -> dict:
+        """Bad records seen by this process, counted by reason (each record once)."""
+        return dict(sorted(collections.Counter(self._bad.values()).items()))
+
+    # ---- iteration ------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def _advance(self, epoch, position):
+        position += 1
+        return (epoch + 1, 0) if position == self.local_len else (epoch, position)
+
+    def _fill(self):
+        while len(self._pending) < self._window:
+            epoch, position = self._cursor
+            index = int(self.local_order(epoch)[position])
+            paths = self.records[index].images
+            future = None
+            if paths and index not in self._bad and len(paths) <= self.max_images:
+                if self._executor is None:
+                    future = _Done(decode_images(paths, self.image_cfg))
+                else:
+                    future = self._executor.submit(decode_images, paths, self.image_cfg)
+            self._pending.append(_Pending(epoch, position, index, future))
+            self._cursor = self._advance(epoch, position)
+
+    def _example(self, record, image_future):
+        """The example of one record (with "pixels"), or a `Bad`."""
+        n_images = len(record.images)
+        bad = check_conversation(record.conversations, n_images, record.id)
+        if bad:
+            return bad
+        if n_images > self.max_images:
+            return Bad(TOO_MANY_IMAGES, f"{n_images} images, max_images {self.max_images}")
+        try:
+            ex = T.build_example(record.conversations, self.template, self.tokenizer,
+                                 image_tokens_per_image=self.image_tokens_per_image,
+                                 max_length=self.max_length, sample_id=record.id,
+                                 image_token_id=self.image_token_id, system=self.system)
+        except T.TokenizationMismatch as e:
+            return Bad(TOKENIZATION_MISMATCH, str(e))
+        except T.MalformedConversation as e:
+            return Bad(MALFORMED_CONVERSATION, str(e))
+        if isinstance(ex, T.Dropped):
+            return Bad(ex.reason, ex.detail)
+        pixels = image_future.result()[:ex["num_images"]] if ex["num_images"] else []
+        for p in pixels:
+            if isinstance(p, Bad):
+                return p
+        ex["pixels"] = pixels
+        return ex
+
+    def _record_bad(self, pending: _Pending, bad: Bad):
+        if pending.index in self._bad:
+            return
+        self._bad[pending.index] = bad.reason
+        if self.workdir is None:
+            return
+        record = self.records[pending.index]
+        line = {"sample_id": record.id, "reason": bad.reason, "detail": bad.detail,
+                "index": pending.index, "epoch": pending.epoch,
+                "process_index": self.process_index}
+        with open(self._jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+        self._write_counts()
+
+    def __next__(self) -> dict:
+        if self.workdir is not None and not self._report_synced:
+            self._rewrite_report()
+        self._report_synced = True
+        rows, ids, misses = [], [], 0
+        while len(rows) < self.local_batch_size:
+            self._fill()
+            p = self._pending.popleft()
+            self._epoch, self._position = self._advance(p.epoch, p.position)
+            record = self.records[p.index]
+            if p.index in self._bad:
+                result = Bad(self._bad[p.index], "")
+            else:
+                result = self._example(record, p.images)
+            if isinstance(result, Bad):
+                self._record_bad(p, result)
+                misses += 1
+                if misses > self.local_len:
+                    raise RuntimeError(f"no usable record in a whole epoch of process "
+                                       f"{self.process_index}: {self.report()}")
+                continue
+            misses = 0
+            rows.append(result)
+            ids.append(record.id)
+        self.last_sample_ids = ids
+        return self._batch(rows, ids)
+
+    def _batch(self, rows, ids) -> dict:
+        b, s = self.local_batch_size, self.max_length
+        input_ids = np.full((b, s), self.pad_id, np.int32)
+        mask = np.zeros((b, s), np.int32)
+        labels = np.full((b, s), IGNORE_INDEX, np.int32)
+        pixels = np.zeros((b, self.max_images) + self.image_shape, np.float32)
+        for r, ex in enumerate(rows):
+            n = len(ex["input_ids"])
+            input_ids[r, :n] = ex["input_ids"]
+            mask[r, :n] = 1
+            labels[r, :n] = ex["labels"]
+            for k, p in enumerate(ex["pixels"]):
+                pixels[r, k] = p
+        out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+               "pixel_values": pixels}
+        if self.return_sample_ids:
+            out["sample_ids"] = np.asarray([str(i) for i in ids])
+        return out
+
+    # ---- report files ---------------------------------------------------------------------
+    def _write_counts(self):
+        tmp = self._json + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"counts": self.report(), "total": len(self._bad),
+                       "num_records": len(self.records), "process_index": self.process_index,
+                       "process_count": self.process_count}, f, indent=1)
+        os.replace(tmp, self._json)
+
+    def _rewrite_report(self):
+        """Keep only the lines of bad records the current state knows (after a restore, those
+        found later are found, and written, again)."""
+        kept, seen = [], set()
+        if os.path.exists(self._jsonl):
+            with open(self._jsonl, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a crash
+                    i = entry.get("index")
+                    if i in self._bad and i not in seen:
+                        seen.add(i)
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self._jsonl + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self._jsonl)
+        self._write_counts()
+
+    def close(self):
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Done:
+    """A finished result with the Future interface used above (num_workers=0)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+    def cancel(self):
+        return False
