@@ -94,7 +94,10 @@ def trained_parts(cfg, trainable):
             "llm": "language_model" in keys or "model" in keys or "lm_head" in keys}
 
 
-def make_data(cfg, process_index, process_count):
+def make_data(cfg, process_index, process_count, workdir=None):
+    """This process's batch iterator (with get_state/set_state) for `cfg.data.source`:
+    `synthetic` (deterministic random batches) or `llava_json` (a LLaVA-format JSON file and
+    an image folder, through `data.pipeline.LlavaPipeline`)."""
     d = cfg.data
     if d.source == "synthetic":
         from mllm_jax.data.synthetic import SyntheticSource
@@ -104,7 +107,43 @@ def make_data(cfg, process_index, process_count):
                                nan_batches=tuple(d.get("nan_batches") or ()),
                                distinct_batches=d.get("distinct_batches", 0),
                                process_index=process_index, process_count=process_count)
-    raise ValueError(f"unknown data.source {d.source!r} (available: synthetic)")
+    if d.source == "llava_json":
+        return _llava_json_pipeline(cfg, process_index, process_count, workdir)
+    raise ValueError(f"unknown data.source {d.source!r} (available: synthetic, llava_json)")
+
+
+def _llava_json_pipeline(cfg, process_index, process_count, workdir):
+    from mllm_jax.data import image as image_lib
+    from mllm_jax.data.llava_json import read_llava_json
+    from mllm_jax.data.pipeline import LlavaPipeline
+    from mllm_jax.data.tokenizer import load_tokenizer
+    d, m = cfg.data, cfg.model
+    if cfg.stage.objective != "lm":
+        raise ValueError("data.source=llava_json feeds the lm objective; preference pairs for "
+                         "dpo are not wired to the trainer yet")
+    for field in ("json", "tokenizer"):
+        if not d.get(field):
+            raise ValueError(f"data.source=llava_json needs data.{field} (a path)")
+    if d.get("processor"):
+        image_cfg = image_lib.load_image_processor_config(d.processor,
+                                                          mode=d.get("image_mode") or None)
+    else:  # the model's own resolution with CLIP's mean/std
+        v = m.vision
+        image_cfg = image_lib.ImageProcessorConfig(
+            mode=d.get("image_mode") or "crop", size={"shortest_edge": v.image_size},
+            crop_size=v.image_size)
+    grid = (m.vision.image_size // m.vision.patch_size) ** 2
+    tokens = grid + (1 if m.vision_feature_select_strategy == "full" else 0)
+    pipe = LlavaPipeline(
+        read_llava_json(d.json, d.get("image_root") or None), load_tokenizer(d.tokenizer),
+        image_cfg, d.get("template") or "vicuna_v1",
+        global_batch_size=cfg.train.global_batch_size, max_length=d.max_length,
+        max_images=d.get("images", 1), image_tokens_per_image=tokens,
+        image_token_id=m.image_token_index, seed=d.get("seed", 0),
+        process_index=process_index, process_count=process_count,
+        num_workers=d.get("workers", 4), workdir=workdir)
+    pipe.seq_len = d.max_length
+    return pipe
 
 
 class _StopFlag:
@@ -261,7 +300,7 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
     total_steps = int(tc.num_steps)
 
     with trainer.context():
-        data = make_data(cfg, jax.process_index(), jax.process_count())
+        data = make_data(cfg, jax.process_index(), jax.process_count(), workdir)
         ckpt_dir = os.path.join(workdir, "checkpoints")
         mngr = ocp.CheckpointManager(
             ckpt_dir,

@@ -38,7 +38,12 @@ def base(preset: str) -> ml_collections.ConfigDict:
     c.rules = []  # [[logical, mesh axis or list or None], ...]; empty: sharding.LOGICAL_RULES
     c.data = ml_collections.ConfigDict({"source": "synthetic", "text_len": 64, "images": 1,
                                         "seed": 0, "nan_batches": [],
-                                        "distinct_batches": 0})
+                                        "distinct_batches": 0,
+                                        # source "llava_json": a LLaVA-format JSON + images
+                                        "json": "", "image_root": "", "tokenizer": "",
+                                        "processor": "", "image_mode": "",
+                                        "template": "vicuna_v1", "max_length": 2048,
+                                        "workers": 4})
     c.distributed = ml_collections.ConfigDict({
         "enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0,
         "cpu_collectives": "", "local_device_ids": []})
