@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         "torch": TORCH,
-        "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
+        "tfds": ["tensorflow-datasets", "tensorflow-cpu", "importlib_resources"],
         "test": TORCH + ["pytest", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["mllm-jax=mllm_jax.cli:main"]},

@@ -72,6 +72,17 @@ def build_parser():
     btrain.add_argument("--dtype", choices=DTYPES, default="float32")
     btrain.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     btrain.set_defaults(func=_bench_train)
+    bdata = bsub.add_parser("data", help="samples/s of the LLaVA JSON pipeline (336 px, "
+                                          "vicuna_v1), against a training step's rate")
+    bdata.add_argument("--samples", type=int, default=64)
+    bdata.add_argument("--batch", type=int, default=16)
+    bdata.add_argument("--workers", type=int, default=2)
+    bdata.add_argument("--tokenizer", default=None, help="a checkpoint directory with "
+                       "tokenizer.model or tokenizer.json (default: one trained on the spot)")
+    bdata.add_argument("--step-time", type=float, default=None,
+                       help="seconds per training step (from bench train) to compare with")
+    bdata.add_argument("--train-batch", type=int, default=4)
+    bdata.set_defaults(func=_bench_data)
     bench.set_defaults(func=lambda args: _usage(bench))
 
     presets = sub.add_parser("presets", help="list model presets with parameter counts")
@@ -143,6 +154,15 @@ def _bench_train(args):
     out = bench_train.run(args.preset, args.stage, args.batch, args.text_len, args.steps,
                           torch_compare=not args.no_torch, dtype=args.dtype)
     print(json.dumps(out))
+    return 0
+
+
+def _bench_data(args):
+    import json
+    from mllm_jax.bench import data as bench_data
+    print(json.dumps(bench_data.run(args.samples, args.batch, args.workers,
+                                    tokenizer=args.tokenizer, step_time=args.step_time,
+                                    train_batch=args.train_batch)))
     return 0
 
 

@@ -387,3 +387,11 @@ def test_bench_train_prints_one_json_line_with_both_frameworks(capsys):
     assert out["seq_len"] == 1 + 16 + 15  # BOS, the image's 16 tokens, 15 more text tokens
     assert out["mfu"] == pytest.approx(
         out["model_flops_per_step"] / out["step_time_s"] / out["matmul_peak_flops"], rel=5e-2)
+
+
+def test_bench_data_prints_samples_per_second(capsys):
+    import json
+    assert main(["bench", "data", "--samples", "12", "--batch", "4", "--step-time", "2.0"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["samples_per_s"] > 0 and out["samples_timed"] == 8
+    assert out["train_samples_per_s"] == 2.0 and out["template"] == "vicuna_v1"
