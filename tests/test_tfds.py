@@ -181,3 +181,31 @@ def test_pipeline_records_match_the_json(built, root, tmp_path):
                                                             for p in ref.images]
         assert r.conversations == [{"from": t["from"], "value": t["value"]}
                                    for t in ref.conversations]
+
+
+def test_pipeline_batches_equal_from_json_and_tfds(built, root, tmp_path):
+    """The pipeline yields identical batches from the built dataset and from the JSON."""
+    from mllm_jax.data import pipeline as P
+    from mllm_jax.data.image import ImageProcessorConfig
+    from mllm_jax.data.llava_json import read_llava_json
+    from mllm_jax.data.tokenizer import load_tokenizer
+    from test_templates import make_hf
+
+    tokenizer = load_tokenizer(make_hf(str(tmp_path / "tok"), "bytelevel"))
+    kept = [read_llava_json(root / "instructions.json", root)[i] for i in KEPT["instructions"]]
+    records = B.records_for_pipeline(B.records_from_tfds(built["instructions"]),
+                                     tmp_path / "cache")
+
+    def batches(recs):
+        cfg = ImageProcessorConfig(mode="crop", size={"shortest_edge": 8}, crop_size=8)
+        with P.LlavaPipeline(recs, tokenizer, cfg, "chatml", global_batch_size=2,
+                             max_length=64, max_images=2, image_tokens_per_image=2,
+                             seed=0) as pipe:
+            return [next(pipe) for _ in range(3)]
+
+    got, want = batches(records), batches(kept)
+    assert any(np.asarray(x["pixel_values"]).any() for x in want)  # images really decoded
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
