@@ -1,6 +1,7 @@
 from setuptools import find_packages, setup
 
 TORCH = ["torch==2.13.0", "transformers>=4.46"]
+TFDS = ["tensorflow-datasets", "importlib_resources"]
 
 setup(
     name="mllm_jax",
@@ -24,8 +25,11 @@ setup(
     ],
     extras_require={
         "torch": TORCH,
-        "tfds": ["tensorflow-datasets", "tensorflow-cpu", "importlib_resources"],
-        "test": TORCH + ["pytest", "pytest-xdist"],
+        # The builders write and read array_record files without TensorFlow; tensorflow-cpu
+        # is for TFDS builders that encode images with it. tensorflow-datasets 4.9.10 imports
+        # importlib_resources without declaring it.
+        "tfds": TFDS + ["tensorflow-cpu"],
+        "test": TORCH + TFDS + ["pytest", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["mllm-jax=mllm_jax.cli:main"]},
 )

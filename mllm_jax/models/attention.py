@@ -30,6 +30,25 @@ def make_attention_mask(q_len, kv_len=None, *, causal: bool, attention_mask=None
     return mask
 
 
+def init_kv_cache(batch, max_len, kv_heads, head_dim, dtype):
+    """An empty KV cache for one attention layer: keys/values [batch, max_len, kv_heads,
+    head_dim] and `index`, the slot where the next tokens are written (shared by the batch:
+    prompts are left padded, so every sample writes the same slots)."""
+    zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+    return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32)}
+
+
+def write_kv_cache(cache, k, v):
+    """Writes k, v [b, s, kv_heads, d] at slots index..index+s-1; advances the index."""
+    i = cache["index"]
+    zero = jnp.zeros((), jnp.int32)
+    return {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
+                                              (zero, i, zero, zero)),
+            "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
+                                              (zero, i, zero, zero)),
+            "index": i + k.shape[1]}
+
+
 def dot_product_attention(q, k, v, mask, scale: float):
     """q: [b, q, h, d]; k, v: [b, kv, kv_heads, d]; mask broadcastable to [b, 1, q, kv].
 

@@ -22,7 +22,10 @@ class LlamaAttention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin):
+    def __call__(self, x, mask, cos, sin, cache=None):
+        """With `cache` (see `write_kv_cache`), the new keys/values are written into it, the
+        queries attend over the whole cache (mask: [b|1, 1, s, cache_len]) and
+        (output, updated cache) is returned."""
         c = self.cfg
         b, s, _ = x.shape
         hd = c.head_dim
@@ -35,9 +38,13 @@ class LlamaAttention(nn.Module):
         v = v.reshape(b, s, c.num_key_value_heads, hd)
         q = rope.apply_rope(q, cos, sin)
         k = rope.apply_rope(k, cos, sin)
+        if cache is not None:
+            cache = attention.write_kv_cache(cache, k, v)
+            k, v = cache["k"], cache["v"]
         out = attention.dot_product_attention(q, k, v, mask, scale=hd ** -0.5)
         out = out.reshape(b, s, c.num_attention_heads * hd)
-        return Dense(c.hidden_size, ("heads", "embed"), c.o_bias, name="o_proj", **kw)(out)
+        out = Dense(c.hidden_size, ("heads", "embed"), c.o_bias, name="o_proj", **kw)(out)
+        return out if cache is None else (out, cache)
 
 
 class LlamaMLP(nn.Module):
@@ -61,14 +68,19 @@ class LlamaDecoderLayer(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin):
+    def __call__(self, x, mask, cos, sin, cache=None):
+        """Returns x, or (x, updated cache) when a KV cache is given (see LlamaAttention)."""
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        x = x + LlamaAttention(c, name="self_attn", **kw)(h, mask, cos, sin)
+        a = LlamaAttention(c, name="self_attn", **kw)(h, mask, cos, sin, cache)
+        if cache is not None:
+            a, cache = a
+        x = x + a
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + LlamaMLP(c, name="mlp", **kw)(h)
-        return nn.with_logical_constraint(x, ACT_AXES)
+        x = nn.with_logical_constraint(x, ACT_AXES)
+        return x if cache is None else (x, cache)
 
 
 class LlamaModel(nn.Module):
