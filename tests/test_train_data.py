@@ -18,7 +18,8 @@ from test_templates import make_hf
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava_data")
     tok_dir = make_hf(str(root / "tok"), "bytelevel")
-    path, good, bad = make_dataset(root / "images", n_good=24, bad_per_kind=1)
+    # 20 records, one bad record of each of 6 kinds: 5% corrupted records of each kind.
+    path, good, bad = make_dataset(root / "images", n_good=14, bad_per_kind=1)
     return {"json": str(path), "tokenizer": tok_dir, "bad": bad}
 
 
@@ -48,10 +49,11 @@ def test_llava_json_training_resumes_on_the_same_batches(data, tmp_path):
     assert resumed["start_step"] == 2
     np.testing.assert_array_equal(first["losses"] + resumed["losses"], full["losses"])
     report = json.load(open(os.path.join(tmp_path / "full", "data_report.json")))
-    # 32 samples consumed from a shuffled file of 30 records, 6 of them bad: each bad record
-    # met is counted once by its reason and listed with its id.
+    # 32 samples consumed from a shuffled file of 20 records (more than an epoch): each bad
+    # record is met, counted once by its reason and listed with its id.
     lines = [json.loads(l) for l in open(os.path.join(tmp_path / "full",
                                                       "data_report.jsonl"))]
-    assert sum(report["counts"].values()) == report["total"] == len(lines) > 0
+    assert report["counts"] == {reason: 1 for reason in data["bad"]}
+    assert report["total"] == len(lines) == 6
     for line in lines:
         assert line["sample_id"] in data["bad"][line["reason"]]
