@@ -87,3 +87,31 @@ def test_chunked_loss_equals_one_chunk_with_gradients():
         np.testing.assert_allclose(val, ref, atol=1e-6)
         for a, b in zip(g, gref):
             np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("masking", ["causal", "left_padding", "segments"])
+def test_blocked_causal_attention_equals_full_attention(masking):
+    """Skipping the keys after each query block changes nothing for queries that attend to
+    something (padding queries, which attend to nothing, are excluded), values and
+    gradients alike; block sizes that do not divide the length included."""
+    r = np.random.RandomState(7)
+    b, s, h, kvh, d = 2, 21, 4, 2, 8
+    q, k, v = (jnp.asarray(r.randn(b, s, n, d), jnp.float32) for n in (h, kvh, kvh))
+    kw = {}
+    if masking == "left_padding":
+        kw["attention_mask"] = jnp.asarray([[0] * 5 + [1] * 16, [1] * 21])
+    if masking == "segments":
+        kw["segment_ids"] = jnp.asarray([[1] * 9 + [2] * 12, [1] * 4 + [2] * 17])
+    mask = attention.make_attention_mask(s, causal=True, **kw)
+    live = jnp.any(mask, axis=-1)[:, 0][:, :, None, None]  # [b, s, 1, 1]: attends somewhere
+    w = jnp.asarray(r.randn(b, s, h, d), jnp.float32) * live
+    full = attention.dot_product_attention(q, k, v, mask, 0.3)
+    for block in (4, 5, 8, 20):
+        blocked = attention.causal_self_attention(q, k, v, mask, 0.3, block_size=block)
+        np.testing.assert_allclose(blocked * live, full * live, atol=1e-6)
+        gb = jax.grad(lambda *a: jnp.sum(attention.causal_self_attention(
+            *a, mask, 0.3, block_size=block) * w), (0, 1, 2))(q, k, v)
+        gf = jax.grad(lambda *a: jnp.sum(attention.dot_product_attention(*a, mask, 0.3) * w),
+                      (0, 1, 2))(q, k, v)
+        for a, p in zip(gb, gf):
+            np.testing.assert_allclose(a, p, atol=2e-5)

@@ -61,6 +61,27 @@ def dot_product_attention(q, k, v, mask, scale: float):
     return _attention(q, k, v, mask, scale)
 
 
+def causal_self_attention(q, k, v, mask, scale: float, block_size: int = 128):
+    """Causal self-attention (queries and keys of one sequence) that skips, per block of
+    `block_size` queries, the keys after the block: they are masked anyway, and on a
+    512-token sequence this removes about 40% of the score and weight work.
+
+    Same result as `dot_product_attention` for every query that may attend to some key;
+    a query that may attend to none (padding) averages over its block's keys instead of
+    all keys, and its output is never used.
+    """
+    s = q.shape[1]
+    if k.shape[1] != s or s <= block_size:
+        return dot_product_attention(q, k, v, mask, scale)
+    ends = list(range(block_size, s, block_size)) + [s]
+    outs, start = [], 0
+    for end in ends:
+        m = mask[:, :, start:end, :end] if mask.shape[2] != 1 else mask[..., :end]
+        outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], m, scale))
+        start = end
+    return jnp.concatenate(outs, axis=1)
+
+
 def _to_groups(q, kv_heads):
     b, s, h, d = q.shape
     return q.reshape(b, s, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)

@@ -41,7 +41,10 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             cache = attention.write_kv_cache(cache, k, v)
             k, v = cache["k"], cache["v"]
-        out = attention.dot_product_attention(q, k, v, mask, scale=hd ** -0.5)
+        if cache is None:
+            out = attention.causal_self_attention(q, k, v, mask, scale=hd ** -0.5)
+        else:
+            out = attention.dot_product_attention(q, k, v, mask, scale=hd ** -0.5)
         out = out.reshape(b, s, c.num_attention_heads * hd)
         out = Dense(c.hidden_size, ("heads", "embed"), c.o_bias, name="o_proj", **kw)(out)
         return out if cache is None else (out, cache)
