@@ -1,10 +1,10 @@
-"""The `mllm-jax` command: train, bench, convert, demo, presets (generate, eval to come)."""
+"""The `mllm-jax` command: train, generate, chat, bench, convert, demo, presets (eval to
+come)."""
 import argparse
 import re
 import sys
 
 UNAVAILABLE = {
-    "generate": "generate text for images and prompts",
     "eval": "run evaluation benchmarks",
 }
 DTYPES = ("float32", "bfloat16", "float16")
@@ -59,6 +59,23 @@ def build_parser():
     train.add_argument("--workdir", required=True,
                        help="checkpoints, TensorBoard scalars and the final parameters")
     train.set_defaults(func=_train)
+
+    for name, text in (("generate", "answer one prompt (with images) from a checkpoint"),
+                       ("chat", "an interactive multi-turn chat with a checkpoint")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--ckpt", required=True, help="HF checkpoint directory with its "
+                       "tokenizer (tokenizer.model or tokenizer.json)")
+        p.add_argument("--template", default="vicuna_v1", help="conversation template")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0,
+                       help="0: greedy; otherwise sample at this temperature")
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0)
+        if name == "generate":
+            p.add_argument("--image", nargs="*", default=[], help="image file(s)")
+            p.add_argument("--prompt", required=True)
+        p.set_defaults(func=_generate if name == "generate" else _chat)
 
     bench = sub.add_parser("bench", help="benchmarks (one JSON line each)")
     bsub = bench.add_subparsers(dest="what", metavar="WHAT")
@@ -125,7 +142,7 @@ def _usage(parser):
 def _unavailable(name):
     def run(args):
         print(f"mllm-jax {name}: not available yet in this version of mllm_jax; available "
-              "commands: train, bench, convert, demo, presets", file=sys.stderr)
+              "commands: train, generate, chat, bench, convert, demo, presets", file=sys.stderr)
         return 2
     return run
 
@@ -154,6 +171,41 @@ def _bench_train(args):
     out = bench_train.run(args.preset, args.stage, args.batch, args.text_len, args.steps,
                           torch_compare=not args.no_torch, dtype=args.dtype)
     print(json.dumps(out))
+    return 0
+
+
+def _session(args):
+    import jax
+    from mllm_jax.convert import load_hf
+    from mllm_jax.infer.prompting import Session
+    model, params = load_hf(args.ckpt)
+    sampling = {}
+    if args.temperature > 0:
+        sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, rng=jax.random.PRNGKey(args.seed))
+    return Session(model, params, args.ckpt, args.template,
+                   max_new_tokens=args.max_new_tokens, **sampling)
+
+
+def _generate(args):
+    print(_session(args).ask(args.prompt, args.image))
+    return 0
+
+
+def _chat(args):
+    session = _session(args)
+    print("Type a message; '/image PATH' attaches an image to the next message; an empty "
+          "line or end of input quits.")
+    images = []
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            break
+        if line.startswith("/image "):
+            images.append(line[len("/image "):].strip())
+            continue
+        print(session.ask(line, images), flush=True)
+        images = []
     return 0
 
 

@@ -250,7 +250,7 @@ def test_demo_runs_offline_and_writes_its_outputs(tmp_path, capsys):
     assert top == int(np.argmax(saved["logits"][0, -1]))
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("command", ["eval"])
 def test_unavailable_commands_exit_2_with_a_message(command, capsys):
     assert main([command]) == 2
     assert main([command, "--config", "recipe.py", "--config.train.lr=1e-4"]) == 2

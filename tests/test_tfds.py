@@ -167,24 +167,24 @@ def test_skipped_records_are_reported(built, kind):
     assert reread.info.metadata["skipped"]["count"] == len(SKIPPED[kind])
 
 
-def test_pipeline_records_match_the_json(built, root, tmp_path):
-    """records_for_pipeline gives LlavaPipeline the same records (images byte-identical) that
-    reading the JSON gives, minus the skipped ones."""
+def test_pipeline_records_match_the_json(built, root):
+    """records_from_tfds gives LlavaPipeline the same records (images byte-identical, in
+    memory) that reading the JSON gives, minus the skipped ones."""
     from mllm_jax.data.llava_json import read_llava_json
     from_json = read_llava_json(root / "instructions.json", root)
-    records = B.records_for_pipeline(B.records_from_tfds(built["instructions"]), tmp_path)
+    records = list(B.records_from_tfds(built["instructions"]))
     assert [r.index for r in records] == KEPT["instructions"]
     for r in records:
         ref = from_json[r.index]
         assert r.id == str(ref.id) and r.index == ref.index
-        assert [open(p, "rb").read() for p in r.images] == [open(p, "rb").read()
-                                                            for p in ref.images]
+        assert [i.data for i in r.images] == [open(p, "rb").read() for p in ref.images]
         assert r.conversations == [{"from": t["from"], "value": t["value"]}
                                    for t in ref.conversations]
 
 
 def test_pipeline_batches_equal_from_json_and_tfds(built, root, tmp_path):
-    """The pipeline yields identical batches from the built dataset and from the JSON."""
+    """The pipeline yields identical batches from the built dataset (its records fed as they
+    are, images decoded from memory) and from the JSON."""
     from mllm_jax.data import pipeline as P
     from mllm_jax.data.image import ImageProcessorConfig
     from mllm_jax.data.llava_json import read_llava_json
@@ -193,8 +193,7 @@ def test_pipeline_batches_equal_from_json_and_tfds(built, root, tmp_path):
 
     tokenizer = load_tokenizer(make_hf(str(tmp_path / "tok"), "bytelevel"))
     kept = [read_llava_json(root / "instructions.json", root)[i] for i in KEPT["instructions"]]
-    records = B.records_for_pipeline(B.records_from_tfds(built["instructions"]),
-                                     tmp_path / "cache")
+    records = list(B.records_from_tfds(built["instructions"]))  # images in memory
 
     def batches(recs):
         cfg = ImageProcessorConfig(mode="crop", size={"shortest_edge": 8}, crop_size=8)
@@ -205,6 +204,34 @@ def test_pipeline_batches_equal_from_json_and_tfds(built, root, tmp_path):
 
     got, want = batches(records), batches(kept)
     assert any(np.asarray(x["pixel_values"]).any() for x in want)  # images really decoded
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def test_pipeline_reads_preferences_from_tfds(built, root, tmp_path):
+    """Preference records (in-memory images) feed the DPO mode as they are, with the same
+    batches as the JSON preference file gives."""
+    from mllm_jax.data import pipeline as P
+    from mllm_jax.data.image import ImageProcessorConfig
+    from mllm_jax.data.llava_json import read_preference_json
+    from mllm_jax.data.tokenizer import load_tokenizer
+    from test_templates import make_hf
+
+    tokenizer = load_tokenizer(make_hf(str(tmp_path / "tok"), "bytelevel"))
+    kept = [read_preference_json(root / "preferences.json", root)[i]
+            for i in KEPT["preferences"]]
+
+    def batches(recs):
+        cfg = ImageProcessorConfig(mode="crop", size={"shortest_edge": 8}, crop_size=8)
+        with P.LlavaPipeline(recs, tokenizer, cfg, "chatml", global_batch_size=3,
+                             max_length=64, max_images=2, image_tokens_per_image=2, seed=0,
+                             mode="dpo", return_sample_ids=True) as pipe:
+            return [next(pipe) for _ in range(2)]
+
+    got, want = batches(list(B.records_from_tfds(built["preferences"]))), batches(kept)
+    assert any(np.asarray(x["pixel_values"]).any() for x in got)
     for a, b in zip(want, got):
         assert a.keys() == b.keys()
         for k in a:

@@ -3,7 +3,8 @@ backends: CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaNextImageProcessor
 
 The pipeline is a chain of small steps, each usable on its own:
 
-  read_image(path)               PIL image, fully decoded; a failure names the file
+  read_image(path)               PIL image, fully decoded; a failure names the file (a path, or
+                                 an in-memory file: an object with .path and .data bytes)
   apply_exif_orientation(image)  rotate/flip by the EXIF orientation tag (a step HF's processors do
                                  NOT take for PIL inputs; HF's `load_image` for paths/URLs does)
   to_rgb(image)                  HF's convert_to_rgb: images with alpha or a transparency key are
@@ -18,6 +19,7 @@ from a checkpoint directory.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -168,13 +170,36 @@ def load_image_processor_config(checkpoint_dir, *, mode: str | None = None) -> I
 # ---------------------------------------------------------------- decoding and colour
 
 
+def is_in_memory(image) -> bool:
+    """Whether `image` is an in-memory image file: an object with `.path` (its name, for
+    messages) and `.data` (the file's bytes), e.g. `tfds_builders.ImageBytes`."""
+    return hasattr(image, "data") and hasattr(image, "path") and not isinstance(image, Path)
+
+
+def image_name(image) -> str:
+    """The name a message gives an image: a path, or an in-memory image's `.path`."""
+    if is_in_memory(image):
+        return str(image.path)
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else repr(image)
+
+
 def read_image(path) -> Image.Image:
-    """Open and fully decode an image file (lazy PIL errors surface here, naming the file)."""
+    """Open and fully decode an image file (lazy PIL errors surface here, naming the file).
+    `path` is a path, or an in-memory image file (an object with `.path` and `.data`, the
+    file's bytes; see `is_in_memory`), decoded exactly as the file would be."""
+    if is_in_memory(path):
+        name, data = image_name(path), path.data
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ImageReadError(f"cannot read image {name!r}: data is a "
+                                 f"{type(data).__name__}, not bytes")
+        source = io.BytesIO(bytes(data))
+    else:
+        name, source = os.fspath(path), path
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"cannot read image {os.fspath(path)!r}: {e}") from e
+        raise ImageReadError(f"cannot read image {name!r}: {e}") from e
     return image
 
 
@@ -206,7 +231,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _to_pil(image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike)) or is_in_memory(image):
         return read_image(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:

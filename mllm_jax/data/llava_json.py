@@ -1,5 +1,6 @@
 """LLaVA-format JSON data files: a list of {"id", "image" (a path or a list of paths, optional),
-"conversations": [{"from": "human" | "gpt", "value": "..."}, ...]}.
+"conversations": [{"from": "human" | "gpt", "value": "..."}, ...]}; and preference files, a list of
+{"id", "image" (optional), "prompt", "chosen", "rejected"} (`read_preference_json`).
 
 Reading a file only parses it: image paths are joined to the image root but not opened, and
 conversations are kept as they are. Checking a record (images readable, conversation well
@@ -24,13 +25,20 @@ class Record:
     index: int
 
 
-def record_from_dict(entry, index: int, image_root=None, source: str = "") -> Record:
-    if not isinstance(entry, dict):
-        # Kept as a record with no conversation: the pipeline reports it as malformed.
-        return Record(f"{source}:{index}", (), entry, index)
-    sample_id = entry.get("id")
-    if sample_id is None:
-        sample_id = f"{source}:{index}"
+@dataclasses.dataclass(frozen=True)
+class PreferenceRecord:
+    """One preference pair: `prompt` (the user turn, with its <image> placeholders), `chosen`
+    and `rejected` (assistant answers). Fields are the file's raw values (possibly not
+    strings: the pipeline reports those as malformed)."""
+    id: object
+    images: tuple
+    prompt: object
+    chosen: object
+    rejected: object
+    index: int
+
+
+def _images(entry, image_root):
     image = entry.get("image")
     if image is None:
         images = ()
@@ -43,7 +51,51 @@ def record_from_dict(entry, index: int, image_root=None, source: str = "") -> Re
     if image_root is not None:
         images = tuple(os.path.join(os.fspath(image_root), p) if isinstance(p, str) else p
                        for p in images)
-    return Record(sample_id, images, entry.get("conversations"), index)
+    return images
+
+
+def record_from_dict(entry, index: int, image_root=None, source: str = "") -> Record:
+    if not isinstance(entry, dict):
+        # Kept as a record with no conversation: the pipeline reports it as malformed.
+        return Record(f"{source}:{index}", (), entry, index)
+    sample_id = entry.get("id")
+    if sample_id is None:
+        sample_id = f"{source}:{index}"
+    return Record(sample_id, _images(entry, image_root), entry.get("conversations"), index)
+
+
+def preference_from_dict(entry, index: int, image_root=None,
+                         source: str = "") -> PreferenceRecord:
+    if not isinstance(entry, dict):
+        return PreferenceRecord(f"{source}:{index}", (), None, None, None, index)
+    sample_id = entry.get("id")
+    if sample_id is None:
+        sample_id = f"{source}:{index}"
+    return PreferenceRecord(sample_id, _images(entry, image_root), entry.get("prompt"),
+                            entry.get("chosen"), entry.get("rejected"), index)
+
+
+def _entries(path):
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            entries = [json.loads(line) for line in f if line.strip()]
+        else:
+            entries = json.load(f)
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: a LLaVA data file holds a JSON list, got "
+                         f"{type(entries).__name__}")
+    return entries
+
+
+def read_preference_json(path, image_root=None) -> list[PreferenceRecord]:
+    """All preference pairs of a .json (a list) or .jsonl file; `image_root` defaults to the
+    file's directory."""
+    path = os.fspath(path)
+    if image_root is None:
+        image_root = os.path.dirname(os.path.abspath(path))
+    source = os.path.basename(path)
+    return [preference_from_dict(e, k, image_root, source)
+            for k, e in enumerate(_entries(path))]
 
 
 def read_llava_json(path, image_root=None) -> list[Record]:
@@ -53,12 +105,4 @@ def read_llava_json(path, image_root=None) -> list[Record]:
     if image_root is None:
         image_root = os.path.dirname(os.path.abspath(path))
     source = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            entries = [json.loads(line) for line in f if line.strip()]
-        else:
-            entries = json.load(f)
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: a LLaVA data file holds a JSON list, got "
-                         f"{type(entries).__name__}")
-    return [record_from_dict(e, k, image_root, source) for k, e in enumerate(entries)]
+    return [record_from_dict(e, k, image_root, source) for k, e in enumerate(_entries(path))]

@@ -26,6 +26,18 @@ Batches (numpy, this process's rows of the global batch): input_ids [B, max_leng
 on padding), pixel_values [B, max_images, H, W, 3] float32 (a sample's images first, zeros
 after). `return_sample_ids=True` adds "sample_ids" (numpy str array; not for the device);
 `last_sample_ids` always holds those of the latest batch.
+
+Images are paths, or in-memory image files (objects with `.path` and `.data` bytes, e.g. the
+`ImageBytes` of `tfds_builders.records_from_tfds`), so TFDS records feed the pipeline as they
+are.
+
+Preference pairs. `mode="dpo"` reads records {id, images, prompt, chosen, rejected} (the
+prompt is the user turn, chosen and rejected the assistant's answers, labels on the answers
+only) and yields chosen_{input_ids, attention_mask, labels}, rejected_{...} and pixel_values
+(shared by the pair), the batch of `train.step.dpo_objective`.
+
+Mixtures. `MixturePipeline` draws each sample from one of several sources (pipelines read
+example by example with `next_example`) with given weights; see its docstring.
 """
 from __future__ import annotations
 
@@ -54,6 +66,9 @@ REASONS = (MISSING_IMAGE, UNREADABLE_IMAGE, MALFORMED_CONVERSATION, IMAGE_COUNT_
            T.IMAGE_DOES_NOT_FIT)
 
 
+MODES = ("lm", "dpo")
+
+
 class Bad(NamedTuple):
     reason: str
     detail: str
@@ -78,15 +93,21 @@ def _image_shape(cfg: image_lib.ImageProcessorConfig) -> tuple:
 
 
 def decode_images(paths, cfg) -> list:
-    """Each path -> float32 pixels, or a `Bad` saying why it cannot be read."""
+    """Each image -> float32 pixels, or a `Bad` saying why it cannot be read. An image is a
+    path, or an in-memory image file: an object with `.path` (named in messages) and `.data`
+    (the file's bytes), e.g. `tfds_builders.ImageBytes`, decoded as the file would be."""
     out = []
     for path in paths:
-        if not isinstance(path, (str, os.PathLike)):
+        if image_lib.is_in_memory(path):
+            name = image_lib.image_name(path)
+        elif not isinstance(path, (str, os.PathLike)):
             out.append(Bad(UNREADABLE_IMAGE, f"image entry is not a path: {path!r}"))
             continue
-        if not os.path.exists(path):
+        elif not os.path.exists(path):
             out.append(Bad(MISSING_IMAGE, f"no such file {os.fspath(path)!r}"))
             continue
+        else:
+            name = os.fspath(path)
         try:
             out.append(image_lib.preprocess(image_lib.read_image(path), cfg))
         except image_lib.ImageReadError as e:
@@ -94,7 +115,7 @@ def decode_images(paths, cfg) -> list:
                 else UNREADABLE_IMAGE
             out.append(Bad(reason, str(e)))
         except (OSError, ValueError, TypeError) as e:  # decodes, but preprocessing fails
-            out.append(Bad(UNREADABLE_IMAGE, f"cannot preprocess {os.fspath(path)!r}: {e}"))
+            out.append(Bad(UNREADABLE_IMAGE, f"cannot preprocess {name!r}: {e}"))
     return out
 
 
@@ -122,11 +143,17 @@ def check_conversation(conversations, num_images, sample_id):
 
 
 class LlavaPipeline:
-    def __init__(self, records, tokenizer, image_cfg, template, *, global_batch_size: int,
-                 max_length: int, max_images: int, image_tokens_per_image: int,
-                 image_token_id: int | None = None, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1, num_workers: int = 2, workdir=None,
-                 system: str | None = None, return_sample_ids: bool = False):
+    def __init__(self, records, tokenizer, image_cfg, template, *,
+                 global_batch_size: int | None = None, max_length: int, max_images: int,
+                 image_tokens_per_image: int, image_token_id: int | None = None, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1, num_workers: int = 2,
+                 workdir=None, system: str | None = None, return_sample_ids: bool = False,
+                 mode: str = "lm", report_name: str = "data_report"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        if global_batch_size is None:  # only read example by example (a mixture's source)
+            global_batch_size = process_count
         if global_batch_size % process_count:
             raise ValueError(f"global batch {global_batch_size} does not split over "
                              f"{process_count} processes")
@@ -165,8 +192,8 @@ class LlavaPipeline:
         suffix = "" if process_count == 1 else f".process{process_index}"
         if self.workdir is not None:
             os.makedirs(self.workdir, exist_ok=True)
-            self._jsonl = os.path.join(self.workdir, f"data_report{suffix}.jsonl")
-            self._json = os.path.join(self.workdir, f"data_report{suffix}.json")
+            self._jsonl = os.path.join(self.workdir, f"{report_name}{suffix}.jsonl")
+            self._json = os.path.join(self.workdir, f"{report_name}{suffix}.json")
         self.last_sample_ids = []
         self._reset(epoch=0, position=0, bad={})
 
@@ -237,18 +264,17 @@ class LlavaPipeline:
             self._pending.append(_Pending(epoch, position, index, future))
             self._cursor = self._advance(epoch, position)
 
-    def _example(self, record, image_future):
-        """The example of one record (with "pixels"), or a `Bad`."""
-        n_images = len(record.images)
-        bad = check_conversation(record.conversations, n_images, record.id)
+    def _build(self, conversations, n_images, sample_id):
+        """`build_example` of one conversation, or a `Bad`."""
+        bad = check_conversation(conversations, n_images, sample_id)
         if bad:
             return bad
         if n_images > self.max_images:
             return Bad(TOO_MANY_IMAGES, f"{n_images} images, max_images {self.max_images}")
         try:
-            ex = T.build_example(record.conversations, self.template, self.tokenizer,
+            ex = T.build_example(conversations, self.template, self.tokenizer,
                                  image_tokens_per_image=self.image_tokens_per_image,
-                                 max_length=self.max_length, sample_id=record.id,
+                                 max_length=self.max_length, sample_id=sample_id,
                                  image_token_id=self.image_token_id, system=self.system)
         except T.TokenizationMismatch as e:
             return Bad(TOKENIZATION_MISMATCH, str(e))
@@ -256,11 +282,46 @@ class LlavaPipeline:
             return Bad(MALFORMED_CONVERSATION, str(e))
         if isinstance(ex, T.Dropped):
             return Bad(ex.reason, ex.detail)
-        pixels = image_future.result()[:ex["num_images"]] if ex["num_images"] else []
+        return ex
+
+    def _example(self, record, image_future):
+        """The example of one record (with "pixels" and "sample_id"), or a `Bad`.
+
+        mode "lm": {"input_ids", "labels", ...} of the record's conversation (a preference
+        record gives prompt + chosen). mode "dpo": {"chosen": ex, "rejected": ex} of a
+        preference record (the prompt is the user turn, each answer the assistant's)."""
+        n_images = len(record.images)
+        if self.mode == "dpo":
+            pair = preference_conversations(record)
+            if isinstance(pair, Bad):
+                return pair
+            ex = {}
+            for side, conv in zip(("chosen", "rejected"), pair):
+                built = self._build(conv, n_images, record.id)
+                if isinstance(built, Bad):
+                    return Bad(built.reason, f"{side}: {built.detail}")
+                ex[side] = built
+            n_kept = ex["chosen"]["num_images"]
+            if ex["rejected"]["num_images"] != n_kept:
+                return Bad(T.IMAGE_DOES_NOT_FIT, "chosen and rejected keep different numbers "
+                                                 "of images within max_length")
+        else:
+            conversations = getattr(record, "conversations", None)
+            if conversations is None and hasattr(record, "prompt"):
+                pair = preference_conversations(record)
+                if isinstance(pair, Bad):
+                    return pair
+                conversations = pair[0]
+            ex = self._build(conversations, n_images, record.id)
+            if isinstance(ex, Bad):
+                return ex
+            n_kept = ex["num_images"]
+        pixels = image_future.result()[:n_kept] if n_kept else []
         for p in pixels:
             if isinstance(p, Bad):
                 return p
         ex["pixels"] = pixels
+        ex["sample_id"] = record.id
         return ex
 
     def _record_bad(self, pending: _Pending, bad: Bad):
@@ -277,12 +338,14 @@ class LlavaPipeline:
             f.write(json.dumps(line, default=str) + "\n")
         self._write_counts()
 
-    def __next__(self) -> dict:
+    def next_example(self) -> dict:
+        """The next usable example of this process's order (see `_example`), skipping (and
+        reporting) bad records; the state advances past every record read."""
         if self.workdir is not None and not self._report_synced:
             self._rewrite_report()
         self._report_synced = True
-        rows, ids, misses = [], [], 0
-        while len(rows) < self.local_batch_size:
+        misses = 0
+        while True:
             self._fill()
             p = self._pending.popleft()
             self._epoch, self._position = self._advance(p.epoch, p.position)
@@ -298,30 +361,19 @@ class LlavaPipeline:
                     raise RuntimeError(f"no usable record in a whole epoch of process "
                                        f"{self.process_index}: {self.report()}")
                 continue
-            misses = 0
-            rows.append(result)
-            ids.append(record.id)
+            return result
+
+    def __next__(self) -> dict:
+        rows = [self.next_example() for _ in range(self.local_batch_size)]
+        ids = [ex["sample_id"] for ex in rows]
         self.last_sample_ids = ids
         return self._batch(rows, ids)
 
     def _batch(self, rows, ids) -> dict:
-        b, s = self.local_batch_size, self.max_length
-        input_ids = np.full((b, s), self.pad_id, np.int32)
-        mask = np.zeros((b, s), np.int32)
-        labels = np.full((b, s), IGNORE_INDEX, np.int32)
-        pixels = np.zeros((b, self.max_images) + self.image_shape, np.float32)
-        for r, ex in enumerate(rows):
-            n = len(ex["input_ids"])
-            input_ids[r, :n] = ex["input_ids"]
-            mask[r, :n] = 1
-            labels[r, :n] = ex["labels"]
-            for k, p in enumerate(ex["pixels"]):
-                pixels[r, k] = p
-        out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-               "pixel_values": pixels}
-        if self.return_sample_ids:
-            out["sample_ids"] = np.asarray([str(i) for i in ids])
-        return out
+        return collate(rows, self.mode, batch_size=self.local_batch_size,
+                       max_length=self.max_length, max_images=self.max_images,
+                       image_shape=self.image_shape, pad_id=self.pad_id,
+                       sample_ids=ids if self.return_sample_ids else None)
 
     # ---- report files ---------------------------------------------------------------------
     def _write_counts(self):
@@ -365,6 +417,53 @@ class LlavaPipeline:
         self.close()
 
 
+def preference_conversations(record):
+    """(chosen, rejected) conversations of a preference record {prompt, chosen, rejected}:
+    the prompt is the user turn, each answer the assistant turn. A `Bad` if malformed."""
+    fields = {k: getattr(record, k, None) for k in ("prompt", "chosen", "rejected")}
+    wrong = [k for k, v in fields.items() if not isinstance(v, str)]
+    if wrong:
+        return Bad(MALFORMED_CONVERSATION, f"not a preference pair: {', '.join(wrong)} "
+                                           f"missing or not a string")
+    user = {"from": "human", "value": fields["prompt"]}
+    return tuple([user, {"from": "gpt", "value": fields[k]}] for k in ("chosen", "rejected"))
+
+
+def collate(rows, mode, *, batch_size, max_length, max_images, image_shape, pad_id,
+            sample_ids=None) -> dict:
+    """Examples (`LlavaPipeline._example`) -> a batch of fixed shapes (see the module
+    docstring; mode "dpo" gives chosen_* and rejected_* for input_ids, attention_mask and
+    labels). A row's images come first in pixel_values, zeros after (none: all zeros)."""
+    b, s = batch_size, max_length
+    out = {}
+
+    def text(prefix, examples):
+        input_ids = np.full((b, s), pad_id, np.int32)
+        mask = np.zeros((b, s), np.int32)
+        labels = np.full((b, s), IGNORE_INDEX, np.int32)
+        for r, ex in enumerate(examples):
+            n = len(ex["input_ids"])
+            input_ids[r, :n] = ex["input_ids"]
+            mask[r, :n] = 1
+            labels[r, :n] = ex["labels"]
+        out.update({f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": mask,
+                    f"{prefix}labels": labels})
+
+    if mode == "dpo":
+        for side in ("chosen", "rejected"):
+            text(f"{side}_", [ex[side] for ex in rows])
+    else:
+        text("", rows)
+    pixels = np.zeros((b, max_images) + tuple(image_shape), np.float32)
+    for r, ex in enumerate(rows):
+        for k, p in enumerate(ex["pixels"]):
+            pixels[r, k] = p
+    out["pixel_values"] = pixels
+    if sample_ids is not None:
+        out["sample_ids"] = np.asarray([str(i) for i in sample_ids])
+    return out
+
+
 class _Done:
     """A finished result with the Future interface used above (num_workers=0)."""
 
@@ -376,3 +475,127 @@ class _Done:
 
     def cancel(self):
         return False
+
+
+# ---- weighted mixtures ----------------------------------------------------------------------
+
+def _splitmix64(x):
+    x = np.asarray(x, np.uint64)
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def mixture_choices(seed: int, positions, weights) -> np.ndarray:
+    """The source of each global sample position: a function of (seed, position) alone (a
+    counter-based hash, so it does not depend on batch size, process layout or history), drawn
+    with probabilities proportional to `weights`."""
+    key = _splitmix64(np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF))
+    with np.errstate(over="ignore"):
+        z = _splitmix64(key ^ _splitmix64(np.asarray(positions, np.uint64)))
+    u = (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    w = np.asarray(weights, np.float64)
+    cdf = np.cumsum(w / w.sum())
+    return np.minimum(np.searchsorted(cdf, u, side="right"), len(w) - 1)
+
+
+class MixturePipeline:
+    """Batches drawn from several sources with given weights, with grain's iterator interface.
+
+    sources: [(source, weight), ...]; a source reads one example at a time, like
+    `LlavaPipeline(..., global_batch_size=None)` (next_example, get_state, set_state, and
+    mode, max_length, max_images, image_shape, pad_id, process_index, process_count). Sources
+    may differ in max_images and max_length (batches take the largest) and may be text-only:
+    a row without images has all-zero pixel_values.
+
+    Global sample position g (batch i holds g in [i*B, (i+1)*B)) comes from source
+    `mixture_choices(seed, g, weights)`; process p of n fills rows [p*B/n, (p+1)*B/n) of each
+    global batch from its own shard of the chosen sources. So the choice of source is fixed by
+    (seed, g), batches have fixed shapes, and the state {position, seed, weights, every
+    source's state} restores exactly. `last_sources` holds the latest batch's source indices.
+    """
+
+    def __init__(self, sources, *, global_batch_size: int, seed: int = 0,
+                 return_sample_ids: bool = False):
+        if not sources:
+            raise ValueError("a mixture needs at least one source")
+        self.sources = [s for s, _ in sources]
+        self.weights = [float(w) for _, w in sources]
+        if any(not np.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {self.weights}")
+        first = self.sources[0]
+        for attr in ("mode", "image_shape", "pad_id", "process_index", "process_count"):
+            values = {repr(getattr(s, attr)) for s in self.sources}
+            if len(values) > 1:
+                raise ValueError(f"mixture sources differ in {attr}: {sorted(values)}")
+        self.mode = first.mode
+        self.process_index, self.process_count = first.process_index, first.process_count
+        if global_batch_size % self.process_count:
+            raise ValueError(f"global batch {global_batch_size} does not split over "
+                             f"{self.process_count} processes")
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // self.process_count
+        self.max_length = max(s.max_length for s in self.sources)
+        self.max_images = max(s.max_images for s in self.sources)
+        self.image_shape, self.pad_id = first.image_shape, first.pad_id
+        self.seq_len = self.max_length
+        self.seed = int(seed)
+        self.return_sample_ids = return_sample_ids
+        self.last_sample_ids, self.last_sources = [], []
+        self._position = 0  # global sample position of the next batch
+
+    def __iter__(self):
+        return self
+
+    def choices(self, step: int) -> np.ndarray:
+        """Source index of each of this process's rows of global batch `step`."""
+        start = step * self.global_batch_size + self.process_index * self.local_batch_size
+        return mixture_choices(self.seed, np.arange(start, start + self.local_batch_size),
+                               self.weights)
+
+    def __next__(self) -> dict:
+        step = self._position // self.global_batch_size
+        which = self.choices(step)
+        rows = [self.sources[k].next_example() for k in which]
+        self._position += self.global_batch_size
+        ids = [ex["sample_id"] for ex in rows]
+        self.last_sample_ids, self.last_sources = ids, [int(k) for k in which]
+        return collate(rows, self.mode, batch_size=self.local_batch_size,
+                       max_length=self.max_length, max_images=self.max_images,
+                       image_shape=self.image_shape, pad_id=self.pad_id,
+                       sample_ids=ids if self.return_sample_ids else None)
+
+    def get_state(self) -> dict:
+        return {"position": self._position, "seed": self.seed, "weights": self.weights,
+                "global_batch_size": self.global_batch_size,
+                "sources": [s.get_state() for s in self.sources]}
+
+    def set_state(self, state: dict):
+        mine = {"seed": self.seed, "weights": self.weights,
+                "global_batch_size": self.global_batch_size}
+        for key, value in mine.items():
+            if key in state and state[key] != value:
+                raise ValueError(f"mixture state was saved with {key}={state[key]}, this "
+                                 f"mixture has {value}")
+        if len(state["sources"]) != len(self.sources):
+            raise ValueError(f"mixture state has {len(state['sources'])} sources, this "
+                             f"mixture {len(self.sources)}")
+        for s, st in zip(self.sources, state["sources"]):
+            s.set_state(st)
+        self._position = int(state["position"])
+
+    def report(self) -> list:
+        """Each source's bad-record counts, in order."""
+        return [s.report() for s in self.sources]
+
+    def close(self):
+        for s in self.sources:
+            s.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -31,7 +31,8 @@ Extra keys in a turn (beyond from/value) are dropped.
     builder = make_builder("instructions", "llava_v1_5_mix665k.json", "data/", "tfds_dir")
     builder.download_and_prepare()
     records = list(records_from_tfds(builder))           # TfdsRecord, images as bytes
-    pipeline_records = records_for_pipeline(records, "image_cache")  # llava_json.Record
+    pipeline = LlavaPipeline(records, ...)               # reads the in-memory images as is
+    # preferences: LlavaPipeline(records, ..., mode="dpo")
 """
 from __future__ import annotations
 
@@ -44,8 +45,6 @@ import re
 
 import numpy as np
 import tensorflow_datasets as tfds
-
-from mllm_jax.data.llava_json import Record
 
 KINDS = ("captions", "instructions", "preferences")
 MISSING_IMAGE = "missing_image"
@@ -245,7 +244,7 @@ class ImageBytes:
 @dataclasses.dataclass(frozen=True)
 class TfdsRecord:
     """A captions/instructions record read back: `llava_json.Record`'s fields, with images in
-    memory."""
+    memory (`LlavaPipeline` decodes them from the bytes)."""
     id: str
     images: tuple  # of ImageBytes
     conversations: list  # of {"from": str, "value": str}
@@ -254,6 +253,8 @@ class TfdsRecord:
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceRecord:
+    """A preference pair read back: `llava_json.PreferenceRecord`'s fields, images in memory
+    (`LlavaPipeline(..., mode="dpo")` reads these as they are)."""
     id: str
     images: tuple  # of ImageBytes
     prompt: str
@@ -295,21 +296,3 @@ def records_from_tfds(source, split: str = "train"):
     data = builder.as_data_source(split=split)
     for k in range(len(data)):
         yield _record(data[k])
-
-
-def records_for_pipeline(records, cache_dir) -> list:
-    """TfdsRecords -> `llava_json.Record`s that `LlavaPipeline` reads, by writing each image's
-    bytes, unchanged, to `cache_dir/<index>/<k>_<file name>` (the pipeline opens image
-    paths; see the report for the pipeline change that would make this copy unnecessary)."""
-    out = []
-    for r in records:
-        paths = []
-        for k, image in enumerate(r.images):
-            path = os.path.join(os.fspath(cache_dir), str(r.index),
-                                f"{k}_{os.path.basename(image.path)}")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(image.data)
-            paths.append(path)
-        out.append(Record(r.id, tuple(paths), r.conversations, r.index))
-    return out

@@ -96,8 +96,14 @@ def trained_parts(cfg, trainable):
 
 def make_data(cfg, process_index, process_count, workdir=None):
     """This process's batch iterator (with get_state/set_state) for `cfg.data.source`:
-    `synthetic` (deterministic random batches) or `llava_json` (a LLaVA-format JSON file and
-    an image folder, through `data.pipeline.LlavaPipeline`)."""
+    `synthetic` (deterministic random batches), `llava_json` (a LLaVA-format JSON file and an
+    image folder, through `data.pipeline.LlavaPipeline`) or `tfds` (a prepared
+    `data.tfds_builders` dataset directory, `data.tfds_dir`, images read from memory).
+
+    With stage.objective "dpo" the JSON file (or TFDS dataset) holds preference pairs
+    {id, image, prompt, chosen, rejected} and the pipeline yields the DPO batch keys.
+    A non-empty `data.mixture` ([{"json" or "tfds_dir", "image_root", "weight"}, ...]) mixes
+    several such sources with `data.pipeline.MixturePipeline` (seeded by data.seed)."""
     d = cfg.data
     if d.source == "synthetic":
         from mllm_jax.data.synthetic import SyntheticSource
@@ -107,23 +113,44 @@ def make_data(cfg, process_index, process_count, workdir=None):
                                nan_batches=tuple(d.get("nan_batches") or ()),
                                distinct_batches=d.get("distinct_batches", 0),
                                process_index=process_index, process_count=process_count)
-    if d.source == "llava_json":
+    if d.source in ("llava_json", "tfds"):
         return _llava_json_pipeline(cfg, process_index, process_count, workdir)
-    raise ValueError(f"unknown data.source {d.source!r} (available: synthetic, llava_json)")
+    raise ValueError(f"unknown data.source {d.source!r} (available: synthetic, llava_json, "
+                     f"tfds)")
+
+
+def _records(source, spec, objective):
+    """The records of one data source: spec has "json" (+ "image_root") or "tfds_dir"."""
+    if source == "tfds" or spec.get("tfds_dir"):
+        from mllm_jax.data.tfds_builders import PreferenceRecord, records_from_tfds
+        if not spec.get("tfds_dir"):
+            raise ValueError("data.source=tfds needs data.tfds_dir (a prepared dataset "
+                             "directory)")
+        records = list(records_from_tfds(spec["tfds_dir"]))
+        prefs = sum(isinstance(r, PreferenceRecord) for r in records)
+        if records and (objective == "dpo") != (prefs == len(records)):
+            raise ValueError(f"{spec['tfds_dir']}: stage.objective={objective} needs "
+                             f"{'preference' if objective == 'dpo' else 'conversation'} "
+                             f"records")
+        return records
+    if not spec.get("json"):
+        raise ValueError(f"data.source={source} needs data.json (a path)")
+    from mllm_jax.data.llava_json import read_llava_json, read_preference_json
+    read = read_preference_json if objective == "dpo" else read_llava_json
+    return read(spec["json"], spec.get("image_root") or None)
 
 
 def _llava_json_pipeline(cfg, process_index, process_count, workdir):
     from mllm_jax.data import image as image_lib
-    from mllm_jax.data.llava_json import read_llava_json
-    from mllm_jax.data.pipeline import LlavaPipeline
+    from mllm_jax.data.pipeline import LlavaPipeline, MixturePipeline
     from mllm_jax.data.tokenizer import load_tokenizer
     d, m = cfg.data, cfg.model
-    if cfg.stage.objective != "lm":
-        raise ValueError("data.source=llava_json feeds the lm objective; preference pairs for "
-                         "dpo are not wired to the trainer yet")
-    for field in ("json", "tokenizer"):
-        if not d.get(field):
-            raise ValueError(f"data.source=llava_json needs data.{field} (a path)")
+    objective = cfg.stage.objective
+    if objective not in ("lm", "dpo"):
+        raise ValueError(f"data.source={d.source} feeds the lm and dpo objectives, not "
+                         f"{objective!r}")
+    if not d.get("tokenizer"):
+        raise ValueError(f"data.source={d.source} needs data.tokenizer (a path)")
     if d.get("processor"):
         image_cfg = image_lib.load_image_processor_config(d.processor,
                                                           mode=d.get("image_mode") or None)
@@ -134,14 +161,30 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir):
             crop_size=v.image_size)
     grid = (m.vision.image_size // m.vision.patch_size) ** 2
     tokens = grid + (1 if m.vision_feature_select_strategy == "full" else 0)
-    pipe = LlavaPipeline(
-        read_llava_json(d.json, d.get("image_root") or None), load_tokenizer(d.tokenizer),
-        image_cfg, d.get("template") or "vicuna_v1",
-        global_batch_size=cfg.train.global_batch_size, max_length=d.max_length,
-        max_images=d.get("images", 1), image_tokens_per_image=tokens,
-        image_token_id=m.image_token_index, seed=d.get("seed", 0),
-        process_index=process_index, process_count=process_count,
-        num_workers=d.get("workers", 4), workdir=workdir)
+    tokenizer = load_tokenizer(d.tokenizer)
+    mixture = [dict(s) for s in (d.get("mixture") or [])]
+
+    def pipeline(records, seed, **kw):
+        return LlavaPipeline(
+            records, tokenizer, image_cfg, d.get("template") or "vicuna_v1",
+            max_length=d.max_length, max_images=d.get("images", 1),
+            image_tokens_per_image=tokens, image_token_id=m.image_token_index, seed=seed,
+            process_index=process_index, process_count=process_count,
+            num_workers=d.get("workers", 4), workdir=workdir, mode=objective, **kw)
+
+    seed = d.get("seed", 0)
+    if mixture:
+        # Each source its own order (seed + k) and report file (data_report.source{k}.*).
+        sources = [(pipeline(_records(d.source, spec, objective), seed + k,
+                             report_name=f"data_report.source{k}"),
+                    float(spec.get("weight", 1.0))) for k, spec in enumerate(mixture)]
+        pipe = MixturePipeline(sources, global_batch_size=cfg.train.global_batch_size,
+                               seed=seed)
+    else:
+        spec = {"json": d.get("json"), "image_root": d.get("image_root"),
+                "tfds_dir": d.get("tfds_dir") if d.source == "tfds" else ""}
+        pipe = pipeline(_records(d.source, spec, objective), seed,
+                        global_batch_size=cfg.train.global_batch_size)
     pipe.seq_len = d.max_length
     return pipe
 

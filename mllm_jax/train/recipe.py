@@ -40,10 +40,16 @@ def base(preset: str) -> ml_collections.ConfigDict:
                                         "seed": 0, "nan_batches": [],
                                         "distinct_batches": 0,
                                         # source "llava_json": a LLaVA-format JSON + images
+                                        # (preference pairs when stage.objective is dpo)
                                         "json": "", "image_root": "", "tokenizer": "",
                                         "processor": "", "image_mode": "",
                                         "template": "vicuna_v1", "max_length": 2048,
-                                        "workers": 4})
+                                        "workers": 4,
+                                        # source "tfds": a prepared tfds_builders directory
+                                        "tfds_dir": "",
+                                        # weighted sources (replace json / tfds_dir):
+                                        # [{"json" | "tfds_dir", "image_root", "weight"}]
+                                        "mixture": []})
     c.distributed = ml_collections.ConfigDict({
         "enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0,
         "cpu_collectives": "", "local_device_ids": []})
