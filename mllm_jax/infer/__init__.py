@@ -1,2 +1,2 @@
-"""KV-cache generation and sampling."""
-from mllm_jax.infer.generate import generate  # noqa: F401
+"""KV-cache generation and sampling (`mllm_jax.infer.generate.generate`), and prompting a
+checkpoint with its tokenizer and template (`mllm_jax.infer.prompting.Session`)."""

@@ -1,0 +1,77 @@
+"""ScienceQA multiple-choice accuracy.
+
+Mirrors LLaVA's ``llava/eval/eval_science_qa.py``:
+
+* ``parse_choice``: the prediction is the letter itself (``"A"``); or starts
+  with ``"<letter>. "`` (``"B. some text"``); or contains exactly one match of
+  ``r"The answer is ([A-Z])."``; otherwise ``"FAILED"``.  The letter must be
+  one of the first ``num_options`` of ``A B C D E`` (``get_pred_idx``),
+  otherwise the index is ``-1`` (``INVALID``) and is counted wrong (LLaVA's
+  default; it does not fall back to a random choice).
+* ``scienceqa_accuracy``: fraction of problems whose parsed index equals the
+  gold index.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional, Sequence, Union
+
+OPTIONS = ("A", "B", "C", "D", "E")
+INVALID = -1
+_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+
+
+def parse_choice(text: str, num_options: int, options: Sequence[str] = OPTIONS) -> int:
+    """Return the 0-based option index, or ``INVALID`` (-1)."""
+    options = list(options)
+    if text in options:
+        answer = text
+    elif len(text) >= 3 and text[0] in options and text[1:3] == ". ":
+        answer = text[0]
+    else:
+        res = _ANSWER_IS.findall(text)
+        answer = res[0] if len(res) == 1 else "FAILED"
+    if answer in options[:num_options]:
+        return options.index(answer)
+    return INVALID
+
+
+def _gold_index(answer: Union[int, str], options: Sequence[str]) -> int:
+    if isinstance(answer, str):
+        return list(options).index(answer.strip())
+    return int(answer)
+
+
+def scienceqa_accuracy(predictions: Sequence[str], answers: Sequence[Union[int, str]],
+                       num_options: Sequence[int], *,
+                       options: Sequence[str] = OPTIONS,
+                       subjects: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """Accuracy over problems.
+
+    ``answers``: gold 0-based indices (as in ScienceQA ``problems.json``) or
+    letters; ``num_options``: ``len(choices)`` per problem.  Optional
+    ``subjects`` (e.g. ``"natural science"``) adds a per-subject breakdown.
+    Returns ``{"accuracy", "correct", "invalid", "count", "per_subject"}``.
+    """
+    n = len(predictions)
+    if not (len(answers) == len(num_options) == n):
+        raise ValueError("predictions, answers and num_options differ in length")
+    if subjects is not None and len(subjects) != n:
+        raise ValueError("subjects differ in length")
+    correct = invalid = 0
+    per_subject: Dict[str, list] = {}
+    for i, (pred, ans, k) in enumerate(zip(predictions, answers, num_options)):
+        idx = parse_choice(pred, k, options)
+        ok = idx != INVALID and idx == _gold_index(ans, options)
+        correct += ok
+        invalid += idx == INVALID
+        if subjects is not None:
+            per_subject.setdefault(subjects[i], []).append(ok)
+    return {
+        "accuracy": correct / n if n else 0.0,
+        "correct": correct,
+        "invalid": invalid,
+        "count": n,
+        "per_subject": {s: sum(v) / len(v) for s, v in per_subject.items()},
+    }
