@@ -75,7 +75,8 @@ def preference_from_dict(entry, index: int, image_root=None,
                             entry.get("chosen"), entry.get("rejected"), index)
 
 
-def _entries(path):
+def read_entries(path) -> list:
+    """The raw entries of a LLaVA data file: a .json list or .jsonl lines."""
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
             entries = [json.loads(line) for line in f if line.strip()]
@@ -95,7 +96,7 @@ def read_preference_json(path, image_root=None) -> list[PreferenceRecord]:
         image_root = os.path.dirname(os.path.abspath(path))
     source = os.path.basename(path)
     return [preference_from_dict(e, k, image_root, source)
-            for k, e in enumerate(_entries(path))]
+            for k, e in enumerate(read_entries(path))]
 
 
 def read_llava_json(path, image_root=None) -> list[Record]:
@@ -105,4 +106,4 @@ def read_llava_json(path, image_root=None) -> list[Record]:
     if image_root is None:
         image_root = os.path.dirname(os.path.abspath(path))
     source = os.path.basename(path)
-    return [record_from_dict(e, k, image_root, source) for k, e in enumerate(_entries(path))]
+    return [record_from_dict(e, k, image_root, source) for k, e in enumerate(read_entries(path))]

@@ -46,6 +46,8 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mllm_jax.data.llava_json import read_entries
+
 KINDS = ("captions", "instructions", "preferences")
 MISSING_IMAGE = "missing_image"
 NO_IMAGE = "no_image"
@@ -113,16 +115,7 @@ class _LlavaJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         return {"train": self._generate_examples()}
 
     def _entries(self):
-        path = self.builder_config.json_path
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                entries = [json.loads(line) for line in f if line.strip()]
-            else:
-                entries = json.load(f)
-        if not isinstance(entries, list):
-            raise ValueError(f"{path}: a LLaVA data file holds a JSON list, got "
-                             f"{type(entries).__name__}")
-        return entries
+        return read_entries(self.builder_config.json_path)
 
     def _generate_examples(self):
         skipped = []
