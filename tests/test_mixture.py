@@ -232,19 +232,9 @@ def test_preference_batches(tokenizer, tmp_path):
 
 
 def _dpo_cfg(json_path, tokenizer_dir, num_steps, **data):
-    from mllm_jax.train import recipe
-    tok = load_tokenizer(tokenizer_dir)
-    c = recipe.base("tiny-llava")
-    c.stage.trainable = [recipe.PROJECTOR, recipe.LLM]
+    from test_train_data import llava_json_config
+    c = llava_json_config(json_path, tokenizer_dir, num_steps, images=1, **data)
     c.stage.objective = "dpo"
-    c.model.text.vocab_size = 1024
-    assert tok.image_token_id < 1024
-    c.model.image_token_index = tok.image_token_id
-    c.optim.update(lr=1e-3, warmup_ratio=0.0)
-    c.train.update(global_batch_size=8, num_steps=num_steps, log_every=1, checkpoint_every=2,
-                   async_checkpointing=False, export_final=False)
-    c.data.update(source="llava_json", json=str(json_path), tokenizer=tokenizer_dir,
-                  template="chatml", max_length=96, images=1, workers=2, **data)
     return c
 
 

@@ -23,8 +23,9 @@ def data(tmp_path_factory):
     return {"json": str(path), "tokenizer": tok_dir, "bad": bad}
 
 
-def _cfg(data, num_steps):
-    tok = load_tokenizer(data["tokenizer"])
+def llava_json_config(json_path, tokenizer_dir, num_steps, **data):
+    """A tiny-llava run on a LLaVA JSON file whose vocabulary fits the test tokenizer."""
+    tok = load_tokenizer(tokenizer_dir)
     c = recipe.base("tiny-llava")
     c.stage.trainable = [recipe.PROJECTOR, recipe.LLM]
     c.model.text.vocab_size = 1024
@@ -33,9 +34,13 @@ def _cfg(data, num_steps):
     c.optim.update(lr=1e-3, warmup_ratio=0.0)
     c.train.update(global_batch_size=8, num_steps=num_steps, log_every=1, checkpoint_every=2,
                    async_checkpointing=False, export_final=False)
-    c.data.update(source="llava_json", json=data["json"], tokenizer=data["tokenizer"],
-                  template="chatml", max_length=96, images=2, workers=2)
+    c.data.update(source="llava_json", json=str(json_path), tokenizer=tokenizer_dir,
+                  template="chatml", max_length=96, workers=2, **data)
     return c
+
+
+def _cfg(data, num_steps):
+    return llava_json_config(data["json"], data["tokenizer"], num_steps, images=2)
 
 
 def test_llava_json_training_resumes_on_the_same_batches(data, tmp_path):
