@@ -1,0 +1,175 @@
+"""Answers for many conversations at once: each conversation is tokenized with its template,
+the prompts are left padded into batches, their images stacked in prompt order, and
+`generate` runs once per batch.
+
+A conversation's last message is the user's; its "<image>" placeholders (any number, in
+any turn) take the conversation's images in order, so a multimodal few-shot prompt is one
+user message "<image>\\nQ1\\nA1\\n\\n<image>\\nQ2\\nA2\\n\\n<image>\\nQ" with three images.
+
+Padded lengths are rounded up to a multiple of `pad_to_multiple` and short batches are
+filled up to `batch_rows` rows (copies of their last row, answers discarded), so a run
+compiles one program per length bucket instead of one per batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from mllm_jax.data import image as image_lib
+from mllm_jax.data.templates import IMAGE_PLACEHOLDER, build_prompt
+from mllm_jax.infer.generate import generate
+from mllm_jax.infer.prompting import tokens_per_image
+
+
+@dataclasses.dataclass
+class Conversation:
+    """LLaVA-format messages ending with a user message, and the images its "<image>"
+    placeholders stand for, in order (paths, image-file bytes or in-memory images)."""
+    messages: list
+    images: list = dataclasses.field(default_factory=list)
+    sample_id: object = None
+
+
+class _ImageBytes(NamedTuple):
+    path: str  # a name for messages
+    data: bytes
+
+
+class ImageLoadError(ValueError):
+    """An image of a conversation that cannot be read; names the sample and the file."""
+
+
+def image_label(image) -> str:
+    """A short name of an image for messages and logs (the path, or what it is)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"<{len(image)} bytes of image data>"
+    if image_lib.is_in_memory(image):
+        return image_lib.image_name(image)
+    return str(image)
+
+
+def read_image(image):
+    """A decoded PIL image from a path, an in-memory image or the bytes of an image file."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = _ImageBytes(image_label(image), bytes(image))
+    return image_lib.read_image(image)
+
+
+def _is_multimodal(model) -> bool:
+    return model.cfg.model_type == "llava"
+
+
+def encode_prompt(model, tokenizer, conversation: Conversation, template, *,
+                  system=None) -> np.ndarray:
+    """int32 prompt ids (image placeholders expanded to the model's image tokens)."""
+    count = sum(m["value"].count(IMAGE_PLACEHOLDER) for m in conversation.messages)
+    if count != len(conversation.images):
+        raise ValueError(f"sample {conversation.sample_id!r}: {count} {IMAGE_PLACEHOLDER} "
+                         f"placeholders but {len(conversation.images)} images")
+    if count and not _is_multimodal(model):
+        raise ValueError(f"sample {conversation.sample_id!r} has images, but the checkpoint "
+                         f"has no vision tower")
+    multimodal = _is_multimodal(model)
+    return build_prompt(conversation.messages, template, tokenizer,
+                        image_tokens_per_image=tokens_per_image(model.cfg) if multimodal else 0,
+                        image_token_id=model.cfg.image_token_index if multimodal else None,
+                        system=system, sample_id=conversation.sample_id)
+
+
+def load_pixels(conversation: Conversation, image_cfg) -> list:
+    """Preprocessed [H, W, 3] float32 arrays of the conversation's images, in order."""
+    out = []
+    for image in conversation.images:
+        try:
+            out.append(image_lib.preprocess(read_image(image), image_cfg))
+        except (OSError, ValueError) as e:
+            raise ImageLoadError(f"sample {conversation.sample_id!r}: cannot read image "
+                                 f"{image_label(image)}: {e}") from e
+    return out
+
+
+def left_pad(sequences, pad_id: int, multiple: int = 1):
+    """([b, L] ids, [b, L] attention mask), each sequence right-aligned; L is the longest
+    length rounded up to `multiple`."""
+    longest = max(len(s) for s in sequences)
+    length = -(-longest // multiple) * multiple
+    ids = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, length - len(seq):] = seq
+            mask[row, length - len(seq):] = 1
+    return ids, mask
+
+
+def decode_answer(tokenizer, new_ids) -> str:
+    """Text of generated ids: cut at the first EOS, ids past the tokenizer's vocabulary
+    (padded embedding rows) dropped, special tokens skipped, stripped."""
+    out = [int(t) for t in new_ids]
+    if tokenizer.eos_id in out:
+        out = out[:out.index(tokenizer.eos_id)]
+    out = [t for t in out if t < tokenizer.vocab_size]
+    return tokenizer.decode(out, skip_special=True).strip()
+
+
+def generate_encoded(model, params, tokenizer, prompts, pixels, *, pad_to_multiple=32,
+                     batch_rows=None, **gen) -> list[str]:
+    """Answers for already encoded prompts (list of id arrays) and their preprocessed
+    images (one list of arrays per prompt). `gen` goes to `generate` as keywords."""
+    if not prompts:
+        return []
+    n = len(prompts)
+    if batch_rows is not None and n < batch_rows:
+        prompts = list(prompts) + [prompts[-1]] * (batch_rows - n)
+        pixels = list(pixels) + [pixels[-1]] * (batch_rows - n)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    ids, mask = left_pad(prompts, pad, pad_to_multiple)
+    flat = [p for per_prompt in pixels for p in per_prompt]
+    pixel_values = np.stack(flat) if flat else None
+    gen.setdefault("eos_token_id", tokenizer.eos_id)
+    out = generate(model, params, ids, attention_mask=mask, pixel_values=pixel_values, **gen)
+    return [decode_answer(tokenizer, row) for row in out[:n]]
+
+
+def generate_batch(model, params, tokenizer, image_cfg, conversations, template="vicuna_v1",
+                   *, system=None, pad_to_multiple=32, batch_rows=None, **gen) -> list[str]:
+    """One answer per conversation, generated together in one left-padded batch.
+
+    `gen` are `generate`'s keywords (max_new_tokens, do_sample, temperature, num_beams,
+    ...); eos_token_id defaults to the tokenizer's EOS."""
+    prompts = [encode_prompt(model, tokenizer, c, template, system=system)
+               for c in conversations]
+    pixels = [load_pixels(c, image_cfg) for c in conversations]
+    return generate_encoded(model, params, tokenizer, prompts, pixels,
+                            pad_to_multiple=pad_to_multiple, batch_rows=batch_rows, **gen)
+
+
+def generate_all(model, params, tokenizer, image_cfg, conversations, template="vicuna_v1",
+                 *, batch_size=8, system=None, pad_to_multiple=32, progress=None, rng=None,
+                 **gen) -> list[str]:
+    """Answers for any number of conversations, in their order. Prompts are batched
+    longest first (similar lengths share a batch, less padding); images are read one batch
+    at a time. `progress(n)` is called after each batch with its size. With sampling, batch
+    k draws from `fold_in(rng, k)`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = [encode_prompt(model, tokenizer, c, template, system=system)
+               for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    answers = [None] * len(prompts)
+    for k, start in enumerate(range(0, len(order), batch_size)):
+        chunk = order[start:start + batch_size]
+        extra = {} if rng is None else {"rng": jax.random.fold_in(rng, k)}
+        out = generate_encoded(model, params, tokenizer, [prompts[i] for i in chunk],
+                               [load_pixels(conversations[i], image_cfg) for i in chunk],
+                               pad_to_multiple=pad_to_multiple,
+                               batch_rows=batch_size if len(order) > batch_size else None,
+                               **extra, **gen)
+        for i, answer in zip(chunk, out):
+            answers[i] = answer
+        if progress is not None:
+            progress(len(chunk))
+    return answers
