@@ -218,3 +218,68 @@ def test_decode_step_cost_grows_only_by_the_attention_read(llama, scan):
     assert dense <= constant <= 1.5 * dense, (constant, dense)
     # Same cache length, a later write position: the very same cost.
     assert _decode_flops(model, params, b, 2 * L, 100) == f2
+
+
+# ---- beam search -----------------------------------------------------------------------------
+
+def hf_beam(model, ids, mask, eos, **kw):
+    return hf_generate(model, ids, mask, eos=eos, num_beams=5, **kw)
+
+
+@pytest.mark.parametrize("length_penalty,early_stopping",
+                         [(1.0, False), (2.0, False), (-1.0, False), (0.0, "never"),
+                          (1.0, True)])
+def test_llama_beam_search_matches_hf(llama, length_penalty, early_stopping):
+    """5 beams, left-padded batch, hypotheses finishing at different lengths: the ids that
+    end them are tokens the free beam search emits, so EOS is met mid-way."""
+    ref, path = llama
+    ids, mask = text_prompts()
+    free = hf_beam(ref, ids, mask, eos=EOS)
+    eos = [int(free[0, 2]), int(free[1, 5])]
+    kw = dict(length_penalty=length_penalty, early_stopping=early_stopping)
+    expected = hf_beam(ref, ids, mask, eos=eos, **kw)
+    model, params = _load(path, False)
+    ours = gen.generate(model, params, ids, mask, max_new_tokens=NEW, eos_token_id=eos,
+                        pad_token_id=PAD, num_beams=5, **kw)
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_llama_beam_search_differs_from_greedy(llama):
+    ref, path = llama
+    ids, mask = text_prompts()
+    model, params = _load(path, False)
+    beam = gen.generate(model, params, ids, mask, max_new_tokens=NEW, eos_token_id=EOS,
+                        pad_token_id=PAD, num_beams=5)
+    np.testing.assert_array_equal(beam, hf_beam(ref, ids, mask, eos=EOS))
+    greedy = gen.generate(model, params, ids, mask, max_new_tokens=NEW, eos_token_id=EOS,
+                          pad_token_id=PAD)
+    assert (beam != greedy).any()  # otherwise the comparison above shows nothing new
+
+
+@SCAN
+def test_llava_beam_search_matches_hf(llava, scan):
+    """BLIP-2's zero-shot VQA setting: 5 beams and a length penalty, with images."""
+    ref, path = llava
+    ids, mask, nhwc, nchw = llava_prompts(ref.config, seed=4)
+    free = hf_beam(ref, ids, mask, eos=EOS, pixel_values=nchw)
+    eos = [int(free[0, 3]), int(free[1, 4])]
+    expected = hf_beam(ref, ids, mask, eos=eos, pixel_values=nchw, length_penalty=-1.0)
+    model, params = _load(path, scan)
+    ours = gen.generate(model, params, ids, mask, pixel_values=nhwc, max_new_tokens=NEW,
+                        eos_token_id=eos, pad_token_id=PAD, num_beams=5,
+                        length_penalty=-1.0)
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_beam_search_rejects_bad_settings(llama):
+    _, path = llama
+    model, params = _load(path, False)
+    ids, mask = text_prompts()
+    with pytest.raises(ValueError, match="num_beams"):
+        gen.generate(model, params, ids, mask, max_new_tokens=2, eos_token_id=EOS, num_beams=0)
+    with pytest.raises(ValueError, match="deterministic"):
+        gen.generate(model, params, ids, mask, max_new_tokens=2, eos_token_id=EOS,
+                     num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="early_stopping"):
+        gen.generate(model, params, ids, mask, max_new_tokens=2, eos_token_id=EOS,
+                     num_beams=2, early_stopping="sometimes")

@@ -204,13 +204,128 @@ def _generate(model, settings, params, input_ids, attention_mask, pixel_values, 
     return out, step
 
 
+# ---- beam search -----------------------------------------------------------------------------
+
+NEG = -1.0e9  # HF's "impossible" score for beams and finished hypotheses
+
+
+def _take_beams(x, idx):
+    """x [b, k, ...] gathered along the beam axis by idx [b, m] -> [b, m, ...]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _reorder_cache(cache, rows, scanned):
+    axis = 1 if scanned else 0  # scanned stacks carry a leading layer axis
+    take = lambda x: jnp.take(x, rows, axis=axis)
+    if scanned:
+        return {"k": take(cache["k"]), "v": take(cache["v"]), "index": cache["index"]}
+    return {"k": [take(x) for x in cache["k"]], "v": [take(x) for x in cache["v"]],
+            "index": cache["index"]}
+
+
+def _beam_generate(model, settings, params, input_ids, attention_mask, pixel_values):
+    """HF's (vectorized) beam search, step for step: top (1 + #eos, at least 2) x beams
+    continuations of the summed log-probabilities; finished hypotheses scored by sum /
+    generated_length ** length_penalty and kept only from the first `num_beams` candidates;
+    the `early_stopping` heuristic of HF decides when a sample is done. Returns the best
+    hypothesis per sample [b, max_new], its length [b] and the number of steps run."""
+    max_new, eos_ids, pad_id, num_beams, length_penalty, early_stopping = settings
+    b, s = input_ids.shape
+    k = num_beams
+    keep = max(2, 1 + len(eos_ids)) * k
+    top_mask = jnp.arange(keep) < k
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    # Prefill once per prompt, then give every beam its own copy of the cache.
+    cache = init_cache(model, b, s + max_new)
+    logits, cache, last_pos = prefill(model, params, input_ids, attention_mask, cache,
+                                      pixel_values)
+    rows = jnp.repeat(jnp.arange(b), k)
+    cache = _reorder_cache(cache, rows, model.cfg.scan_layers)
+    logits, pos = logits[rows], last_pos[rows]
+    kv_mask = _kv_mask(attention_mask, s + max_new)[rows]
+    vocab = logits.shape[-1]
+
+    def penalized(scores, length):
+        return scores / (jnp.float32(length) ** jnp.float32(length_penalty))
+
+    state = dict(
+        running=jnp.full((b, k, max_new), pad_id, jnp.int32),
+        running_scores=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(NEG),
+        done=jnp.full((b, k, max_new), pad_id, jnp.int32),
+        done_scores=jnp.full((b, k), NEG, jnp.float32),
+        done_len=jnp.zeros((b, k), jnp.int32),
+        is_done=jnp.zeros((b, k), bool),
+        improvable=jnp.ones((b,), bool),
+        stop=jnp.asarray(False))
+
+    def advance(step, logits, st):
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
+        logp = (logp + st["running_scores"][:, :, None]).reshape(b, k * vocab)
+        top_lp, top_idx = jax.lax.top_k(logp, keep)
+        parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+        cand = _take_beams(st["running"], parent).at[:, :, step].set(token)
+        hits = jnp.isin(token, eos) | (step + 1 >= max_new)
+        # Continue with the best `num_beams` candidates that did not finish.
+        run_lp = top_lp + hits.astype(jnp.float32) * NEG
+        nxt = jax.lax.top_k(run_lp, k)[1]
+        running, running_scores = _take_beams(cand, nxt), _take_beams(run_lp, nxt)
+        parents = _take_beams(parent, nxt)
+        # Finished candidates among the first `num_beams` enter the hypotheses.
+        fin = penalized(top_lp, step + 1)
+        if early_stopping is True:
+            fin = fin + (jnp.all(st["is_done"], -1, keepdims=True)).astype(jnp.float32) * NEG
+        fin = fin + (~st["improvable"][:, None]).astype(jnp.float32) * NEG
+        just_done = hits & top_mask[None, :]
+        fin = fin + (~just_done).astype(jnp.float32) * NEG
+        m_scores = jnp.concatenate([st["done_scores"], fin], axis=1)
+        best = jax.lax.top_k(m_scores, k)[1]
+        done = _take_beams(jnp.concatenate([st["done"], cand], axis=1), best)
+        done_scores = _take_beams(m_scores, best)
+        done_len = _take_beams(jnp.concatenate(
+            [st["done_len"], jnp.full((b, keep), step + 1, jnp.int32)], axis=1), best)
+        is_done = _take_beams(jnp.concatenate([st["is_done"], just_done], axis=1), best)
+        # HF's early-stop heuristic, with the length the running beams have now.
+        if early_stopping == "never" and length_penalty > 0.0:
+            best_running = penalized(running_scores[:, 0], max_new)
+        else:
+            best_running = penalized(running_scores[:, 0], step + 1)
+        worst_done = jnp.where(is_done, jnp.min(done_scores, -1, keepdims=True), NEG)
+        improvable = st["improvable"] & jnp.any(best_running[:, None] > worst_done, -1)
+        open_beams = ~(jnp.all(is_done) & (early_stopping is True))
+        stop = ~(jnp.any(improvable) & open_beams & ~jnp.all(hits))
+        new = dict(running=running, running_scores=running_scores, done=done,
+                   done_scores=done_scores, done_len=done_len, is_done=is_done,
+                   improvable=improvable, stop=stop)
+        rows = (jnp.arange(b)[:, None] * k + parents).reshape(-1)
+        return new, rows, running[:, :, step].reshape(-1)
+
+    st, rows, tok = advance(0, logits, state)
+    cache = _reorder_cache(cache, rows, model.cfg.scan_layers)
+
+    def cond(carry):
+        step, st, _, _, _ = carry
+        return (step < max_new) & ~st["stop"]
+
+    def body(carry):
+        step, st, tok, pos, cache = carry
+        pos = pos + 1
+        logits, cache = decode_step(model, params, cache, tok, pos, kv_mask)
+        st, rows, tok = advance(step, logits, st)
+        cache = _reorder_cache(cache, rows, model.cfg.scan_layers)
+        return step + 1, st, tok, pos, cache
+
+    step, st, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), st, tok, pos, cache))
+    return st["done"][:, 0], st["done_len"][:, 0], step
+
+
 _COMPILED = {}  # (id(model), settings) -> (model, jitted fn); the model is kept alive
 
 
-def _compiled(model, settings):
-    key = (id(model), settings)
+def _compiled(model, settings, fn=None):
+    fn = _generate if fn is None else fn
+    key = (id(model), fn.__name__, settings)
     if key not in _COMPILED:
-        _COMPILED[key] = (model, jax.jit(partial(_generate, model, settings)))
+        _COMPILED[key] = (model, jax.jit(partial(fn, model, settings)))
     return _COMPILED[key][1]
 
 
@@ -218,7 +333,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
              max_new_tokens: int, eos_token_id: int | Sequence[int] | None,
              pad_token_id: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             rng=None) -> np.ndarray:
+             num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool | str = False, rng=None) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens per prompt. Returns int32 [b, n] (new tokens
     only); n < max_new_tokens when every sample emitted an EOS earlier. After its EOS a
     sample holds `pad_token_id` (default: the first EOS id), as HF `generate` does.
@@ -228,17 +344,31 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     (already expanded) image tokens appear in the flattened batch, any number per prompt.
     Sampling: do_sample=False is greedy; otherwise temperature, top_k (0 = off), top_p
     (1.0 = off) as HF applies them, drawn from `rng` (a jax PRNG key; default key 0).
+    Beam search (num_beams > 1, deterministic): HF's beam search with its `length_penalty`
+    (the exponent of the generated length dividing a finished hypothesis' log-probability)
+    and `early_stopping` (False: HF's heuristic; True: stop when `num_beams` hypotheses are
+    done; "never": the canonical search); returns the best hypothesis per prompt.
+
+    Inputs and parameters may be sharded over a mesh (`mllm_jax.sharding`); run the call
+    under `with mesh:` and the computation follows their shardings.
     """
-    input_ids = np.asarray(input_ids)
+    input_ids = np.asarray(input_ids) if not isinstance(input_ids, jax.Array) else input_ids
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
     if attention_mask is None:
-        attention_mask = np.ones_like(input_ids)
-    attention_mask = np.asarray(attention_mask)
-    if np.any(attention_mask[:, -1] == 0):
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if np.any(np.asarray(attention_mask)[:, -1] == 0):
         raise ValueError("prompts must be LEFT padded (attention_mask[:, -1] == 1 for all)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam search here is deterministic; use num_beams=1 with do_sample, "
+                         "or do_sample=False with num_beams > 1")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got "
+                         f"{early_stopping!r}")
     eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if model.cfg.model_type == "llava":
@@ -247,15 +377,24 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
             feats = jax.eval_shape(
                 lambda p, px: model.apply({"params": p}, px, method="image_features"),
                 params, pixel_values)
-            check_image_tokens(input_ids, feats.shape[0], feats.shape[1],
+            check_image_tokens(np.asarray(input_ids), feats.shape[0], feats.shape[1],
                                model.cfg.image_token_index)
     elif pixel_values is not None:
         raise ValueError("this is a text-only model; pixel_values must be None")
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.asarray(attention_mask, jnp.int32)
+    if num_beams > 1:
+        # HF fills unused beam positions with `pad_token_id or eos_token_id[0]`: a pad id
+        # of 0 counts as unset there.
+        beam_pad = pad if (pad or not eos) else eos[0]
+        settings = (int(max_new_tokens), eos, int(beam_pad), int(num_beams),
+                    float(length_penalty), early_stopping)
+        out, lengths, _ = _compiled(model, settings, _beam_generate)(params, ids, mask,
+                                                                      pixel_values)
+        return np.asarray(out)[:, :int(np.max(np.asarray(lengths)))]
     sampling = (("do_sample", bool(do_sample)), ("temperature", float(temperature)),
                 ("top_k", int(top_k)), ("top_p", float(top_p)))
     settings = (int(max_new_tokens), eos, int(pad), sampling)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    out, n = _compiled(model, settings)(params, jnp.asarray(input_ids, jnp.int32),
-                                        jnp.asarray(attention_mask, jnp.int32),
-                                        pixel_values, rng)
+    out, n = _compiled(model, settings)(params, ids, mask, pixel_values, rng)
     return np.asarray(out)[:, :int(n)]
