@@ -6,7 +6,7 @@ import pytest
 
 from mllm_jax.eval.mme import mme_scores, parse_pred_ans
 from mllm_jax.eval.pope import parse_yes_no, pope_metrics, pope_metrics_by_split
-from mllm_jax.eval.scienceqa import INVALID, parse_choice, scienceqa_accuracy
+from mllm_jax.eval.scienceqa import INVALID, parse_choice, parse_letter, scienceqa_accuracy
 from mllm_jax.eval.vqa import normalize_answer, vqa_accuracy, vqa_score
 
 
@@ -21,8 +21,18 @@ from mllm_jax.eval.vqa import normalize_answer, vqa_accuracy, vqa_score
     ("dog.", "dog"),
     ("dog?", "dog"),
     ("  dog\n", "dog"),
-    ("dont", "don’t"),       # official map uses U+2019
+    ("dont", "don't"),       # official map (since 2016) uses ASCII apostrophes
     ("weve", "we've"),
+    ("Im", "im"),            # keys with capitals never match (lowercased first)
+    ("it's", "it's"),        # ' is not in the punctuation list
+    ("10:30", "10:30"),      # neither is :
+    ("red-blue", "red blue"),   # - is: no space around it -> replaced by a space
+    ("red - blue", "red blue"),
+    ("wow!", "wow"),
+    ("{x}", "x"),
+    ("a.m.", "am"),          # periods not followed by a digit are removed
+    ("ten", "10"),
+    ("an ox", "ox"),
     ("3.5", "3.5"),           # period between digits kept
     ("1,000", "1000"),        # commaStrip present -> punctuation removed
     ("red,blue", "red blue"),  # no space around comma -> replaced by space
@@ -55,11 +65,29 @@ def test_vqa_accuracy_normalizes_prediction():
     assert vqa_accuracy("Two.", gts) == 1.0
     assert vqa_accuracy("a dog", ["dog"] * 10) == 1.0
     assert vqa_accuracy("dog.", ["dog"] * 10) == 1.0
-    assert vqa_accuracy("dont", ["don’t"] * 10) == 1.0
-    # official: GT answers are not digit/article normalized...
+    assert vqa_accuracy("dont", ["don't"] * 10) == 1.0
+    assert vqa_accuracy("dont", ["don’t"] * 10) == 0.0
+    # official: when all annotators agree nothing on the GT side is normalized...
     assert vqa_accuracy("2", ["two"] * 10) == 0.0
+    # ...nor the prediction, unless normalize_prediction (default) did it first
+    assert vqa_accuracy("Two", ["2"] * 10, normalize_prediction=False) == 0.0
+    assert vqa_accuracy(" 2\n", ["2"] * 10, normalize_prediction=False) == 1.0
     # ...unless full GT normalization is requested
     assert vqa_accuracy("2", ["two"] * 10, gt_normalization="full") == 1.0
+
+
+def test_vqa_accuracy_official_vs_legacy_flow():
+    gts = ["two"] * 8 + ["2"] * 2
+    # master vqaEval.py: annotators disagree -> GT digit-normalized too -> 10 matches
+    assert vqa_accuracy("2", gts) == 1.0
+    # 2016 flow: GT only punctuation-processed -> 2 matches:
+    # the 2 "2" subsets see 1 match (1/3), the 8 "two" subsets see 2 (2/3)
+    assert vqa_accuracy("2", gts, gt_normalization="legacy") == pytest.approx(
+        (2 * (1 / 3) + 8 * (2 / 3)) / 10)
+    assert vqa_accuracy("Two", ["2"] * 10, gt_normalization="none",
+                        normalize_prediction=False) == 0.0
+    with pytest.raises(ValueError, match="gt_normalization"):
+        vqa_accuracy("2", gts, gt_normalization="bogus")
 
 
 def test_vqa_score_aggregation():
@@ -93,6 +121,12 @@ def test_vqa_score_aggregation():
     ("Yes. There is no cat.", "yes"),  # only the first sentence counts
     ("no.", "no"),
     ("Yes, there is a dog.", "yes"),
+    ("Yes, but no cat.", "no"),        # commas dropped, "no" is in the first sentence
+    ("I do not see a dog.", "no"),
+    ("NO", "yes"),                     # case-sensitive word list
+    ("Nope", "yes"),
+    ("no,", "no"),
+    ("", "yes"),
 ])
 def test_parse_yes_no(text, expected):
     assert parse_yes_no(text) == expected
@@ -139,6 +173,28 @@ def test_mme_parse():
     assert parse_pred_ans("No, it is not.") == "no"
     assert parse_pred_ans("yes, there is") == "yes"
     assert parse_pred_ans("There is a dog") == "other"
+    assert parse_pred_ans("No.") == "no"
+    assert parse_pred_ans("Not sure") == "no"        # "not " holds "no"
+    assert parse_pred_ans("None") == "no"
+    assert parse_pred_ans("yesterday") == "yes"
+    assert parse_pred_ans("I don't know") == "other"  # window is "i do"
+    assert parse_pred_ans(" yes") == "yes"
+    assert parse_pred_ans("   yes") == "other"     # official does not strip
+    assert parse_pred_ans("y") == "other"
+    assert parse_pred_ans("Yes", "lmms_eval") == "yes"
+    assert parse_pred_ans("   yes", "lmms_eval") == "yes"
+    assert parse_pred_ans("Y.", "lmms_eval") == "yes"
+    assert parse_pred_ans("n", "lmms_eval") == "no"
+    assert parse_pred_ans("x", "lmms_eval") == "other"
+    with pytest.raises(ValueError, match="variant"):
+        parse_pred_ans("yes", "bogus")
+
+
+def test_mme_scores_strip_like_llava_answer_files():
+    recs = [("existence", "i", "   Yes", "yes"), ("existence", "i", "\nno\n", "no")]
+    assert mme_scores(recs)["subtasks"]["existence"]["score"] == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="existence"):
+        mme_scores([("existence", "i", "yes", "maybe")])
 
 
 def test_mme_acc_plus():
@@ -189,6 +245,13 @@ def test_mme_subtask_lists():
     ("a", 4, INVALID),                # lowercase is not accepted by LLaVA's eval
     ("I think it's the plant", 4, INVALID),
     ("", 4, INVALID),
+    (None, 4, INVALID),               # missing prediction -> FAILED
+    ("The answer is B", 4, INVALID),  # regex needs a character after the letter
+    ("The answer is B,", 4, 1),       # ... any character
+    (" A", 4, INVALID),               # no stripping
+    ("A ", 4, INVALID),
+    ("A.B", 4, INVALID),              # "A. " needs the space
+    ("D. ", 4, 3),
 ])
 def test_parse_choice(text, n, expected):
     assert parse_choice(text, n) == expected
@@ -204,3 +267,13 @@ def test_scienceqa_accuracy():
     assert out["accuracy"] == pytest.approx(0.6)
     assert out["per_subject"] == pytest.approx({"nat": 1.0, "soc": 0.0, "lang": 1.0})
     assert math.isclose(scienceqa_accuracy([], [], [])["accuracy"], 0.0)
+    assert out["img_accuracy"] is None
+
+
+def test_scienceqa_img_accuracy_and_letters():
+    out = scienceqa_accuracy(["A", "B", "C", None], [0, 0, 2, 1], [2, 2, 3, 2],
+                             is_multimodal=[True, True, False, True])
+    assert out["accuracy"] == pytest.approx(2 / 4)
+    assert out["img_accuracy"] == pytest.approx(1 / 3)
+    assert parse_letter("The answer is E. yes") == "E"
+    assert parse_letter("nothing") == "FAILED"

@@ -1,11 +1,16 @@
 """MME benchmark scoring.
 
 Mirrors ``eval_tool/calculation.py`` of the official MME release
-(BradyFU/Awesome-Multimodal-Large-Language-Models, used by LLaVA's MME eval):
+(BradyFU/Awesome-Multimodal-Large-Language-Models, branch ``Evaluation``,
+``tools/eval_tool.zip``), which LLaVA's MME script runs:
 
-* answer parsing (``parse_pred_ans``): lowercase; ``"yes"``/``"no"`` as is;
-  otherwise look at the first 4 characters: contains ``"yes"`` -> yes, else
-  contains ``"no"`` -> no, else ``"other"`` (always wrong).
+* answer parsing (``parse_pred_ans``): the prediction is lowercased (not
+  stripped); exactly ``"yes"``/``"no"`` as is; otherwise only its first 4
+  characters count: contains ``"yes"`` -> yes, else contains ``"no"`` -> no,
+  else ``"other"`` (always wrong).  ``variant="lmms_eval"`` is lmms-eval's
+  parser instead (strip, drop ``"."``, single ``"y"``/``"n"`` accepted).
+* predictions are stripped before parsing in ``mme_scores``, as LLaVA's
+  answer files hold ``outputs.strip()``; ground truth is lowercased.
 * per subtask: ``acc`` = fraction of questions right; ``acc_plus`` = fraction
   of images whose questions (two per image in MME) are *all* right;
   ``score = 100 * acc + 100 * acc_plus``.
@@ -29,9 +34,24 @@ COGNITION_SUBTASKS = (
 )
 
 
-def parse_pred_ans(pred_ans: str) -> str:
-    """Official MME answer parser -> ``"yes"``, ``"no"`` or ``"other"``."""
-    pred_ans = pred_ans.lower().strip()
+PARSE_VARIANTS = ("official", "lmms_eval")
+
+
+def parse_pred_ans(pred_ans: str, variant: str = "official") -> str:
+    """MME answer parser -> ``"yes"``, ``"no"`` or ``"other"``.
+
+    ``"official"``: calculation.py (``" yes"`` -> yes, ``"   yes"`` -> other:
+    leading spaces use up the 4-character window).  ``"lmms_eval"``:
+    lmms-eval's ``mme/utils.py`` parser.
+    """
+    if variant == "official":
+        pred_ans = pred_ans.lower()
+    elif variant == "lmms_eval":
+        pred_ans = pred_ans.lower().strip().replace(".", "")
+        if len(pred_ans) == 1:
+            return {"y": "yes", "n": "no"}.get(pred_ans, "other")
+    else:
+        raise ValueError(f"unknown MME parse variant {variant!r}; use one of {PARSE_VARIANTS}")
     if pred_ans in ("yes", "no"):
         return pred_ans
     prefix = pred_ans[:4]
@@ -52,11 +72,12 @@ def _unpack(r: Record) -> Tuple[str, object, str, str]:
     return subtask, image_id, prediction, gt
 
 
-def mme_scores(records: Iterable[Record]) -> Dict[str, object]:
+def mme_scores(records: Iterable[Record], *, variant: str = "official") -> Dict[str, object]:
     """Score MME.
 
     ``records``: tuples ``(subtask, image_id, prediction, gt)`` or mappings
     with those keys; ``gt`` is ``"yes"``/``"no"``; ``prediction`` raw text.
+    ``variant`` selects the answer parser (see ``parse_pred_ans``).
 
     Returns ``{"subtasks": {name: {"acc", "acc_plus", "score", "num_questions",
     "num_images"}}, "perception": float, "cognition": float, "total": float}``.
@@ -65,9 +86,12 @@ def mme_scores(records: Iterable[Record]) -> Dict[str, object]:
     for r in records:
         subtask, image_id, prediction, gt = _unpack(r)
         gt_l = str(gt).strip().lower()
+        if variant == "lmms_eval":
+            gt_l = gt_l.replace(".", "")
         if gt_l not in ("yes", "no"):
-            raise ValueError(f"MME gt must be yes/no, got {gt!r}")
-        correct = parse_pred_ans(str(prediction)) == gt_l
+            raise ValueError(f"MME record ({subtask!r}, {image_id!r}): gt must be yes/no, "
+                             f"got {gt!r}")
+        correct = parse_pred_ans(str(prediction).strip(), variant) == gt_l
         per_task.setdefault(subtask, {}).setdefault(image_id, []).append(correct)
 
     subtasks: Dict[str, Dict[str, float]] = {}

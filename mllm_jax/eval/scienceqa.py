@@ -8,8 +8,13 @@ Mirrors LLaVA's ``llava/eval/eval_science_qa.py``:
   one of the first ``num_options`` of ``A B C D E`` (``get_pred_idx``),
   otherwise the index is ``-1`` (``INVALID``) and is counted wrong (LLaVA's
   default; it does not fall back to a random choice).
+* a missing prediction (``None``) is ``"FAILED"``, as for problems absent
+  from LLaVA's answer file.  No stripping: ``" A"`` or ``"A "`` fail.
 * ``scienceqa_accuracy``: fraction of problems whose parsed index equals the
-  gold index.
+  gold index (LLaVA prints it x100); with ``is_multimodal`` (LLaVA: the prompt
+  contains ``<image>``) also ``img_accuracy`` over those problems.  The
+  regex's ``.`` matches any character, so ``"The answer is B"`` without a
+  following character fails while ``"The answer is B,"`` parses.
 """
 
 from __future__ import annotations
@@ -22,16 +27,24 @@ INVALID = -1
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
-def parse_choice(text: str, num_options: int, options: Sequence[str] = OPTIONS) -> int:
-    """Return the 0-based option index, or ``INVALID`` (-1)."""
+def parse_letter(text: Optional[str], options: Sequence[str] = OPTIONS) -> str:
+    """The answer letter LLaVA's eval_science_qa.py extracts, or ``"FAILED"``."""
+    if text is None:
+        return "FAILED"
     options = list(options)
     if text in options:
-        answer = text
-    elif len(text) >= 3 and text[0] in options and text[1:3] == ". ":
-        answer = text[0]
-    else:
-        res = _ANSWER_IS.findall(text)
-        answer = res[0] if len(res) == 1 else "FAILED"
+        return text
+    if len(text) >= 3 and text[0] in options and text[1:3] == ". ":
+        return text[0]
+    res = _ANSWER_IS.findall(text)
+    return res[0] if len(res) == 1 else "FAILED"
+
+
+def parse_choice(text: Optional[str], num_options: int,
+                 options: Sequence[str] = OPTIONS) -> int:
+    """Return the 0-based option index, or ``INVALID`` (-1)."""
+    options = list(options)
+    answer = parse_letter(text, options)
     if answer in options[:num_options]:
         return options.index(answer)
     return INVALID
@@ -43,22 +56,30 @@ def _gold_index(answer: Union[int, str], options: Sequence[str]) -> int:
     return int(answer)
 
 
-def scienceqa_accuracy(predictions: Sequence[str], answers: Sequence[Union[int, str]],
+def scienceqa_accuracy(predictions: Sequence[Optional[str]],
+                       answers: Sequence[Union[int, str]],
                        num_options: Sequence[int], *,
                        options: Sequence[str] = OPTIONS,
-                       subjects: Optional[Sequence[str]] = None) -> Dict[str, object]:
+                       subjects: Optional[Sequence[str]] = None,
+                       is_multimodal: Optional[Sequence[bool]] = None) -> Dict[str, object]:
     """Accuracy over problems.
 
     ``answers``: gold 0-based indices (as in ScienceQA ``problems.json``) or
     letters; ``num_options``: ``len(choices)`` per problem.  Optional
-    ``subjects`` (e.g. ``"natural science"``) adds a per-subject breakdown.
-    Returns ``{"accuracy", "correct", "invalid", "count", "per_subject"}``.
+    ``subjects`` (e.g. ``"natural science"``) adds a per-subject breakdown;
+    optional ``is_multimodal`` flags add ``img_accuracy`` (LLaVA's
+    IMG-Accuracy; ``None`` when not given or no problem is flagged).
+    Returns ``{"accuracy", "correct", "invalid", "count", "per_subject",
+    "img_accuracy"}``.
     """
     n = len(predictions)
     if not (len(answers) == len(num_options) == n):
         raise ValueError("predictions, answers and num_options differ in length")
     if subjects is not None and len(subjects) != n:
         raise ValueError("subjects differ in length")
+    if is_multimodal is not None and len(is_multimodal) != n:
+        raise ValueError("is_multimodal differs in length")
+    img_flags = []
     correct = invalid = 0
     per_subject: Dict[str, list] = {}
     for i, (pred, ans, k) in enumerate(zip(predictions, answers, num_options)):
@@ -68,10 +89,13 @@ def scienceqa_accuracy(predictions: Sequence[str], answers: Sequence[Union[int, 
         invalid += idx == INVALID
         if subjects is not None:
             per_subject.setdefault(subjects[i], []).append(ok)
+        if is_multimodal is not None and is_multimodal[i]:
+            img_flags.append(ok)
     return {
         "accuracy": correct / n if n else 0.0,
         "correct": correct,
         "invalid": invalid,
         "count": n,
         "per_subject": {s: sum(v) / len(v) for s, v in per_subject.items()},
+        "img_accuracy": sum(img_flags) / len(img_flags) if img_flags else None,
     }

@@ -1,21 +1,29 @@
 """VQA accuracy, mirroring the official VQA evaluation script.
 
-Mirrors ``vqaEval.py`` from GT-Vision-Lab/VQA
-(``PythonEvaluationTools/vqaEvaluation/vqaEval.py``):
+Mirrors ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` of GT-Vision-Lab/VQA
+(master):
 
-* ``normalize_answer`` = ``processPunctuation`` followed by
-  ``processDigitArticle`` (after replacing newlines/tabs and stripping), using
-  the same punctuation list, ``periodStrip`` / ``commaStrip`` regexes, number
-  word map (``manualMap``), article list and contraction map.  Like the official
-  map, many contraction targets use the typographic apostrophe (U+2019), e.g.
-  ``"dont" -> "don’t"``.
-* ``vqa_accuracy`` = mean over the N leave-one-out subsets of the ground-truth
-  answers of ``min(1, #matches / 3)``.
+* ``normalize_answer`` = ``processPunctuation`` then ``processDigitArticle``
+  (after newline/tab -> space and strip), with the official punctuation list
+  (``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` -- no ``:`` and no ``'``),
+  ``periodStrip`` / ``commaStrip`` regexes, number-word map (``none``..``ten``),
+  articles and contraction map (plain ASCII apostrophes, e.g.
+  ``"dont" -> "don't"``).
+* Official flow per question (``gt_normalization="official"``): answers are
+  whitespace-stripped; only when the annotators *disagree*
+  (``len(set(answers)) > 1``) are the ground-truth answers **and** the
+  prediction normalized.  When all answers agree nothing is normalized, so the
+  prediction must match the released answer string exactly -- which is why
+  LLaVA / lmms-eval normalize predictions before submission; here
+  ``normalize_prediction=True`` (default) does that first.
+* ``gt_normalization="legacy"`` is the 2016-2021 flow of the same file:
+  prediction always normalized, ground truth only punctuation-processed and
+  only when the annotators disagree.
+* accuracy of one question = mean over the leave-one-out subsets of the answers
+  of ``min(1, #matches / 3)``.
 * ``vqa_score`` aggregates like ``VQAEval.setAccuracy`` (overall, per question
-  type, per answer type).  Deviation: the official script appends the *last*
-  leave-one-out ``acc`` (a known bug) to the per-type lists; we use the
-  per-question averaged accuracy for every aggregate.  Values here are fractions
-  in [0, 1] (not x100 / rounded) unless ``percent=True``.
+  type, per answer type) without the official rounding; fractions in [0, 1]
+  unless ``percent=True``.
 """
 
 from __future__ import annotations
@@ -25,42 +33,38 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn’t’ve", "couldnt’ve": "couldn’t’ve",
-    "didnt": "didn’t", "doesnt": "doesn’t", "dont": "don’t", "hadnt": "hadn’t",
-    "hadnt’ve": "hadn’t’ve", "hadn'tve": "hadn’t’ve", "hasnt": "hasn’t",
-    "havent": "haven’t", "hed": "he’d", "hed’ve": "he’d’ve", "he’dve": "he’d’ve",
-    "hes": "he’s", "howd": "how’d", "howll": "how’ll", "hows": "how’s",
-    "Id’ve": "I’d’ve", "I’dve": "I’d’ve", "Im": "I’m", "Ive": "I’ve",
-    "isnt": "isn’t", "itd": "it’d", "itd’ve": "it’d’ve", "it’dve": "it’d’ve",
-    "itll": "it’ll", "let’s": "let’s", "maam": "ma’am", "mightnt": "mightn’t",
-    "mightnt’ve": "mightn’t’ve", "mightn’tve": "mightn’t’ve", "mightve": "might’ve",
-    "mustnt": "mustn’t", "mustve": "must’ve", "neednt": "needn’t", "notve": "not’ve",
-    "oclock": "o’clock", "oughtnt": "oughtn’t", "ow’s’at": "’ow’s’at",
-    "’ows’at": "’ow’s’at", "’ow’sat": "’ow’s’at", "shant": "shan’t",
-    "shed’ve": "she’d’ve", "she’dve": "she’d’ve", "she’s": "she’s",
-    "shouldve": "should’ve", "shouldnt": "shouldn’t", "shouldnt’ve": "shouldn’t’ve",
-    "shouldn’tve": "shouldn’t’ve", "somebody’d": "somebodyd",
-    "somebodyd’ve": "somebody’d’ve", "somebody’dve": "somebody’d’ve",
-    "somebodyll": "somebody’ll", "somebodys": "somebody’s", "someoned": "someone’d",
-    "someoned’ve": "someone’d’ve", "someone’dve": "someone’d’ve",
-    "someonell": "someone’ll", "someones": "someone’s", "somethingd": "something’d",
-    "somethingd’ve": "something’d’ve", "something’dve": "something’d’ve",
-    "somethingll": "something’ll", "thats": "that’s", "thered": "there’d",
-    "thered’ve": "there’d’ve", "there’dve": "there’d’ve", "therere": "there’re",
-    "theres": "there’s", "theyd": "they’d", "theyd’ve": "they’d’ve",
-    "they’dve": "they’d’ve", "theyll": "they’ll", "theyre": "they’re",
-    "theyve": "they’ve", "twas": "’twas", "wasnt": "wasn’t", "wed’ve": "we’d’ve",
-    "we’dve": "we’d’ve", "weve": "we've", "werent": "weren’t", "whatll": "what’ll",
-    "whatre": "what’re", "whats": "what’s", "whatve": "what’ve", "whens": "when’s",
-    "whered": "where’d", "wheres": "where's", "whereve": "where’ve", "whod": "who’d",
-    "whod’ve": "who’d’ve", "who’dve": "who’d’ve", "wholl": "who’ll", "whos": "who’s",
-    "whove": "who've", "whyll": "why’ll", "whyre": "why’re", "whys": "why’s",
-    "wont": "won’t", "wouldve": "would’ve", "wouldnt": "wouldn’t",
-    "wouldnt’ve": "wouldn’t’ve", "wouldn’tve": "wouldn’t’ve", "yall": "y’all",
-    "yall’ll": "y’all’ll", "y’allll": "y’all’ll", "yall’d’ve": "y’all’d’ve",
-    "y’alld’ve": "y’all’d’ve", "y’all’dve": "y’all’d’ve", "youd": "you’d",
-    "youd’ve": "you’d’ve", "you’dve": "you’d’ve", "youll": "you’ll",
-    "youre": "you’re", "youve": "you’ve",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
 }
 
 MANUAL_MAP = {
@@ -74,8 +78,8 @@ ARTICLES = ("a", "an", "the")
 # which is a negative lookahead for the literal "<=" + digit, not a lookbehind).
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
-PUNCT = [";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_",
-         ">", "<", "@", "`", ",", "?"]
+PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
+         ">", "<", "@", "`", ",", "?", "!"]
 
 
 def process_punctuation(in_text: str) -> str:
@@ -104,28 +108,41 @@ def process_digit_article(in_text: str) -> str:
     return " ".join(out)
 
 
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(text: str) -> str:
-    """Normalize an answer exactly as the official VQA eval normalizes
-    predictions: newline/tab -> space, strip, punctuation, digits/articles,
+    """Normalize an answer as the official script does when annotators disagree:
+    newline/tab -> space, strip, punctuation, number words, articles,
     contractions.  E.g. ``"Two dogs."`` -> ``"2 dogs"``, ``"a dog"`` ->
-    ``"dog"``, ``"dont"`` -> ``"don’t"``."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
+    ``"dog"``, ``"dont"`` -> ``"don't"``."""
+    return process_digit_article(process_punctuation(_clean(text)))
 
 
-def _normalize_gts(gt_answers: Sequence[str], gt_normalization: str) -> List[str]:
-    gts = list(gt_answers)
+GT_NORMALIZATIONS = ("official", "legacy", "full", "none")
+
+
+def _prepare(prediction: str, gt_answers: Sequence[str], normalize_prediction: bool,
+             gt_normalization: str):
+    gts = [_clean(a) for a in gt_answers]
+    pred = normalize_answer(prediction) if normalize_prediction else _clean(prediction)
+    disagree = len(set(gts)) > 1
     if gt_normalization == "official":
-        # Official: GT answers are only punctuation-processed, and only when
-        # the annotators disagree (the released annotations are pre-normalized).
-        if len(set(gts)) > 1:
+        if disagree:
+            gts = [normalize_answer(a) for a in gts]
+            pred = normalize_answer(pred)
+    elif gt_normalization == "legacy":
+        pred = normalize_answer(pred)
+        if disagree:
             gts = [process_punctuation(a) for a in gts]
-        return gts
-    if gt_normalization == "full":
-        return [normalize_answer(a) for a in gts]
-    if gt_normalization == "none":
-        return gts
-    raise ValueError(f"unknown gt_normalization {gt_normalization!r}")
+    elif gt_normalization == "full":
+        gts = [normalize_answer(a) for a in gts]
+        pred = normalize_answer(pred)
+    elif gt_normalization != "none":
+        raise ValueError(f"unknown gt_normalization {gt_normalization!r}; "
+                         f"use one of {GT_NORMALIZATIONS}")
+    return pred, gts
 
 
 def vqa_accuracy(prediction: str, gt_answers: Sequence[str], *,
@@ -135,14 +152,16 @@ def vqa_accuracy(prediction: str, gt_answers: Sequence[str], *,
     annotator answers: mean over the leave-one-out subsets of
     ``min(1, #matches / 3)``.
 
-    ``gt_normalization``: ``"official"`` (punctuation only, only when answers
-    differ -- as vqaEval.py), ``"full"`` (``normalize_answer`` on every GT
-    answer; useful for raw / non-VQAv2 ground truth) or ``"none"``.
+    ``normalize_prediction`` normalizes the prediction before scoring (what
+    LLaVA / lmms-eval do before submitting answers).  ``gt_normalization``:
+    ``"official"`` (vqaEval.py master: normalize answers and prediction only
+    when the answers differ), ``"legacy"`` (vqaEval.py 2016-2021),
+    ``"full"`` (always normalize both; for raw, non-VQAv2 ground truth) or
+    ``"none"`` (whitespace strip only).
     """
-    gts = _normalize_gts(gt_answers, gt_normalization)
-    if not gts:
+    if not gt_answers:
         raise ValueError("gt_answers must be non-empty")
-    pred = normalize_answer(prediction) if normalize_prediction else prediction
+    pred, gts = _prepare(prediction, gt_answers, normalize_prediction, gt_normalization)
     matches = [g == pred for g in gts]
     total = sum(matches)
     accs = [min(1.0, (total - int(m)) / 3.0) for m in matches]
