@@ -8,7 +8,8 @@ evaluation toolkit (``pycocoevalcap``):
   removal of the punctuation tokens in :data:`PTB_PUNCTUATIONS`).  We do not run
   the Java tokenizer; a regex approximation is used instead (see its docstring
   for exactly what is and is not reproduced).
-* :func:`cider_d` mirrors ``pycocoevalcap/cider/cider_scorer.py`` (which,
+* :func:`cider_d` mirrors ``pycocoevalcap/cider/cider_scorer.py`` (checked
+  line by line against salaniz/pycocoevalcap) (which,
   despite its name, implements CIDEr-D): n = 1..4, sigma = 6, tf-idf weights with
   document frequencies computed from the references of the *evaluated* set,
   clipped numerator ``min(vec_hyp, vec_ref) * vec_ref``, Gaussian length
@@ -50,6 +51,8 @@ PTB_PUNCTUATIONS = frozenset([
 # Stanford PTB splits these clitics off the preceding word ("don't" -> "do n't",
 # "man's" -> "man 's"); they are *not* in the punctuation list, so they survive.
 _CLITIC_RE = re.compile(r"(?i)(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
+# PTB splits these words in two ("cannot" -> "can not", "gonna" -> "gon na").
+_SPLIT_WORDS_RE = re.compile(r"\b(can)(not)\b|\b(gon|wan)(na)\b|\b(got)(ta)\b|\b(gim|lem)(me)\b")
 # Brackets become -LRB-/-RRB-/-LCB-/-RCB- (and [ ] -> -LSB-/-RSB-, which are NOT
 # in the removal list; we drop them too -- a documented deviation, they are rare).
 _BRACKET_RE = re.compile(r"[()\[\]{}]")
@@ -63,7 +66,8 @@ def ptb_tokenize(text: str) -> str:
     Regex approximation of pycocoevalcap's ``PTBTokenizer``:
 
     * lowercases (``-lowerCase``) and treats newlines as spaces;
-    * splits clitics ``n't 's 're 've 'll 'd 'm`` into their own tokens (kept);
+    * splits clitics ``n't 's 're 've 'll 'd 'm`` into their own tokens (kept),
+      and ``cannot gonna wanna gotta gimme lemme`` in two (``can not``);
     * brackets, quotes (``"``, backquotes, ``''``, stray ``'``), ``? ! , ; :``,
       ``...``, ``--`` and standalone ``-`` become tokens and are removed;
     * a period is removed when it ends a token (sentence-final / before space)
@@ -76,6 +80,7 @@ def ptb_tokenize(text: str) -> str:
     """
     s = text.replace("\n", " ").replace("\r", " ").lower()
     s = _CLITIC_RE.sub(r"\1 \2", s)
+    s = _SPLIT_WORDS_RE.sub(lambda m: " ".join(g for g in m.groups() if g), s)
     s = _BRACKET_RE.sub(" ", s)
     # Protect digit-internal , and : (1,000 / 10:30) from splitting.
     s = re.sub(r"(?<=\d)([,:])(?=\d)", lambda m: {",": "\x00", ":": "\x01"}[m.group(1)], s)
