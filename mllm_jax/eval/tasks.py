@@ -69,7 +69,8 @@ def _iter_jsonl(path: str) -> Iterator[tuple]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, "
+                                 f"got {type(obj).__name__}")
             yield lineno, obj
 
 
@@ -279,7 +280,8 @@ class VQAv2Task(Task):
 
     @staticmethod
     def _annotations(questions_path: str, subtype: str):
-        ann_path = os.path.join(os.path.dirname(questions_path), f"v2_mscoco_{subtype}_annotations.json")
+        ann_path = os.path.join(os.path.dirname(questions_path),
+                                f"v2_mscoco_{subtype}_annotations.json")
         if not os.path.isfile(ann_path):
             if subtype.startswith("test"):
                 return None
@@ -334,7 +336,9 @@ class GQATask(Task):
 
     def load(self, data, image_root=None, limit=None):
         limit = _check_limit(limit)
-        path = os.path.join(data, "testdev_balanced_questions.json") if os.path.isdir(data) else data
+        path = data
+        if os.path.isdir(data):
+            path = os.path.join(data, "testdev_balanced_questions.json")
         root = image_root or _data_dir(data)
         doc = _read_json(path)
         if not isinstance(doc, dict):
@@ -383,7 +387,8 @@ class MMETask(Task):
             raise ValueError(f"{root}: not an MME release directory")
         subtasks = [s for s in self.SUBTASKS if os.path.isdir(os.path.join(root, s))]
         if not subtasks:
-            raise ValueError(f"{root}: no MME subtask folders (expected some of {', '.join(self.SUBTASKS)})")
+            raise ValueError(f"{root}: no MME subtask folders "
+                             f"(expected some of {', '.join(self.SUBTASKS)})")
         samples = []
         for sub in subtasks:
             for rel_image, question, answer, where in self._subtask_rows(root, sub):
@@ -479,7 +484,8 @@ class ScienceQATask(Task):
     def prompt_text(problem: dict) -> str:
         """LLaVA's CQM input: context (hint, or N/A), question, options "(A) x (B) y"."""
         context = " ".join([problem.get("hint") or "", ""]).strip() or "N/A"
-        choices = " ".join(f"({scienceqa.OPTIONS[i]}) {c}" for i, c in enumerate(problem["choices"]))
+        choices = " ".join(f"({letter}) {c}"
+                           for letter, c in zip(scienceqa.OPTIONS, problem["choices"]))
         text = f"Context: {context}\nQuestion: {problem['question']}\nOptions: {choices}\n"
         return text.replace("  ", " ").strip()
 
@@ -497,7 +503,8 @@ class ScienceQATask(Task):
             p = problems[pid]
             _require(p, ("question", "choices", "answer"), where)
             if not 0 <= int(p["answer"]) < len(p["choices"]) <= len(scienceqa.OPTIONS):
-                raise ValueError(f"{where}: answer {p['answer']} outside {len(p['choices'])} choices")
+                raise ValueError(f"{where}: answer {p['answer']} outside the "
+                                 f"{len(p['choices'])} choices (at most {len(scienceqa.OPTIONS)})")
             images = [_image(root, os.path.join(pid, p["image"]), where)] if p.get("image") else []
             samples.append(Sample(
                 doc_id=len(samples), sample_id=str(pid), images=images,
@@ -563,8 +570,9 @@ class ScienceQATask(Task):
 def _count_options(text: str) -> int:
     """Number of consecutive "(A) ", "(B) "... choices on the "Options:" line."""
     line = re.search(r"^Options: (.*)$", text, flags=re.MULTILINE)
+    choices = line.group(1) + " " if line else ""
     n = 0
-    while line and n < len(scienceqa.OPTIONS) and f"({scienceqa.OPTIONS[n]}) " in line.group(1) + " ":
+    while n < len(scienceqa.OPTIONS) and f"({scienceqa.OPTIONS[n]}) " in choices:
         n += 1
     return n
 
@@ -589,7 +597,8 @@ class CocoCaptionTask(Task):
                     path = os.path.join(data, name)
                     break
             else:
-                raise ValueError(f"{data}: neither captions_val2014.json nor dataset_coco.json found")
+                raise ValueError(f"{data}: neither captions_val2014.json nor "
+                                 "dataset_coco.json found")
         doc = _read_json(path)
         _require(doc, ("images",), path)
         if "annotations" in doc:
@@ -647,7 +656,8 @@ def _coco_samples(path, images_doc, captions_doc, root, limit, question, objects
         meta = {"image_id": im["id"]}
         target = refs[im["id"]]
         if objects is not None:
-            target = objects(im["id"], refs[im["id"]])
+            meta["captions"] = target
+            target = objects(im["id"], target)
         samples.append(Sample(
             doc_id=len(samples), sample_id=str(im["id"]),
             images=[_image(root, im["file_name"], where)], question=question,
@@ -664,7 +674,8 @@ def _chair_evaluator() -> chair.ChairEvaluator:
 class ChairTask(Task):
     """CHAIR on COCO: ``instances_val2014.json`` + ``captions_val2014.json`` (``data``
     = their directory or either file); target = the image's ground-truth objects
-    (segmentation labels + objects named in its reference captions)."""
+    (segmentation labels + objects named in its reference captions); ``meta["captions"]``
+    holds the reference captions."""
 
     name = "chair"
     max_new_tokens = 512
@@ -681,7 +692,8 @@ class ChairTask(Task):
             return data, os.path.join(folder, "captions_" + base[len("instances_"):])
         if base.startswith("captions_"):
             return os.path.join(folder, "instances_" + base[len("captions_"):]), data
-        raise ValueError(f"{data}: expected a COCO instances_*.json / captions_*.json file or their directory")
+        raise ValueError(f"{data}: expected a COCO instances_*.json / captions_*.json file "
+                         "or their directory")
 
     def load(self, data, image_root=None, limit=None):
         limit = _check_limit(limit)
@@ -694,7 +706,8 @@ class ChairTask(Task):
         for i, a in enumerate(instances["annotations"]):
             _require(a, ("image_id", "category_id"), f"{inst_path}: annotations[{i}]")
             if a["category_id"] not in names:
-                raise ValueError(f"{inst_path}: annotations[{i}]: unknown category_id {a['category_id']}")
+                raise ValueError(f"{inst_path}: annotations[{i}]: unknown category_id "
+                                 f"{a['category_id']}")
             seg.setdefault(a["image_id"], set()).add(names[a["category_id"]])
         ev = _chair_evaluator()
 
@@ -706,6 +719,11 @@ class ChairTask(Task):
 
     def extract_answer(self, response):
         return response
+
+    @staticmethod
+    def target_text(sample: Sample) -> str:
+        """A reference caption (the answer of a few-shot demonstration)."""
+        return sample.meta["captions"][0]
 
     def process_result(self, sample, response):
         text = response.strip()
