@@ -1,10 +1,16 @@
 """Batched generation and the `mllm-jax eval` runner on a tiny random LLaVA checkpoint."""
+import argparse
+import json
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from mllm_jax.cli import main
 from mllm_jax.convert import load_hf
 from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax.eval import runner, tasks
 from mllm_jax.infer import batching
 from mllm_jax.infer.prompting import Session, image_config_for
 from test_chat import ckpt  # noqa: F401  (the module-scoped tiny checkpoint fixture)
@@ -53,3 +59,179 @@ def test_batch_answers_equal_one_at_a_time(ckpt, loaded, pictures):  # noqa: F81
               for q, p in zip(questions, pictures)]
     assert batched == single
     assert any(single)
+
+
+# ---- the runner --------------------------------------------------------------------------
+
+QUESTIONS = ["Is there a dog in the image?", "Is there a person in the image?",
+             "Is there a chair in the image?", "Is there a car in the image?"]
+LABELS = ["yes", "no", "no", "yes"]
+
+
+@pytest.fixture(scope="module")
+def pope_file(pictures):
+    """A POPE question file (JSON lines) over the three pictures, four questions."""
+    root = os.path.dirname(pictures[0])
+    path = os.path.join(root, "coco_pope_random.json")
+    with open(path, "w") as f:
+        for k, (q, label) in enumerate(zip(QUESTIONS, LABELS)):
+            f.write(json.dumps({"question_id": k + 1, "image": os.path.basename(pictures[k % 3]),
+                                "text": q, "label": label}) + "\n")
+    return path
+
+
+def _args(ckpt_dir, data, output, *extra):
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    return parser.parse_args(["--ckpt", ckpt_dir, "--task", "pope", "--data", data,
+                              "--output", str(output), "--template", TEMPLATE,
+                              "--max-new-tokens", "3", "--batch-size", "2", "--log-samples",
+                              *extra])
+
+
+def _run(args, loaded, monkeypatch):
+    monkeypatch.setattr(runner, "load_runtime", lambda a: loaded)
+    assert runner.main(args) == 0
+    (model_dir,) = os.listdir(args.output)
+    files = sorted(os.listdir(os.path.join(args.output, model_dir)))
+    assert len(files) == 2 and files[0].endswith("_results.json"), files
+    date = files[0][:-len("_results.json")]
+    assert files[1] == f"{date}_samples_pope.jsonl"
+    with open(os.path.join(args.output, model_dir, files[0])) as f:
+        results = json.load(f)
+    with open(os.path.join(args.output, model_dir, files[1])) as f:
+        records = [json.loads(line) for line in f]
+    return model_dir, results, records
+
+
+def test_runner_writes_lmms_eval_layout_with_the_tasks_scores(ckpt, loaded, pope_file,  # noqa: F811
+                                                              tmp_path, monkeypatch, capsys):
+    d, _ = ckpt
+    args = _args(d, pope_file, tmp_path / "out", "--limit", "3")
+    model_dir, results, records = _run(args, loaded, monkeypatch)
+    assert model_dir == "chat0__model"  # the checkpoint path's last two parts
+    assert results["n-samples"] == {"pope": {"original": 4, "effective": 3}}
+    assert results["n-shot"] == {"pope": 0}
+    assert results["config"]["batch_size"] == 2 and results["config"]["limit"] == 3
+    assert results["configs"]["pope"]["generation_kwargs"] == {"max_new_tokens": 3}
+    assert "samples" not in results and set(results["task_hashes"]) == {"pope"}
+
+    task = tasks.get_task("pope")
+    samples = task.load(pope_file)[:3]
+    assert [r["doc_id"] for r in records] == [s.doc_id for s in samples]
+    for r, s in zip(records, samples):
+        assert r["doc"]["sample_id"] == s.sample_id and r["target"] == s.target
+        assert r["resps"] == [r["filtered_resps"]]
+        assert r["arguments"] == [r["input"], {"max_new_tokens": 3}]
+        assert r["input"].count("<image>") == 1 and s.question in r["input"]
+        assert r["input_media"] == s.images
+        processed = task.process_result(s, r["filtered_resps"])
+        assert {k: r[k] for k in processed} == processed
+    expected = task.aggregate([task.process_result(s, r["filtered_resps"])
+                               for s, r in zip(samples, records)], samples)
+    entry = results["results"]["pope"]
+    assert entry["alias"] == "pope"
+    assert {k for k in entry if k != "alias"} == {
+        f"{m}{part},none" for m in expected for part in ("", "_stderr")}
+    for metric, value in expected.items():
+        assert entry[f"{metric},none"] == pytest.approx(value)
+        assert entry[f"{metric}_stderr,none"] == "N/A"  # not a mean of per-sample values
+    out = capsys.readouterr().out
+    assert "|pope" in out and "pope_accuracy" in out and "wrote " in out
+
+
+def test_fewshot_prompt_holds_k_demonstrations_and_k_plus_1_images(ckpt, loaded, pope_file,  # noqa: F811
+                                                                    tmp_path, monkeypatch):
+    d, _ = ckpt
+    args = _args(d, pope_file, tmp_path / "out", "--limit", "2", "--num-fewshot", "2",
+                 "--seed", "5")
+    _, results, records = _run(args, loaded, monkeypatch)
+    assert results["n-shot"] == {"pope": 2}
+    pool = tasks.get_task("pope").load(pope_file)
+    for query, r in enumerate(records):
+        demos = runner.fewshot_indices(len(pool), query, 2, seed=5)
+        assert query not in demos and len(set(demos)) == 2
+        assert r["input_media"] == [pool[i].images[0] for i in demos] + pool[query].images
+        text = r["input"]
+        assert text.count("<image>") == 3
+        # Each demonstration is image, question, suffix and its answer, in draw order, and
+        # the query comes last without an answer.
+        positions = [text.index(f"<image>\n{pool[i].question}{tasks.get_task('pope').prompt_suffix}\n"
+                                f"{pool[i].target}\n\n") for i in demos]
+        assert positions == sorted(positions)
+        assert text.index(f"<image>\n{pool[query].question}") > positions[-1]
+        assert r["resps"] and isinstance(r["filtered_resps"], str)
+    assert runner.fewshot_indices(4, 1, 2, seed=5) == runner.fewshot_indices(4, 1, 2, seed=5)
+    with pytest.raises(ValueError, match="needs at least 4 samples"):
+        runner.fewshot_indices(3, 0, 3, seed=0)
+
+
+def test_cot_asks_for_reasoning_and_scores_the_answer_after_it(ckpt, loaded, pope_file,  # noqa: F811
+                                                               tmp_path, monkeypatch):
+    d, _ = ckpt
+    seen = {}
+
+    def fake_generate_all(model, params, tokenizer, image_cfg, conversations, template, **kw):
+        seen["messages"] = [c.messages for c in conversations]
+        seen["max_new_tokens"] = kw["max_new_tokens"]
+        return ["The image shows no such thing, so yes is wrong.\nAnswer: No."] * len(
+            conversations)
+
+    monkeypatch.setattr(batching, "generate_all", fake_generate_all)
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    args = parser.parse_args(["--ckpt", d, "--task", "pope", "--data", pope_file, "--output",
+                              str(tmp_path / "out"), "--template", TEMPLATE, "--cot",
+                              "--log-samples"])
+    _, results, records = _run(args, loaded, monkeypatch)
+    assert seen["max_new_tokens"] == runner.COT_MAX_NEW_TOKENS
+    for messages in seen["messages"]:
+        assert messages[0]["value"].endswith(runner.COT_INSTRUCTION)
+        assert tasks.SHORT_ANSWER not in messages[0]["value"]
+    assert [r["filtered_resps"] for r in records] == ["No."] * 4
+    assert all(r["pope"]["prediction"] == "no" for r in records)
+    entry = results["results"]["pope"]
+    assert entry["pope_yes_ratio,none"] == 0.0 and entry["pope_accuracy,none"] == 0.5
+    assert results["configs"]["pope"]["cot"] is True
+    # Tasks whose answer is the whole response keep their prompt under --cot.
+    assert not runner.uses_cot(args, tasks.get_task("coco_caption"))
+
+
+def test_bad_inputs_name_the_task_sample_and_file(ckpt, loaded, pope_file, tmp_path,  # noqa: F811
+                                                  monkeypatch):
+    d, _ = ckpt
+    monkeypatch.setattr(runner, "load_runtime", lambda a: loaded)
+    with pytest.raises(ValueError, match="unknown eval task 'popee'"):
+        runner.evaluate(_args(d, pope_file, tmp_path, "--task", "popee"))
+    with pytest.raises(FileNotFoundError, match=r"task 'pope': data .*nowhere.json"):
+        runner.evaluate(_args(d, str(tmp_path / "nowhere.json"), tmp_path))
+    with pytest.raises(ValueError, match="2 path"):
+        runner.evaluate(_args(d, f"{pope_file},{pope_file}", tmp_path))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    data = tmp_path / "coco_pope_random.json"
+    data.write_text(json.dumps({"question_id": 7, "image": "broken.png", "text": "Is it?",
+                                "label": "no"}) + "\n")
+    with pytest.raises(ValueError, match=r"task 'pope': sample '7': cannot read image "
+                                         r".*broken.png"):
+        runner.evaluate(_args(d, str(data), tmp_path))
+
+
+def test_cli_eval_writes_results(ckpt, pope_file, tmp_path, capsys):  # noqa: F811
+    d, _ = ckpt
+    out = tmp_path / "out"
+    assert main(["eval", "--ckpt", d, "--task", "pope", "--data", pope_file, "--output",
+                 str(out), "--template", TEMPLATE, "--limit", "2", "--max-new-tokens", "2",
+                 "--batch-size", "2", "--log-samples"]) == 0
+    (model_dir,) = os.listdir(out)
+    files = sorted(os.listdir(out / model_dir))
+    assert [f.split("_", 2)[-1] for f in files] == ["results.json", "samples_pope.jsonl"]
+    with open(out / model_dir / files[0]) as f:
+        results = json.load(f)
+    assert results["n-samples"]["pope"] == {"original": 4, "effective": 2}
+    assert 0.0 <= results["results"]["pope"]["pope_accuracy,none"] <= 1.0
+    printed = capsys.readouterr().out
+    assert str(out / model_dir / files[0]) in printed
+    assert main(["eval", "--ckpt", d, "--task", "nope", "--data", pope_file,
+                 "--output", str(out)]) == 1
+    assert "unknown eval task 'nope'" in capsys.readouterr().err

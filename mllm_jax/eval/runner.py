@@ -1,0 +1,430 @@
+"""`mllm-jax eval`: benchmarks on a checkpoint, written in lmms-eval's layout.
+
+For each task: its samples are read (`mllm_jax.eval.tasks`), turned into prompts (the
+question and the task's answer-format suffix; optionally K in-context demonstrations from
+the same data and a chain-of-thought instruction), answered in left-padded batches and
+scored with the task's own `process_result` / `aggregate`.
+
+Files, under `<output>/<model name>/` (the model name is the checkpoint path's last two
+parts, as lmms-eval sanitizes it):
+  `<date>_results.json`           "results" {task: {"alias", "<metric>,none",
+                                  "<metric>_stderr,none"}}, "configs", "versions", "n-shot",
+                                  "higher_is_better", "n-samples", "config", "date", ...
+  `<date>_samples_<task>.jsonl`   (with --log-samples) one line per sample: "doc_id", "doc",
+                                  "target", "arguments" [prompt, generation kwargs],
+                                  "resps" [raw answer], "filtered_resps" (the scored answer),
+                                  "input", "input_media" (images in prompt order),
+                                  "doc_hash" and the sample's own metric values.
+A stderr is the standard error of the mean when the metric is the mean of a per-sample
+value of the same name (lmms-eval's mean_stderr), "N/A" otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+COT_INSTRUCTION = ("\nFirst explain your reasoning step by step, then give the final answer "
+                   "after 'Answer:'.")
+COT_MAX_NEW_TOKENS = 512
+FILTER = "none"
+
+
+# ---- command line ------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `eval` subcommand's arguments."""
+    parser.add_argument("--ckpt", required=True, help="HF checkpoint directory with its "
+                        "tokenizer (tokenizer.model or tokenizer.json)")
+    parser.add_argument("--task", required=True, help="task name, or a comma list: pope, "
+                        "vqav2, gqa, mme, chair, scienceqa, coco_caption")
+    parser.add_argument("--data", required=True, help="the task's annotation file (a comma "
+                        "list, one per task, with several tasks)")
+    parser.add_argument("--image-root", default=None, help="directory the data's image "
+                        "paths are relative to (a comma list, one per task, allowed)")
+    parser.add_argument("--output", default="eval_results",
+                        help="results directory (default: eval_results)")
+    parser.add_argument("--limit", type=int, default=None, help="first N samples per task")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--template", default="vicuna_v1", help="conversation template")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="parameter dtype (default: as stored)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"default: the task's (with --cot, {COT_MAX_NEW_TOKENS})")
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy; otherwise sample at this temperature")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--num-fewshot", type=int, default=0,
+                        help="in-context demonstrations (image, question, answer) per prompt, "
+                             "drawn from the same data")
+    parser.add_argument("--cot", action="store_true", help="ask for reasoning, then the answer "
+                        "after 'Answer:' (tasks whose answer is read from the end)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the few-shot draws and sampling")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="also write every sample's prompt, answer and metrics")
+
+
+def _split(text):
+    return [t.strip() for t in text.split(",")] if text else []
+
+
+def task_inputs(args) -> list[tuple[str, str, str | None]]:
+    """(task name, data path, image root) per task of --task / --data / --image-root."""
+    names, data, roots = _split(args.task), _split(args.data), _split(args.image_root)
+    if not names:
+        raise ValueError("--task names no task")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--task names a task twice: {args.task}")
+    if len(data) != len(names):
+        raise ValueError(f"--data has {len(data)} path(s) for {len(names)} task(s) "
+                         f"({', '.join(names)}); give one path per task, comma separated")
+    if len(roots) > 1 and len(roots) != len(names):
+        raise ValueError(f"--image-root has {len(roots)} directories for {len(names)} tasks; "
+                         f"give one, or one per task")
+    roots = roots * len(names) if len(roots) == 1 else roots or [None] * len(names)
+    return list(zip(names, data, roots))
+
+
+def generation_kwargs(args, task) -> dict:
+    """`generate` keywords for a task (JSON-serializable; the sampling key is added later)."""
+    if args.max_new_tokens is not None:
+        max_new = args.max_new_tokens
+    else:
+        max_new = COT_MAX_NEW_TOKENS if uses_cot(args, task) else task.max_new_tokens
+    gen = {"max_new_tokens": int(max_new)}
+    if args.temperature > 0:
+        gen.update(do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p)
+    if args.num_beams != 1 or args.length_penalty != 1.0:
+        gen.update(num_beams=args.num_beams, length_penalty=args.length_penalty)
+    return gen
+
+
+def uses_cot(args, task) -> bool:
+    return bool(args.cot and task.answer_from_end)
+
+
+# ---- prompts -----------------------------------------------------------------------------
+
+def answer_text(task, sample) -> str:
+    """A demonstration's answer: the task's own rendering when it has one, else the target
+    (the most common one of a list of reference answers)."""
+    if hasattr(task, "target_text"):
+        return str(task.target_text(sample))
+    target = sample.target
+    if isinstance(target, int) and not isinstance(target, bool) and \
+            "num_options" in sample.meta:  # a choice index: its letter
+        return "ABCDEFGHIJ"[target]
+    if isinstance(target, (list, tuple)) and target:
+        return str(collections.Counter(map(str, target)).most_common(1)[0][0])
+    return str(target)
+
+
+def user_text(sample, suffix: str) -> str:
+    return "<image>\n" * len(sample.images) + sample.question + suffix
+
+
+def fewshot_indices(n: int, query: int, k: int, seed: int) -> list[int]:
+    """K distinct sample indices other than `query`, the same for the same (seed, query)."""
+    if k >= n:
+        raise ValueError(f"--num-fewshot {k} needs at least {k + 1} samples in the data, "
+                         f"got {n}")
+    rng = np.random.default_rng([seed, query])
+    picks = rng.choice(n - 1, size=k, replace=False)
+    return [int(i) + (i >= query) for i in picks]
+
+
+def build_conversation(task, pool, query: int, *, suffix: str, demos=()):
+    """The user message for pool[query]: the demonstrations pool[i] for i in `demos`
+    ("<image>\\nQ<suffix>\\nA", blank line separated), then the query; the images in the
+    same order."""
+    from mllm_jax.infer.batching import Conversation
+    demos = [pool[i] for i in demos]
+    sample = pool[query]
+    parts = [user_text(d, suffix) + "\n" + answer_text(task, d) for d in demos]
+    parts.append(user_text(sample, suffix))
+    images = [img for d in demos for img in d.images] + list(sample.images)
+    return Conversation([{"from": "human", "value": "\n\n".join(parts)}], images,
+                        sample_id=sample.sample_id)
+
+
+# ---- scoring and records -----------------------------------------------------------------
+
+def _number(v):
+    return isinstance(v, (bool, int, float, np.bool_, np.integer, np.floating))
+
+
+def stderr_of(metric: str, value, processed: list[dict]):
+    """Standard error of the mean when `value` is the mean of the per-sample `metric`."""
+    items = [p.get(metric) for p in processed]
+    if len(items) < 2 or not all(_number(x) for x in items) or not _number(value):
+        return "N/A"
+    arr = np.asarray(items, np.float64)
+    if not math.isclose(float(arr.mean()), float(value), rel_tol=1e-9, abs_tol=1e-12):
+        return "N/A"
+    return float(arr.std(ddof=1) / math.sqrt(len(arr)))
+
+
+def task_results(name, metrics: dict, processed: list[dict]) -> dict:
+    out = {"alias": name}
+    for metric, value in metrics.items():
+        out[f"{metric},{FILTER}"] = _plain(value)
+        out[f"{metric}_stderr,{FILTER}"] = stderr_of(metric, value, processed)
+    return out
+
+
+def _plain(v):
+    """JSON-friendly values (numpy scalars and arrays to Python)."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (bytes, bytearray)):
+        return f"<{len(v)} bytes>"
+    return v
+
+
+def _dumps(obj, **kw):
+    return json.dumps(_plain(obj), ensure_ascii=False, default=str, **kw)
+
+
+def sample_record(sample, prompt: str, images, gen: dict, response: str, filtered: str,
+                  processed: dict) -> dict:
+    from mllm_jax.infer.batching import image_label
+    doc = {"sample_id": sample.sample_id, "question": sample.question,
+           "target": sample.target, "meta": sample.meta,
+           "images": [image_label(i) for i in sample.images]}
+    record = {"doc_id": sample.doc_id, "doc": _plain(doc), "target": str(sample.target),
+              "arguments": [prompt, gen], "resps": [response], "filtered_resps": filtered,
+              "input": prompt, "input_media": [image_label(i) for i in images],
+              "doc_hash": _sha256(_dumps(doc, indent=2))}
+    record.update(_plain(processed))
+    return record
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sanitize_model_name(path: str) -> str:
+    """The checkpoint path's last two parts joined by "__" (lmms-eval's directory name)."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    return re.sub(r"[\"<>:/\|\\?\*\[\]]+", "__", "/".join(parts[-2:]))
+
+
+# ---- one task ----------------------------------------------------------------------------
+
+def check_images(name, samples):
+    """Every image given as a path exists (a missing file fails before any generation)."""
+    for s in samples:
+        for image in s.images:
+            if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image):
+                raise FileNotFoundError(f"task {name!r}, sample {s.sample_id!r}: image file "
+                                        f"{os.fspath(image)!r} does not exist")
+
+
+def load_task_samples(name, data, image_root):
+    from mllm_jax.eval import tasks
+    task = tasks.get_task(name)  # an unknown name is a ValueError listing the known ones
+    if not os.path.exists(data):
+        raise FileNotFoundError(f"task {name!r}: data {data!r} does not exist")
+    if image_root is not None and not os.path.isdir(image_root):
+        raise FileNotFoundError(f"task {name!r}: image root {image_root!r} is not a directory")
+    return task, task.load(data, image_root=image_root)
+
+
+def run_task(runtime, args, name, data, image_root):
+    """(results entry, records, info) for one task."""
+    from tqdm import tqdm
+
+    from mllm_jax.data.templates import render_text
+    from mllm_jax.infer import batching
+    model, params, tokenizer, image_cfg = runtime
+    task, pool = load_task_samples(name, data, image_root)
+    if not pool:
+        raise ValueError(f"task {name!r}: no samples in {data!r}")
+    n_eval = len(pool) if args.limit is None else min(args.limit, len(pool))
+    samples = pool[:n_eval]
+    demos = [fewshot_indices(len(pool), i, args.num_fewshot, args.seed)
+             if args.num_fewshot else [] for i in range(n_eval)]
+    check_images(name, [pool[i] for i in sorted(set(range(n_eval)).union(*demos))])
+    cot = uses_cot(args, task)
+    suffix = COT_INSTRUCTION if cot else task.prompt_suffix
+    conversations = [build_conversation(task, pool, i, suffix=suffix, demos=demos[i])
+                     for i in range(n_eval)]
+    gen = generation_kwargs(args, task)
+    sampling = {}
+    if gen.get("do_sample"):
+        import jax
+        sampling["rng"] = jax.random.fold_in(jax.random.PRNGKey(args.seed), _stable(name))
+    with tqdm(total=n_eval, desc=name, file=sys.stderr, disable=None) as bar:
+        try:
+            responses = batching.generate_all(model, params, tokenizer, image_cfg,
+                                              conversations, args.template,
+                                              batch_size=args.batch_size,
+                                              progress=bar.update, **sampling, **gen)
+        except ValueError as e:
+            raise ValueError(f"task {name!r}: {e}") from e
+    filtered = [task.extract_answer(r) if cot else r for r in responses]
+    processed = [task.process_result(s, f) for s, f in zip(samples, filtered)]
+    metrics = task.aggregate(processed, samples)
+    records = [sample_record(s, render_text(c.messages, args.template, tokenizer,
+                                            generation=True),
+                             c.images, gen, r, f, p)
+               for s, c, r, f, p in zip(samples, conversations, responses, filtered, processed)]
+    info = {"task": task, "original": len(pool), "effective": n_eval, "gen": gen,
+            "suffix": suffix, "cot": cot}
+    return task_results(name, metrics, processed), records, info
+
+
+def _stable(name: str) -> int:
+    return int(_sha256(name)[:8], 16)
+
+
+def task_config(name, data, image_root, info, args) -> dict:
+    task = info["task"]
+    return {"task": name, "output_type": task.output_type, "dataset_path": data,
+            "image_root": image_root, "num_fewshot": args.num_fewshot,
+            "fewshot_seed": args.seed, "prompt_suffix": info["suffix"], "cot": info["cot"],
+            "answer_from_end": task.answer_from_end, "template": args.template,
+            "generation_kwargs": info["gen"]}
+
+
+# ---- the run -----------------------------------------------------------------------------
+
+def load_runtime(args):
+    """(model, params, tokenizer, image preprocessing config) of the checkpoint."""
+    from mllm_jax.convert import load_hf
+    from mllm_jax.data.tokenizer import load_tokenizer
+    from mllm_jax.infer.prompting import image_config_for
+    model, params = load_hf(args.ckpt, dtype=args.dtype)
+    image_cfg = image_config_for(model, args.ckpt) if model.cfg.model_type == "llava" else None
+    return model, params, load_tokenizer(args.ckpt), image_cfg
+
+
+def evaluate(args, runtime=None) -> dict:
+    """Runs every task; returns the results dict (and its "samples" per task)."""
+    import jax
+    inputs = task_inputs(args)
+    if args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    start = time.perf_counter()
+    runtime = runtime or load_runtime(args)
+    results, samples, configs, versions, n_shot, hib, n_samples = {}, {}, {}, {}, {}, {}, {}
+    for name, data, root in inputs:
+        entry, records, info = run_task(runtime, args, name, data, root)
+        task = info["task"]
+        results[name], samples[name] = entry, records
+        configs[name] = task_config(name, data, root, info, args)
+        versions[name] = getattr(task, "version", "N/A")
+        n_shot[name] = args.num_fewshot
+        declared = getattr(task, "higher_is_better", None) or {}
+        hib[name] = {k.split(",")[0]: declared.get(k.split(",")[0]) for k in entry
+                     if k != "alias" and "_stderr," not in k}
+        n_samples[name] = {"original": info["original"], "effective": info["effective"]}
+    model_name = os.path.abspath(args.ckpt)
+    gen_cli = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                             "num_beams", "length_penalty")}
+    end = time.perf_counter()
+    return {
+        "results": results,
+        "group_subtasks": {name: [] for name in results},
+        "configs": dict(sorted(configs.items())),
+        "versions": dict(sorted(versions.items())),
+        "n-shot": dict(sorted(n_shot.items())),
+        "higher_is_better": dict(sorted(hib.items())),
+        "n-samples": n_samples,
+        "config": {"model": "mllm_jax", "model_args": f"pretrained={model_name}",
+                   "checkpoint": model_name, "template": args.template,
+                   "model_backend": "mllm_jax.infer.generate", "batch_size": args.batch_size,
+                   "batch_sizes": [], "device": jax.default_backend(), "limit": args.limit,
+                   "gen_kwargs": gen_cli, "num_fewshot": args.num_fewshot, "cot": args.cot,
+                   "random_seed": args.seed, "fewshot_seed": args.seed,
+                   "dtype": args.dtype},
+        "model_name": model_name,
+        "model_name_sanitized": sanitize_model_name(args.ckpt),
+        "start_time": start, "end_time": end,
+        "total_evaluation_time_seconds": str(end - start),
+        "samples": samples,
+    }
+
+
+def write_outputs(results: dict, output: str, date: str, log_samples: bool) -> list[str]:
+    """Writes the results JSON (and samples JSONL files); returns the paths written."""
+    samples = results.pop("samples")
+    directory = os.path.join(output, results["model_name_sanitized"])
+    os.makedirs(directory, exist_ok=True)
+    date_id = date.replace(":", "-")
+    written = []
+    if log_samples:
+        results["task_hashes"] = {
+            name: _sha256("".join(f"sample_{i}" + r["doc_hash"] for i, r in enumerate(recs)))
+            for name, recs in samples.items()}
+        for name, records in samples.items():
+            path = os.path.join(directory, f"{date_id}_samples_{name}.jsonl")
+            with open(path, "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(_dumps(r) + "\n")
+            written.append(path)
+    else:
+        results["task_hashes"] = {}
+    path = os.path.join(directory, f"{date_id}_results.json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(_dumps(results, indent=2))
+    return [path] + written
+
+
+def _fmt(v):
+    if v is None or v == "N/A":
+        return "N/A"
+    return "%.4f" % v if isinstance(v, float) else str(v)
+
+
+def make_table(results: dict) -> str:
+    """A Markdown table of the results (lmms-eval's columns)."""
+    rows = [["Tasks", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"]]
+    symbols = {True: "↑", False: "↓"}
+    for name, entry in results["results"].items():
+        hib = results.get("higher_is_better", {}).get(name, {})
+        for key in sorted(k for k in entry if k != "alias" and "_stderr," not in k):
+            metric, _, filt = key.partition(",")
+            rows.append([entry.get("alias", name), filt, str(results["n-shot"].get(name, "")),
+                         metric, symbols.get(hib.get(metric), ""), _fmt(entry[key]), "±",
+                         _fmt(entry.get(f"{metric}_stderr,{filt}"))])
+    widths = [max(1, *(len(r[c]) for r in rows)) for c in range(len(rows[0]))]
+    lines = ["|" + "|".join(c.ljust(w) for c, w in zip(r, widths)) + "|" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * w for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """Runs `mllm-jax eval`; prints the table and the paths written."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
+    results = evaluate(args)
+    written = write_outputs(results, args.output, date, args.log_samples)
+    print(f"mllm_jax ({results['config']['model_args']}), gen_kwargs: "
+          f"({results['config']['gen_kwargs']}), limit: {args.limit}, num_fewshot: "
+          f"{args.num_fewshot}, batch_size: {args.batch_size}")
+    print(make_table(results))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
