@@ -277,3 +277,28 @@ def test_scienceqa_img_accuracy_and_letters():
     assert out["img_accuracy"] == pytest.approx(1 / 3)
     assert parse_letter("The answer is E. yes") == "E"
     assert parse_letter("nothing") == "FAILED"
+
+
+def test_scienceqa_category_accuracy():
+    from mllm_jax.eval.scienceqa import scienceqa_category_accuracy
+    problems = [
+        {"answer": 0, "subject": "natural science", "hint": "", "image": "image.png",
+         "grade": "grade3"},
+        {"answer": 1, "subject": "social science", "hint": "Some text", "image": None,
+         "grade": "grade8"},
+        {"answer": 2, "subject": "language science", "hint": "", "image": None,
+         "grade": "grade12"},
+        {"answer": 1, "subject": "natural science", "hint": "x", "image": "image.png",
+         "grade": "grade1"},
+    ]
+    preds = [0, 1, INVALID, 0]
+    out = scienceqa_category_accuracy(problems, preds)
+    assert out["NAT"] == pytest.approx(0.5) and out["SOC"] == 1.0 and out["LAN"] == 0.0
+    assert out["TXT"] == pytest.approx(0.5)      # problems 2 and 4
+    assert out["IMG"] == pytest.approx(0.5)      # problems 1 and 4
+    assert out["NO"] == 0.0                      # problem 3 only
+    assert out["G1-6"] == pytest.approx(0.5) and out["G7-12"] == pytest.approx(0.5)
+    assert out["average"] == pytest.approx(0.5)
+    assert scienceqa_category_accuracy(problems[:1], [0])["SOC"] is None
+    with pytest.raises(KeyError, match="answer"):
+        scienceqa_category_accuracy([{"subject": "x"}], [0])

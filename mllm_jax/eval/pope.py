@@ -1,7 +1,7 @@
 """POPE (object hallucination) yes/no metrics.
 
-Mirrors LLaVA's ``llava/eval/eval_pope.py`` (which follows the evaluate script
-of RUCAIBox/POPE):
+Mirrors LLaVA's ``llava/eval/eval_pope.py``, identical in its parsing and
+metrics to ``evaluate.py`` of RUCAIBox/POPE:
 
 * ``parse_yes_no``: keep only the text before the first ``"."``, drop commas,
   split on single spaces; if any word is exactly ``"No"``, ``"not"`` or
@@ -10,7 +10,12 @@ of RUCAIBox/POPE):
   ``"There is no dog."`` as ``"no"``.
 * ``pope_metrics``: ``yes`` is the positive class; accuracy, precision,
   recall, F1 and yes-ratio (fraction of predictions that are ``yes``).
-  Zero denominators give 0.0 instead of raising.
+  Zero denominators give 0.0 (the official scripts raise ZeroDivisionError).
+* labels: ``"yes"``/``"no"`` in any case, or 1/0; anything else is an error
+  (the official scripts count every label other than exactly ``"no"`` as yes).
+* lmms-eval's POPE task differs: it compares the lowercased, stripped reply
+  with the label verbatim (``"Yes."`` is neither yes nor no there); that
+  variant is not reproduced here.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Mirrors LLaVA's ``llava/eval/eval_science_qa.py``:
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 OPTIONS = ("A", "B", "C", "D", "E")
 INVALID = -1
@@ -99,3 +99,47 @@ def scienceqa_accuracy(predictions: Sequence[Optional[str]],
         "per_subject": {s: sum(v) / len(v) for s, v in per_subject.items()},
         "img_accuracy": sum(img_flags) / len(img_flags) if img_flags else None,
     }
+
+
+CATEGORIES = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
+_SUBJECTS = {"NAT": "natural science", "SOC": "social science", "LAN": "language science"}
+_LOW_GRADES = {f"grade{i}" for i in range(1, 7)}
+_HIGH_GRADES = {f"grade{i}" for i in range(7, 13)}
+
+
+def _in_category(problem: Mapping, category: str) -> bool:
+    if category in _SUBJECTS:
+        return problem.get("subject") == _SUBJECTS[category]
+    if category == "TXT":
+        return bool(problem.get("hint"))
+    if category == "IMG":
+        return bool(problem.get("image"))
+    if category == "NO":
+        return not problem.get("hint") and not problem.get("image")
+    return problem.get("grade") in (_LOW_GRADES if category == "G1-6" else _HIGH_GRADES)
+
+
+def scienceqa_category_accuracy(problems: Sequence[Mapping],
+                                pred_indices: Sequence[int]) -> Dict[str, Optional[float]]:
+    """Accuracy per ScienceQA category, as lupantech/ScienceQA
+    ``tools/evaluate_acc.py`` reports it (the table in the LLaVA paper).
+
+    ``problems``: entries of ``problems.json`` (``answer``, ``subject``,
+    ``hint``, ``image``, ``grade``); ``pred_indices``: parsed indices
+    (``INVALID`` counts as wrong).  Subject: NAT/SOC/LAN; context: TXT (has a
+    hint), IMG (has an image), NO (neither); grade: G1-6, G7-12; plus
+    ``average``.  Fractions in [0, 1]; ``None`` for an empty category (the
+    official script prints -1).
+    """
+    if len(problems) != len(pred_indices):
+        raise ValueError("problems and pred_indices differ in length")
+    for i, p in enumerate(problems):
+        if "answer" not in p:
+            raise KeyError(f"problem {i} has no 'answer' (expected a problems.json entry)")
+    ok = [int(pred) == int(p["answer"]) for p, pred in zip(problems, pred_indices)]
+    out: Dict[str, Optional[float]] = {}
+    for cat in CATEGORIES:
+        flags = [f for p, f in zip(problems, ok) if _in_category(p, cat)]
+        out[cat] = sum(flags) / len(flags) if flags else None
+    out["average"] = sum(ok) / len(ok) if ok else None
+    return out
