@@ -495,7 +495,9 @@ def test_chair_errors(tmp_path):
     with pytest.raises(ValueError, match=r"instances_val2014\.json: file not found"):
         task.load(os.path.join(d, "captions_val2014.json"), image_root=root)
     with pytest.raises(ValueError, match="expected a COCO instances"):
-        task.load(os.path.join(d, "other.json"), image_root=root)
+        task.load(write_json(os.path.join(d, "other.json"), {}), image_root=root)
+    with pytest.raises(ValueError, match="no such COCO annotation file"):
+        task.load(os.path.join(d, "nowhere"), image_root=root)
     d, root = coco_files(tmp_path / "again")
     with open(os.path.join(d, "captions_val2014.json"), "w") as f:
         f.write('{"images": [')

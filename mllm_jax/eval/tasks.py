@@ -37,6 +37,11 @@ _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 
 @dataclasses.dataclass
 class Sample:
+    """One benchmark question.  ``doc_id`` (0..n-1 in load order) is unique;
+    ``sample_id`` is the benchmark's own id and may repeat (POPE ids restart per
+    split, MME asks two questions per image).  ``question`` holds neither the image
+    token nor the task's ``prompt_suffix``; ``target`` and ``meta`` are JSON-ready."""
+
     doc_id: int
     sample_id: str
     images: list
@@ -382,16 +387,16 @@ class MMETask(Task):
 
     def load(self, data, image_root=None, limit=None):
         limit = _check_limit(limit)
+        if not os.path.isdir(data):
+            raise ValueError(f"{data}: not an MME release directory")
         root = image_root or data
-        if not os.path.isdir(root):
-            raise ValueError(f"{root}: not an MME release directory")
-        subtasks = [s for s in self.SUBTASKS if os.path.isdir(os.path.join(root, s))]
+        subtasks = [s for s in self.SUBTASKS if os.path.isdir(os.path.join(data, s))]
         if not subtasks:
-            raise ValueError(f"{root}: no MME subtask folders "
+            raise ValueError(f"{data}: no MME subtask folders "
                              f"(expected some of {', '.join(self.SUBTASKS)})")
         samples = []
         for sub in subtasks:
-            for rel_image, question, answer, where in self._subtask_rows(root, sub):
+            for rel_image, question, answer, where in self._subtask_rows(data, sub):
                 if limit is not None and len(samples) >= limit:
                     return samples
                 samples.append(Sample(
@@ -684,6 +689,8 @@ class ChairTask(Task):
 
     @staticmethod
     def _paths(data: str) -> tuple:
+        if not os.path.exists(data):
+            raise ValueError(f"{data}: no such COCO annotation file or directory")
         if os.path.isdir(data):
             return (os.path.join(data, "instances_val2014.json"),
                     os.path.join(data, "captions_val2014.json"))
