@@ -44,19 +44,22 @@ def test_left_pad_rounds_up_and_right_aligns():
 
 
 def test_batch_answers_equal_one_at_a_time(ckpt, loaded, pictures):  # noqa: F811
+    """Left padding, length buckets and images stacked across prompts leave greedy answers
+    as they are one prompt at a time (one prompt holds two images)."""
     d, _ = ckpt
     model, params, tok, image_cfg = loaded
     questions = ["what is it?", "Is there a dog in the picture? Answer in one word please.",
-                 "what colour is the sky there?"]
-    conversations = [batching.Conversation([{"from": "human", "value": "<image>\n" + q}],
-                                           [p], sample_id=k)
-                     for k, (q, p) in enumerate(zip(questions, pictures))]
+                 "what colour is the sky there?", "which one is brighter?"]
+    images = [[pictures[0]], [pictures[1]], [pictures[2]], [pictures[2], pictures[0]]]
+    conversations = [batching.Conversation(
+        [{"from": "human", "value": "<image>\n" * len(ims) + q}], ims, sample_id=k)
+        for k, (q, ims) in enumerate(zip(questions, images))]
     lengths = {len(batching.encode_prompt(model, tok, c, TEMPLATE)) for c in conversations}
-    assert len(lengths) == 3
+    assert len(lengths) == 4
     batched = batching.generate_batch(model, params, tok, image_cfg, conversations, TEMPLATE,
                                       max_new_tokens=6)
-    single = [Session(model, params, d, TEMPLATE, max_new_tokens=6).ask(q, [p])
-              for q, p in zip(questions, pictures)]
+    single = [Session(model, params, d, TEMPLATE, max_new_tokens=6).ask(q, ims)
+              for q, ims in zip(questions, images)]
     assert batched == single
     assert any(single)
 

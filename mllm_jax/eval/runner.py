@@ -247,7 +247,10 @@ def load_task_samples(name, data, image_root):
         raise FileNotFoundError(f"task {name!r}: data {data!r} does not exist")
     if image_root is not None and not os.path.isdir(image_root):
         raise FileNotFoundError(f"task {name!r}: image root {image_root!r} is not a directory")
-    return task, task.load(data, image_root=image_root)
+    try:
+        return task, task.load(data, image_root=image_root)
+    except ValueError as e:
+        raise ValueError(f"task {name!r}: {e}") from e
 
 
 def run_task(runtime, args, name, data, image_root):
@@ -274,7 +277,7 @@ def run_task(runtime, args, name, data, image_root):
     if gen.get("do_sample"):
         import jax
         sampling["rng"] = jax.random.fold_in(jax.random.PRNGKey(args.seed), _stable(name))
-    with tqdm(total=n_eval, desc=name, file=sys.stderr, disable=None) as bar:
+    with tqdm(total=n_eval, desc=name, file=sys.stderr) as bar:
         try:
             responses = batching.generate_all(model, params, tokenizer, image_cfg,
                                               conversations, args.template,
