@@ -12,12 +12,30 @@ from mllm_jax.eval.chair import (COCO_DOUBLE_WORDS, COCO_SYNONYMS, ChairEvaluato
 # ----------------------------------------------------------------------------- PTB tokenizer
 
 @pytest.mark.parametrize("text,expected", [
-    ("A man's dog, (running) fast!", "a man 's dog running fast"),
+    # Expected strings: output of pycocoevalcap's CoreNLP 3.4.1 PTBTokenizer
+    # (-preserveLines -lowerCase) with PTB_PUNCTUATIONS removed.
+    ("A man's dog, (running) fast!", "a man 's dog -lrb- running -rrb- fast"),
     ("Don't stop.", "do n't stop"),
     ("It costs 1,000 dollars... really?", "it costs 1,000 dollars really"),
     ('A "hot-dog" stand; at 10:30 - noon.', "a hot-dog stand at 10:30 noon"),
     ("Two  dogs\nplay --  outside.", "two dogs play outside"),
     ("I cannot see, gonna look!", "i can not see gon na look"),
+    ("a cat/dog on a [red] {sofa} *now* & then",
+     "a cat/dog on a -lsb- red -rsb- -lcb- sofa -rcb- * now * & then"),
+    ("The U.S. flag waves.", "the u.s. flag waves"),
+    ("It's 50% off $5 -- dogs' bowls 'quoted' text",
+     "it 's 50 % off $ 5 dogs bowls quoted text"),
+    ("Mr. Smith's cat sits... on the mat.", "mr. smith 's cat sits on the mat"),
+    ("a dog. a cat.", "a dog a cat"),
+    ("two dogs.three cats", "two dogs.three cats"),
+    ("The answer is no.", "the answer is no"),
+    ("No. 5 bus", "no. 5 bus"),
+    ("A man, a dog, etc.", "a man a dog etc."),
+    ("what?! a dog!!", "what ?! a dog !!"),
+    ("a man\u2026and a cafe \u2014 nice", "a man and a cafe nice"),
+    ("don't can't won't", "do n't ca n't wo n't"),
+    ("a b&w photo, #1 fan", "a b & w photo # 1 fan"),
+    ("version 2.0.", "version 2.0"),
 ])
 def test_ptb_tokenize(text, expected):
     assert ptb_tokenize(text) == expected

@@ -3,11 +3,10 @@
 Pure Python + numpy re-implementations mirroring the official COCO caption
 evaluation toolkit (``pycocoevalcap``):
 
-* :func:`ptb_tokenize` approximates ``pycocoevalcap/tokenizer/ptbtokenizer.py``
+* :func:`ptb_tokenize` reimplements ``pycocoevalcap/tokenizer/ptbtokenizer.py``
   (Stanford CoreNLP ``PTBTokenizer -preserveLines -lowerCase`` followed by
-  removal of the punctuation tokens in :data:`PTB_PUNCTUATIONS`).  We do not run
-  the Java tokenizer; a regex approximation is used instead (see its docstring
-  for exactly what is and is not reproduced).
+  removal of the punctuation tokens in :data:`PTB_PUNCTUATIONS`) with regexes,
+  without Java (see its docstring for what is and is not reproduced).
 * :func:`cider_d` mirrors ``pycocoevalcap/cider/cider_scorer.py`` (checked
   line by line against salaniz/pycocoevalcap) (which,
   despite its name, implements CIDEr-D): n = 1..4, sigma = 6, tf-idf weights with
@@ -51,52 +50,83 @@ PTB_PUNCTUATIONS = frozenset([
 # Stanford PTB splits these clitics off the preceding word ("don't" -> "do n't",
 # "man's" -> "man 's"); they are *not* in the punctuation list, so they survive.
 _CLITIC_RE = re.compile(r"(?i)(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
+_CLITICS = ("'s", "'re", "'ve", "'ll", "'d", "'m")
 # PTB splits these words in two ("cannot" -> "can not", "gonna" -> "gon na").
 _SPLIT_WORDS_RE = re.compile(r"\b(can)(not)\b|\b(gon|wan)(na)\b|\b(got)(ta)\b|\b(gim|lem)(me)\b")
-# Brackets become -LRB-/-RRB-/-LCB-/-RCB- (and [ ] -> -LSB-/-RSB-, which are NOT
-# in the removal list; we drop them too -- a documented deviation, they are rare).
+# Brackets become -LRB- -RRB- -LSB- -RSB- -LCB- -RCB-; -lowerCase lowercases them
+# *after* that, so they no longer match the (upper-case) removal list and stay.
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-",
+             "}": "-rcb-"}
 _BRACKET_RE = re.compile(r"[()\[\]{}]")
-# Punctuation characters that PTB splits into their own tokens.
-_SPLIT_PUNCT_RE = re.compile(r"(\.\.\.|--|[?!,;:\"`]|'')")
+# Characters PTB makes tokens of: ellipsis, double dash, runs of ?/!, , ; : quotes,
+# and the symbols & # $ % * (the symbols are kept, the rest removed).
+_SPLIT_PUNCT_RE = re.compile(r"(\.\.\.|--|[?!]+|[,;:\"`&#$%*]|'')")
+# Periods PTB leaves on a token: acronyms (u.s. a.m. e.g.), single-letter initials
+# and common abbreviations; "no." only before a number ("no. 5").
+_ACRONYM_RE = re.compile(r"^(?:[a-z]\.)+[a-z]?\.?$")
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr st ave mt jr sr inc co corp ltd vs etc rev prof gov gen sen rep capt col "
+    "lt sgt fig jan feb mar apr jun jul aug sep sept oct nov dec".split())
+
+
+def _final_period(tok: str, next_tok: str) -> str:
+    core = tok.rstrip(".")
+    if not core or tok.endswith(".."):
+        return core
+    keep = (_ACRONYM_RE.match(tok) is not None or core in _ABBREVIATIONS
+            or (core == "no" and next_tok[:1].isdigit()))
+    return tok if keep else core
 
 
 def ptb_tokenize(text: str) -> str:
     """Lowercase + PTB-tokenize + drop punctuation tokens; return a space-joined string.
 
-    Regex approximation of pycocoevalcap's ``PTBTokenizer``:
+    Regex reimplementation of pycocoevalcap's ``PTBTokenizer`` (Stanford
+    CoreNLP 3.4.1 ``PTBTokenizer -preserveLines -lowerCase``, then removal of
+    :data:`PTB_PUNCTUATIONS`), checked against the real tokenizer's output:
 
-    * lowercases (``-lowerCase``) and treats newlines as spaces;
-    * splits clitics ``n't 's 're 've 'll 'd 'm`` into their own tokens (kept),
-      and ``cannot gonna wanna gotta gimme lemme`` in two (``can not``);
-    * brackets, quotes (``"``, backquotes, ``''``, stray ``'``), ``? ! , ; :``,
-      ``...``, ``--`` and standalone ``-`` become tokens and are removed;
-    * a period is removed when it ends a token (sentence-final / before space)
-      but kept inside tokens such as ``3.5`` or ``u.s`` (PTB keeps ``u.s.`` as one
-      token; we strip its final period -- a minor deviation);
-    * commas/colons between digits (``1,000``, ``10:30``) are kept, as PTB does;
-    * intra-word hyphens (``hot-dog``) and other symbols (``&``, ``/``, ``$``, ``%``)
-      are kept attached, as in PTB (PTB would split ``$``/``%`` off numbers; we do
-      not -- rare in captions).
+    * lowercase; newlines are spaces; ``…`` is ``...``, em/en dashes ``--``;
+    * clitics ``n't 's 're 've 'll 'd 'm`` split off and kept; ``cannot gonna
+      wanna gotta gimme lemme`` split in two (``can not``, ``gon na``);
+    * brackets become ``-lrb- -rrb- -lsb- -rsb- -lcb- -rcb-`` and are *kept*
+      (the removal list is upper case and ``-lowerCase`` applies after);
+    * ``& # $ % *`` become tokens and are kept (``$ 5``, ``50 %``);
+    * quotes, ``? ! , ; :``, ``...``, ``--`` and standalone ``-`` are
+      removed; runs such as ``?!`` or ``!!`` are one token and are kept;
+    * a sentence-final period is removed, but acronyms (``u.s.``, ``a.m.``),
+      initials (``b.``) and common abbreviations (``mr.``, ``st.``, ``etc.``)
+      keep theirs; periods inside tokens (``3.5``, ``dogs.three``) stay;
+    * commas/colons between digits (``1,000``, ``10:30``) and intra-word
+      hyphens / slashes (``hot-dog``, ``1/2``) stay attached.
+
+    Not reproduced: emoticons, ``y'all``-style splits, a number glued to a unit
+    (``12:30pm``), the abbreviation list's rarer entries.
     """
-    s = text.replace("\n", " ").replace("\r", " ").lower()
+    s = text.replace("\n", " ").replace("\r", " ").replace("\u2026", "...")
+    s = re.sub("[\u2013\u2014\u2015]", " -- ", s).lower()
     s = _CLITIC_RE.sub(r"\1 \2", s)
     s = _SPLIT_WORDS_RE.sub(lambda m: " ".join(g for g in m.groups() if g), s)
-    s = _BRACKET_RE.sub(" ", s)
+    s = _BRACKET_RE.sub(lambda m: " " + _BRACKETS[m.group(0)] + " ", s)
     # Protect digit-internal , and : (1,000 / 10:30) from splitting.
     s = re.sub(r"(?<=\d)([,:])(?=\d)", lambda m: {",": "\x00", ":": "\x01"}[m.group(1)], s)
     s = _SPLIT_PUNCT_RE.sub(r" \1 ", s)
     s = s.replace("\x00", ",").replace("\x01", ":")
+    toks = s.split()
     out: List[str] = []
-    for tok in s.split():
+    for i, tok in enumerate(toks):
+        if tok in _BRACKETS.values():
+            out.append(tok)
+            continue
         if tok in PTB_PUNCTUATIONS or tok == '"':  # PTB turns " into `` / '' (removed)
             continue
         # Leading quote/apostrophe that is not a clitic ('hello -> hello).
-        if tok.startswith("'") and tok not in ("'s", "'re", "'ve", "'ll", "'d", "'m"):
+        if tok.startswith("'") and tok not in _CLITICS:
             tok = tok.lstrip("'")
-        # Trailing periods / apostrophes (end of sentence, plural possessive "dogs'").
-        tok = tok.rstrip(".'")
+        tok = tok.rstrip("'")  # plural possessive "dogs'" -> "dogs" + "'"
         # Leading/trailing dashes ("-hello", "word-") are split off by PTB.
         tok = tok.strip("-")
+        if tok.endswith("."):
+            tok = _final_period(tok, toks[i + 1] if i + 1 < len(toks) else "")
         if tok and tok not in PTB_PUNCTUATIONS:
             out.append(tok)
     return " ".join(out)

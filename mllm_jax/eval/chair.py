@@ -33,6 +33,7 @@ greedily on alphanumeric tokens, longest phrase first, with generated plurals.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -206,6 +207,7 @@ _PLURAL_PREPOSITIONS = set(
     "between near since with athwart betwixt beyond but by".split())
 
 
+@functools.lru_cache(maxsize=65536)
 def singularize(word: str) -> str:
     """Singular of a noun by the rules of ``pattern.en.singularize`` (quirks
     included: ``"bus"`` -> ``"bu"``, ``"glass"`` -> ``"glas"``, ``"ties"`` ->
