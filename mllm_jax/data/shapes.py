@@ -859,6 +859,7 @@ def train_tokenizer(corpus_path, out_dir, vocab_size: int = 512) -> str:
                          f"(with byte fallback the vocabulary needs 256 bytes + the corpus's "
                          f"characters + 5 specials): {e}") from e
     os.remove(os.path.join(out_dir, "tokenizer.vocab"))
+    _drop_paths(os.path.join(out_dir, "tokenizer.model"))
     specials = {f"{k}_token": v for k, v in SPECIAL_TOKENS.items()}
     _dump({**specials, "image_token": IMAGE_TOKEN, "legacy": False, "add_bos_token": True,
            "add_eos_token": False, "tokenizer_class": "LlamaTokenizer",
@@ -867,6 +868,21 @@ def train_tokenizer(corpus_path, out_dir, vocab_size: int = 512) -> str:
     _dump({**specials, "additional_special_tokens": [IMAGE_TOKEN]},
           os.path.join(out_dir, "special_tokens_map.json"))
     return out_dir
+
+
+def _drop_paths(model_file):
+    """Keeps only file names in the model's training spec, so the same corpus gives the same
+    bytes wherever it is trained."""
+    from sentencepiece import sentencepiece_model_pb2 as pb2
+
+    proto = pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    spec = proto.trainer_spec
+    spec.input[:] = [os.path.basename(p) for p in spec.input]
+    spec.model_prefix = os.path.basename(spec.model_prefix)
+    with open(model_file, "wb") as f:
+        f.write(proto.SerializeToString())
 
 
 # ---- out-of-world images -----------------------------------------------------------------
