@@ -31,6 +31,7 @@ LOGICAL_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_vocab", "tensor"),
+    ("activation_kv_heads", "tensor"),  # KV cache heads during generation
 )
 
 

@@ -283,3 +283,45 @@ def test_beam_search_rejects_bad_settings(llama):
     with pytest.raises(ValueError, match="early_stopping"):
         gen.generate(model, params, ids, mask, max_new_tokens=2, eos_token_id=EOS,
                      num_beams=2, early_stopping="sometimes")
+
+
+# ---- sharded decoding ------------------------------------------------------------------------
+
+def four_llava_prompts(config):
+    """Four prompts (divisible by the mesh's data x fsdp = 4), images in prompt order."""
+    a, am, apx, _ = llava_prompts(config, seed=4)
+    b, bm, bpx, _ = llava_prompts(config, seed=7)
+    s = max(a.shape[1], b.shape[1])
+    pad = lambda x, v: np.pad(x, ((0, 0), (s - x.shape[1], 0)), constant_values=v)  # noqa: E731
+    ids = np.concatenate([pad(a, PAD), pad(b, PAD)])
+    mask = np.concatenate([pad(am, 0), pad(bm, 0)])
+    return ids, mask, np.concatenate([apx, bpx])
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_sharded_decoding_equals_one_device(llava, beams):
+    """Parameters sharded by the training rules on a (data=2, fsdp=2, tensor=2) mesh and
+    prompts split over data x fsdp: the same tokens as on one device."""
+    from mllm_jax import sharding
+    ref, path = llava
+    model, params = _load(path, True)
+    ids, mask, pixels = four_llava_prompts(ref.config)
+    kw = dict(max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD, num_beams=beams)
+    one = gen.generate(model, params, ids, mask, pixel_values=pixels, **kw)
+    mesh = sharding.make_mesh(sharding.mesh_config(data=2, fsdp=2, tensor=2))
+    placed, sids, _, _ = gen.place_on_mesh(model, params, mesh, ids, mask, pixels)
+    assert len(sids.sharding.device_set) == 8 and not sids.sharding.is_fully_replicated
+    q = placed["language_model"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.addressable_shards[0].data.size == q.size // 4  # fsdp x tensor
+    with jax.set_mesh(mesh), sharding.activation_rules_context():
+        cache = jax.jit(lambda: gen.init_cache(model, 4, 64))()
+    layers, _, _, kv_heads, head_dim = cache["k"].shape
+    assert cache["k"].addressable_shards[0].data.shape == (layers, 1, 64, kv_heads // 2,
+                                                           head_dim)
+    many = gen.generate(model, params, ids, mask, pixel_values=pixels, mesh=mesh, **kw)
+    np.testing.assert_array_equal(many, one)
+    # A batch that does not divide over the data axes is replicated, with the same result.
+    odd = gen.generate(model, params, ids[:2], mask[:2], pixel_values=pixels[:3], mesh=mesh,
+                       **kw)
+    np.testing.assert_array_equal(odd, gen.generate(model, params, ids[:2], mask[:2],
+                                                    pixel_values=pixels[:3], **kw))

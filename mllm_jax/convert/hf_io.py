@@ -23,8 +23,9 @@ class CheckpointMismatchError(ValueError):
     pass
 
 
-def abstract_params(model):
-    """Parameter shapes/dtypes of `model` (no allocation), unboxed from logical metadata."""
+def abstract_params(model, boxed=False):
+    """Parameter shapes/dtypes of `model` (no allocation), unboxed from logical metadata
+    (boxed=True keeps the `nn.Partitioned` boxes, for `sharding.param_shardings`)."""
     cfg = model.cfg
     rng = jax.random.PRNGKey(0)
     if cfg.model_type == "clip_vision":
@@ -33,7 +34,7 @@ def abstract_params(model):
     else:
         args = (jnp.zeros((1, 1), jnp.int32),)
     variables = jax.eval_shape(model.init, rng, *args)
-    return nn.meta.unbox(variables["params"])
+    return variables["params"] if boxed else nn.meta.unbox(variables["params"])
 
 
 def _expected(model):

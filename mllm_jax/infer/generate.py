@@ -11,13 +11,16 @@ Works for `causal_lm` and `llava` models, with unrolled (`layers_{i}`) or scanne
 parameters: the decoder layers are applied one by one from the parameter tree, scanned
 stacks through `lax.scan` over the stacked parameters and caches.
 """
+import contextlib
 from functools import partial
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
+from mllm_jax import sharding
 from mllm_jax.models import attention, rope
 from mllm_jax.models.layers import RMSNorm, dtype_of
 from mllm_jax.models.llava import check_image_tokens
@@ -51,10 +54,15 @@ def init_cache(model, batch: int, max_len: int) -> Cache:
     dtype, _ = _dtypes(model)
     one = attention.init_kv_cache(batch, max_len, t.num_key_value_heads, t.head_dim, dtype)
     n = t.num_hidden_layers
+    # Under a mesh (and the rules context) the cache is split like the activations: batch
+    # over the data axes, KV heads over the tensor axis.
+    names = ("activation_batch", "activation_length", "activation_kv_heads", None)
     if model.cfg.scan_layers:
         k = jnp.broadcast_to(one["k"][None], (n, *one["k"].shape))
+        k = nn.with_logical_constraint(k, (None, *names))
         return {"k": k, "v": k, "index": one["index"]}
-    return {"k": [one["k"]] * n, "v": [one["v"]] * n, "index": one["index"]}
+    k = nn.with_logical_constraint(one["k"], names)
+    return {"k": [k] * n, "v": [k] * n, "index": one["index"]}
 
 
 def forward_cached(model, params, embeds, positions, kv_mask, cache: Cache):
@@ -334,7 +342,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
              pad_token_id: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_beams: int = 1, length_penalty: float = 1.0,
-             early_stopping: bool | str = False, rng=None) -> np.ndarray:
+             early_stopping: bool | str = False, rng=None, mesh=None) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens per prompt. Returns int32 [b, n] (new tokens
     only); n < max_new_tokens when every sample emitted an EOS earlier. After its EOS a
     sample holds `pad_token_id` (default: the first EOS id), as HF `generate` does.
@@ -349,8 +357,9 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     and `early_stopping` (False: HF's heuristic; True: stop when `num_beams` hypotheses are
     done; "never": the canonical search); returns the best hypothesis per prompt.
 
-    Inputs and parameters may be sharded over a mesh (`mllm_jax.sharding`); run the call
-    under `with mesh:` and the computation follows their shardings.
+    mesh: a `jax.sharding.Mesh` (`mllm_jax.sharding.make_mesh`) to decode on, with the
+    parameters sharded by the logical rules as in training and the prompts split over the
+    data axes; the tokens equal those of a one-device run.
     """
     input_ids = np.asarray(input_ids) if not isinstance(input_ids, jax.Array) else input_ids
     if input_ids.ndim != 2:
@@ -383,18 +392,43 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
         raise ValueError("this is a text-only model; pixel_values must be None")
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.asarray(attention_mask, jnp.int32)
+    if mesh is not None:
+        params, ids, mask, pixel_values = place_on_mesh(model, params, mesh, ids, mask,
+                                                        pixel_values)
     if num_beams > 1:
         # HF fills unused beam positions with `pad_token_id or eos_token_id[0]`: a pad id
         # of 0 counts as unset there.
         beam_pad = pad if (pad or not eos) else eos[0]
         settings = (int(max_new_tokens), eos, int(beam_pad), int(num_beams),
                     float(length_penalty), early_stopping)
-        out, lengths, _ = _compiled(model, settings, _beam_generate)(params, ids, mask,
-                                                                      pixel_values)
-        return np.asarray(out)[:, :int(np.max(np.asarray(lengths)))]
-    sampling = (("do_sample", bool(do_sample)), ("temperature", float(temperature)),
-                ("top_k", int(top_k)), ("top_p", float(top_p)))
-    settings = (int(max_new_tokens), eos, int(pad), sampling)
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    out, n = _compiled(model, settings)(params, ids, mask, pixel_values, rng)
-    return np.asarray(out)[:, :int(n)]
+        fn, args = _compiled(model, settings, _beam_generate), ()
+    else:
+        sampling = (("do_sample", bool(do_sample)), ("temperature", float(temperature)),
+                    ("top_k", int(top_k)), ("top_p", float(top_p)))
+        settings = (int(max_new_tokens), eos, int(pad), sampling)
+        fn, args = _compiled(model, settings), (jax.random.PRNGKey(0) if rng is None else rng,)
+    with contextlib.ExitStack() as stack:
+        if mesh is not None:
+            stack.enter_context(jax.set_mesh(mesh))  # makes the logical constraints apply
+            stack.enter_context(sharding.activation_rules_context())
+        out, *rest = fn(params, ids, mask, pixel_values, *args)
+    # Beam search returns the best hypotheses' lengths, the loop the number of steps run.
+    n = int(np.max(np.asarray(rest[0]))) if num_beams > 1 else int(rest[0])
+    return np.asarray(out)[:, :n]
+
+
+def place_on_mesh(model, params, mesh, input_ids, attention_mask, pixel_values=None):
+    """Parameters sharded by the logical rules (as in training); prompts and images split
+    over the (data, fsdp) axes when their count divides, replicated otherwise."""
+    from mllm_jax.convert.hf_io import abstract_params
+    params = jax.device_put(params, sharding.param_shardings(
+        abstract_params(model, boxed=True), mesh))
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def split(x):
+        if x is None:
+            return None
+        sh = (sharding.batch_sharding(mesh, x.ndim) if x.shape[0] % ways == 0
+              else sharding.replicated(mesh))
+        return jax.device_put(x, sh)
+    return params, split(input_ids), split(attention_mask), split(pixel_values)
