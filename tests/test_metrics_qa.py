@@ -86,6 +86,9 @@ def test_vqa_accuracy_official_vs_legacy_flow():
         (2 * (1 / 3) + 8 * (2 / 3)) / 10)
     assert vqa_accuracy("Two", ["2"] * 10, gt_normalization="none",
                         normalize_prediction=False) == 0.0
+    # master strips the answers first; the 2016 flow compares them as released
+    assert vqa_accuracy("dog", [" dog"] * 10) == 1.0
+    assert vqa_accuracy("dog", [" dog"] * 10, gt_normalization="legacy") == 0.0
     with pytest.raises(ValueError, match="gt_normalization"):
         vqa_accuracy("2", gts, gt_normalization="bogus")
 

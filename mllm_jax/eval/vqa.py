@@ -125,17 +125,17 @@ GT_NORMALIZATIONS = ("official", "legacy", "full", "none")
 
 def _prepare(prediction: str, gt_answers: Sequence[str], normalize_prediction: bool,
              gt_normalization: str):
-    gts = [_clean(a) for a in gt_answers]
     pred = normalize_answer(prediction) if normalize_prediction else _clean(prediction)
-    disagree = len(set(gts)) > 1
+    if gt_normalization == "legacy":  # answers used as released (no strip)
+        gts = list(gt_answers)
+        if len(set(gts)) > 1:
+            gts = [process_punctuation(a) for a in gts]
+        return normalize_answer(pred), gts
+    gts = [_clean(a) for a in gt_answers]
     if gt_normalization == "official":
-        if disagree:
+        if len(set(gts)) > 1:
             gts = [normalize_answer(a) for a in gts]
             pred = normalize_answer(pred)
-    elif gt_normalization == "legacy":
-        pred = normalize_answer(pred)
-        if disagree:
-            gts = [process_punctuation(a) for a in gts]
     elif gt_normalization == "full":
         gts = [normalize_answer(a) for a in gts]
         pred = normalize_answer(pred)
