@@ -314,6 +314,27 @@ def test_files_load_and_build_examples(built):
         assert e["image"][-1] == S.image_path(e["scene"]) and e["answer"] == answers[-1]
 
 
+@pytest.mark.parametrize("name,template,mode", [("captions_train", "plain", "lm"),
+                                                ("instruct_train", "vicuna_v1", "lm"),
+                                                ("preference_train", "vicuna_v1", "dpo")])
+def test_pipeline_reads_the_files(built, name, template, mode):
+    from mllm_jax.data.image import ImageProcessorConfig
+    from mllm_jax.data.pipeline import LlavaPipeline
+
+    tok = load_tokenizer(built["tokenizer"])
+    records = (read_preference_json if mode == "dpo" else read_llava_json)(built[name])
+    cfg = ImageProcessorConfig(size={"shortest_edge": 28}, crop_size=28)
+    with LlavaPipeline(records, tok, cfg, template, global_batch_size=8, max_length=256,
+                       max_images=3, image_tokens_per_image=16, system="", num_workers=0,
+                       mode=mode) as pipe:
+        for _ in range(3):
+            batch = next(pipe)
+        assert pipe.report() == {}  # no record was skipped
+    key = "chosen_labels" if mode == "dpo" else "labels"
+    assert batch["pixel_values"].shape == (8, 3, 28, 28, 3)
+    assert ((batch[key] >= 0).sum(1) > 0).all()
+
+
 def test_tokenizer_round_trips(built):
     tok = load_tokenizer(built["tokenizer"])
     assert tok.vocab_size == 512

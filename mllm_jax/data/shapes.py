@@ -757,11 +757,12 @@ def _dump(obj, path):
 
 
 def write_dataset(out_dir, sizes=None, seed: int = 0, world: World = World(), *,
-                  turns: int = 3, fewshot_fraction: float = 0.05, fewshot_k: int = 2,
-                  tokenizer_vocab_size: int | None = 512) -> dict:
+                  turns: int = 3, weights: dict | None = None, fewshot_fraction: float = 0.05,
+                  fewshot_k: int = 2, tokenizer_vocab_size: int | None = 512) -> dict:
     """Writes the world under `out_dir`: images/{split}/NNNNNN.png and, per split,
     captions_{split}.json (stage 1), instruct_{split}.json (stage 2: `turns` questions a
-    record, plus few-shot episodes for `fewshot_fraction` of the scenes), preference_{split}
+    record, of kinds drawn by `weights` (default INSTRUCT_WEIGHTS), plus few-shot episodes for
+    `fewshot_fraction` of the scenes), preference_{split}
     .json (DPO), pairs_{split}.json ({id, image, caption}: faithful short captions for
     contrastive pre-training), eval_{split}.json (every split but train); text_corpus.txt
     (from the train split, else the first), world.json, and a tokenizer trained on the
@@ -780,7 +781,8 @@ def write_dataset(out_dir, sizes=None, seed: int = 0, world: World = World(), *,
         captions, instruct, prefs, pairs = [], [], [], []
         for i, scene in enumerate(scenes):
             captions.append(caption_record(scene, seed, split, i, world))
-            instruct.append(instruct_record(scene, seed, split, i, world, stats, turns))
+            instruct.append(instruct_record(scene, seed, split, i, world, stats, turns,
+                                            weights))
             pref = preference_record(scene, seed, split, i, world, stats)
             if pref is not None:
                 prefs.append(pref)
