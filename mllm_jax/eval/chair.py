@@ -1,7 +1,7 @@
 """CHAIR object-hallucination metric (Rohrbach et al., EMNLP 2018).
 
 Mirrors ``utils/chair.py`` and ``data/synonyms.txt`` of LisaAnne/Hallucination
-(also used, unchanged in substance, by OPERA and other hallucination papers).
+(the basis of the CHAIR scripts used by later hallucination papers).
 For the COCO vocabulary (``ChairEvaluator()``) a caption is processed exactly
 as the official ``caption_to_words``:
 
@@ -153,7 +153,7 @@ COCO_DOUBLE_WORDS.update({"bow tie": "tie", "toilet seat": "toilet", "wine glas"
 
 
 # ----------------------------------------------------------------------------- singularize
-# The rules of pattern.en.singularize (pattern 2.6 / 3.6), applied in order.
+# The rules of pattern.en.singularize (pattern 2.6 and later), applied in order.
 _SING_RULES = [(re.compile(a), b) for a, b in [
     (r"(?i)(.)ae$", r"\1a"), (r"(?i)(.)itis$", r"\1itis"), (r"(?i)(.)eaux$", r"\1eau"),
     (r"(?i)(quiz)zes$", r"\1"), (r"(?i)(matr)ices$", r"\1ix"),
