@@ -628,6 +628,7 @@ def accuracy_by_kind(entries, predictions, world: World = World()) -> dict:
 
 # ---- records -----------------------------------------------------------------------------
 def image_path(scene_id: str) -> str:
+    """Where a scene's PNG goes under the data directory: images/{split}/{index}.png."""
     split, index = scene_id.rsplit("-", 1)
     return f"images/{split}/{index}.png"
 
@@ -707,8 +708,8 @@ def eval_records(scenes, seed, split, world=World(), stats=None, fewshot_k: int 
                 "scene": scene.id}
 
         def add(kind, q, a, **extra):
-            out.append({"id": f"{scene.id}-{kind}-{len(out)}", **base,
-                        "conversations": conversation([(q, a)]), "kind": kind, "answer": a, **extra})
+            out.append({"id": f"{scene.id}-{kind}-{len(out)}", **base, "kind": kind,
+                        "conversations": conversation([(q, a)]), "answer": a, **extra})
 
         refs = [short_caption(scene.objects, None, world, style=s) for s in range(3)]
         add("caption", CAPTION_PROMPT, refs[0], references=refs)
@@ -722,8 +723,8 @@ def eval_records(scenes, seed, split, world=World(), stats=None, fewshot_k: int 
             add("pope", item["question"], item["answer"], pope_mode=item["mode"],
                 object=item["object"])
         if fewshot_k and len(scenes) > fewshot_k:
-            ep = fewshot_episode(scenes, index, fewshot_k, scene_rng(seed, split, index, _FEWSHOT),
-                                 world, stats)
+            ep = fewshot_episode(scenes, index, fewshot_k,
+                                 scene_rng(seed, split, index, _FEWSHOT), world, stats)
             out.append({"id": f"{scene.id}-fewshot-{len(out)}", **base,
                         "image": [image_path(i) for i in ep["images"]],
                         "conversations": ep["conversations"], "kind": "fewshot",
