@@ -1,12 +1,8 @@
-"""The `mllm-jax` command: train, generate, chat, bench, convert, demo, presets (eval to
-come)."""
+"""The `mllm-jax` command: train, generate, chat, eval, bench, convert, demo, presets."""
 import argparse
 import re
 import sys
 
-UNAVAILABLE = {
-    "eval": "run evaluation benchmarks",
-}
 DTYPES = ("float32", "bfloat16", "float16")
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
           "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
@@ -100,14 +96,23 @@ def build_parser():
                        help="seconds per training step (from bench train) to compare with")
     bdata.add_argument("--train-batch", type=int, default=4)
     bdata.set_defaults(func=_bench_data)
+    bdecode = bsub.add_parser("decode", help="generation tokens/s at several batch sizes, "
+                                             "next to transformers' generate")
+    from mllm_jax.bench import decode as bench_decode
+    bench_decode.add_arguments(bdecode)
+    bdecode.set_defaults(func=bench_decode.main)
     bench.set_defaults(func=lambda args: _usage(bench))
+
+    evaluate = sub.add_parser(
+        "eval", help="score a checkpoint on benchmarks (POPE, VQAv2, GQA, MME, CHAIR, "
+                     "ScienceQA, COCO captions); results in lmms-eval's layout")
+    from mllm_jax.eval import runner as eval_runner
+    eval_runner.add_arguments(evaluate)
+    evaluate.set_defaults(func=eval_runner.main)
 
     presets = sub.add_parser("presets", help="list model presets with parameter counts")
     presets.set_defaults(func=_presets)
 
-    for name, text in UNAVAILABLE.items():
-        p = sub.add_parser(name, help=f"{text} (not available yet in this version)")
-        p.set_defaults(func=_unavailable(name))
     parser.set_defaults(func=lambda args: _usage(parser))
     return parser
 
@@ -116,12 +121,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     from mllm_jax.train.config_file import split_config_args
     argv, overrides = split_config_args(list(sys.argv[1:] if argv is None else argv))
-    # Unavailable commands accept (and ignore) any arguments, so that what a user types for
-    # them gets the "not available yet" answer rather than a usage error.
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command not in UNAVAILABLE:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command not in ("train", *UNAVAILABLE):
+    args = parser.parse_args(argv)
+    if overrides and args.command != "train":
         parser.error(f"--config.* overrides apply to train only: {' '.join(overrides)}")
     args.overrides = overrides
     from mllm_jax.convert import CheckpointMismatchError, UnsupportedModelError
@@ -137,14 +138,6 @@ def main(argv=None) -> int:
 def _usage(parser):
     parser.print_help(sys.stderr)
     return 2
-
-
-def _unavailable(name):
-    def run(args):
-        print(f"mllm-jax {name}: not available yet in this version of mllm_jax; available "
-              "commands: train, generate, chat, bench, convert, demo, presets", file=sys.stderr)
-        return 2
-    return run
 
 
 def _train(args):

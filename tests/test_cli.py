@@ -250,12 +250,11 @@ def test_demo_runs_offline_and_writes_its_outputs(tmp_path, capsys):
     assert top == int(np.argmax(saved["logits"][0, -1]))
 
 
-@pytest.mark.parametrize("command", ["eval"])
-def test_unavailable_commands_exit_2_with_a_message(command, capsys):
-    assert main([command]) == 2
-    assert main([command, "--config", "recipe.py", "--config.train.lr=1e-4"]) == 2
-    err = capsys.readouterr().err
-    assert f"mllm-jax {command}: not available yet" in err
+def test_config_overrides_belong_to_train_only(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["presets", "--config.train.lr=1e-4"])
+    assert e.value.code == 2
+    assert "--config.* overrides apply to train only" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2(capsys):
