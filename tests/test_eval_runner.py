@@ -225,13 +225,15 @@ def test_cli_eval_writes_results(ckpt, pope_file, tmp_path, capsys):  # noqa: F8
     out = tmp_path / "out"
     assert main(["eval", "--ckpt", d, "--task", "pope", "--data", pope_file, "--output",
                  str(out), "--template", TEMPLATE, "--limit", "2", "--max-new-tokens", "2",
-                 "--batch-size", "2", "--log-samples"]) == 0
+                 "--batch-size", "2", "--num-beams", "2", "--log-samples"]) == 0
     (model_dir,) = os.listdir(out)
     files = sorted(os.listdir(out / model_dir))
     assert [f.split("_", 2)[-1] for f in files] == ["results.json", "samples_pope.jsonl"]
     with open(out / model_dir / files[0]) as f:
         results = json.load(f)
     assert results["n-samples"]["pope"] == {"original": 4, "effective": 2}
+    assert results["configs"]["pope"]["generation_kwargs"] == {
+        "max_new_tokens": 2, "num_beams": 2, "length_penalty": 1.0}
     assert 0.0 <= results["results"]["pope"]["pope_accuracy,none"] <= 1.0
     printed = capsys.readouterr().out
     assert str(out / model_dir / files[0]) in printed
