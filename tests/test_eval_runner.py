@@ -240,3 +240,29 @@ def test_cli_eval_writes_results(ckpt, pope_file, tmp_path, capsys):  # noqa: F8
     assert main(["eval", "--ckpt", d, "--task", "nope", "--data", pope_file,
                  "--output", str(out)]) == 1
     assert "unknown eval task 'nope'" in capsys.readouterr().err
+
+
+def test_demonstration_answers_and_mean_stderr():
+    Sample = tasks.Sample
+    vqa = Sample(0, "1", [], "q", ["two", "2", "two", "three"], {})
+    assert runner.answer_text(tasks.get_task("vqav2"), vqa) == "two"  # the most common
+    sqa = Sample(0, "2", [], "q", 2, {"num_options": 3})
+    assert runner.answer_text(tasks.get_task("scienceqa"), sqa) == "C"
+    chair = Sample(0, "3", [], "", ["dog", "person"], {"captions": ["A dog and a man."]})
+    assert runner.answer_text(tasks.get_task("chair"), chair) == "A dog and a man."
+    processed = [{"exact_match": x} for x in (1.0, 0.0, 1.0, 1.0)]
+    assert runner.stderr_of("exact_match", 0.75, processed) == pytest.approx(
+        np.std([1, 0, 1, 1], ddof=1) / 2)
+    assert runner.stderr_of("exact_match", 0.5, processed) == "N/A"  # not their mean
+    assert runner.stderr_of("coco_CIDEr", 0.9, processed) == "N/A"
+
+
+def test_images_given_as_bytes_read_like_files(loaded, pictures):
+    _, _, _, image_cfg = loaded
+    with open(pictures[1], "rb") as f:
+        data = f.read()
+    from_bytes = batching.load_pixels(batching.Conversation([], [data], "b"), image_cfg)
+    from_path = batching.load_pixels(batching.Conversation([], [pictures[1]], "p"), image_cfg)
+    np.testing.assert_array_equal(from_bytes[0], from_path[0])
+    with pytest.raises(batching.ImageLoadError, match=r"sample 'x': cannot read image <9 bytes"):
+        batching.load_pixels(batching.Conversation([], [b"not a png"], "x"), image_cfg)
