@@ -107,8 +107,8 @@ def _run(args, loaded, monkeypatch):
     return model_dir, results, records
 
 
-def test_runner_writes_lmms_eval_layout_with_the_tasks_scores(ckpt, loaded, pope_file,  # noqa: F811
-                                                              tmp_path, monkeypatch, capsys):
+def test_runner_writes_lmms_eval_layout_with_the_tasks_scores(  # noqa: F811
+        ckpt, loaded, pope_file, tmp_path, monkeypatch, capsys):
     d, _ = ckpt
     args = _args(d, pope_file, tmp_path / "out", "--limit", "3")
     model_dir, results, records = _run(args, loaded, monkeypatch)
@@ -143,14 +143,15 @@ def test_runner_writes_lmms_eval_layout_with_the_tasks_scores(ckpt, loaded, pope
     assert "|pope" in out and "pope_accuracy" in out and "wrote " in out
 
 
-def test_fewshot_prompt_holds_k_demonstrations_and_k_plus_1_images(ckpt, loaded, pope_file,  # noqa: F811
-                                                                    tmp_path, monkeypatch):
+def test_fewshot_prompt_has_k_demonstrations_and_k_plus_1_images(  # noqa: F811
+        ckpt, loaded, pope_file, tmp_path, monkeypatch):
     d, _ = ckpt
     args = _args(d, pope_file, tmp_path / "out", "--limit", "2", "--num-fewshot", "2",
                  "--seed", "5")
     _, results, records = _run(args, loaded, monkeypatch)
     assert results["n-shot"] == {"pope": 2}
     pool = tasks.get_task("pope").load(pope_file)
+    suffix = tasks.get_task("pope").prompt_suffix
     for query, r in enumerate(records):
         demos = runner.fewshot_indices(len(pool), query, 2, seed=5)
         assert query not in demos and len(set(demos)) == 2
@@ -159,8 +160,8 @@ def test_fewshot_prompt_holds_k_demonstrations_and_k_plus_1_images(ckpt, loaded,
         assert text.count("<image>") == 3
         # Each demonstration is image, question, suffix and its answer, in draw order, and
         # the query comes last without an answer.
-        positions = [text.index(f"<image>\n{pool[i].question}{tasks.get_task('pope').prompt_suffix}\n"
-                                f"{pool[i].target}\n\n") for i in demos]
+        positions = [text.index(f"<image>\n{pool[i].question}{suffix}\n{pool[i].target}\n\n")
+                     for i in demos]
         assert positions == sorted(positions)
         assert text.index(f"<image>\n{pool[query].question}") > positions[-1]
         assert r["resps"] and isinstance(r["filtered_resps"], str)
@@ -169,8 +170,8 @@ def test_fewshot_prompt_holds_k_demonstrations_and_k_plus_1_images(ckpt, loaded,
         runner.fewshot_indices(3, 0, 3, seed=0)
 
 
-def test_cot_asks_for_reasoning_and_scores_the_answer_after_it(ckpt, loaded, pope_file,  # noqa: F811
-                                                               tmp_path, monkeypatch):
+def test_cot_asks_for_reasoning_and_scores_the_answer_after_it(  # noqa: F811
+        ckpt, loaded, pope_file, tmp_path, monkeypatch):
     d, _ = ckpt
     seen = {}
 
