@@ -12,6 +12,7 @@ from mllm_jax.convert import load_hf
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.eval import runner, tasks
 from mllm_jax.infer import batching
+from mllm_jax.infer.generate import place_on_mesh
 from mllm_jax.infer.prompting import Session, image_config_for
 from test_chat import ckpt  # noqa: F401  (the module-scoped tiny checkpoint fixture)
 
@@ -93,6 +94,8 @@ def _args(ckpt_dir, data, output, *extra):
 
 
 def _run(args, loaded, monkeypatch):
+    if len(loaded) == 4:  # one device
+        loaded = (*loaded, None)
     monkeypatch.setattr(runner, "load_runtime", lambda a: loaded)
     assert runner.main(args) == 0
     (model_dir,) = os.listdir(args.output)
@@ -204,7 +207,7 @@ def test_cot_asks_for_reasoning_and_scores_the_answer_after_it(  # noqa: F811
 def test_bad_inputs_name_the_task_sample_and_file(ckpt, loaded, pope_file, tmp_path,  # noqa: F811
                                                   monkeypatch):
     d, _ = ckpt
-    monkeypatch.setattr(runner, "load_runtime", lambda a: loaded)
+    monkeypatch.setattr(runner, "load_runtime", lambda a: (*loaded, None))
     with pytest.raises(ValueError, match="unknown eval task 'popee'"):
         runner.evaluate(_args(d, pope_file, tmp_path, "--task", "popee"))
     with pytest.raises(FileNotFoundError, match=r"task 'pope': data .*nowhere.json"):
@@ -267,3 +270,22 @@ def test_images_given_as_bytes_read_like_files(loaded, pictures):
     np.testing.assert_array_equal(from_bytes[0], from_path[0])
     with pytest.raises(batching.ImageLoadError, match=r"sample 'x': cannot read image <9 bytes"):
         batching.load_pixels(batching.Conversation([], [b"not a png"], "x"), image_cfg)
+
+
+def test_mesh_decoding_gives_the_one_device_answers(ckpt, loaded, pope_file, tmp_path,  # noqa: F811
+                                                    monkeypatch):
+    d, _ = ckpt
+    model, params, tok, image_cfg = loaded
+    answers = {}
+    for mesh_arg in (None, "data=-1,tensor=2"):
+        extra = ("--mesh", mesh_arg) if mesh_arg else ()
+        args = _args(d, pope_file, tmp_path / str(mesh_arg), "--batch-size", "4", *extra)
+        mesh = runner.parse_mesh(args.mesh)
+        placed = params if mesh is None else place_on_mesh(model, params, mesh, None, None)[0]
+        _, results, records = _run(args, (model, placed, tok, image_cfg, mesh), monkeypatch)
+        answers[mesh_arg] = [r["filtered_resps"] for r in records]
+    assert dict(runner.parse_mesh("data=-1,tensor=2").shape) == {"data": 4, "fsdp": 1,
+                                                                  "tensor": 2}
+    assert answers["data=-1,tensor=2"] == answers[None]
+    with pytest.raises(ValueError, match="expected AXIS=SIZE"):
+        runner.parse_mesh("model=2")

@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "drawn from the same data")
     parser.add_argument("--cot", action="store_true", help="ask for reasoning, then the answer "
                         "after 'Answer:' (tasks whose answer is read from the end)")
+    parser.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
+                        help="decode on a device mesh, e.g. data=-1 (batches split over "
+                             "all devices) or data=2,tensor=4; default: one device")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the few-shot draws and sampling")
     parser.add_argument("--log-samples", action="store_true",
@@ -111,6 +114,21 @@ def generation_kwargs(args, task) -> dict:
     if args.num_beams != 1 or args.length_penalty != 1.0:
         gen.update(num_beams=args.num_beams, length_penalty=args.length_penalty)
     return gen
+
+
+def parse_mesh(text):
+    """A `jax.sharding.Mesh` from "data=-1,fsdp=1,tensor=2" (unnamed axes are 1), or None."""
+    if not text:
+        return None
+    from mllm_jax import sharding
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in _split(text):
+        axis, eq, size = part.partition("=")
+        if not eq or axis not in sizes or not re.fullmatch(r"-?\d+", size.strip()):
+            raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE pairs with AXIS in "
+                             f"{sorted(sizes)}, e.g. data=-1 or data=2,tensor=4")
+        sizes[axis] = int(size)
+    return sharding.make_mesh(sharding.mesh_config(**sizes))
 
 
 def uses_cot(args, task) -> bool:
@@ -259,7 +277,7 @@ def run_task(runtime, args, name, data, image_root):
 
     from mllm_jax.data.templates import render_text
     from mllm_jax.infer import batching
-    model, params, tokenizer, image_cfg = runtime
+    model, params, tokenizer, image_cfg, mesh = runtime
     task, pool = load_task_samples(name, data, image_root)
     if not pool:
         raise ValueError(f"task {name!r}: no samples in {data!r}")
@@ -273,7 +291,7 @@ def run_task(runtime, args, name, data, image_root):
     conversations = [build_conversation(task, pool, i, suffix=suffix, demos=demos[i])
                      for i in range(n_eval)]
     gen = generation_kwargs(args, task)
-    sampling = {}
+    sampling = {} if mesh is None else {"mesh": mesh}
     if gen.get("do_sample"):
         import jax
         sampling["rng"] = jax.random.fold_in(jax.random.PRNGKey(args.seed), _stable(name))
@@ -313,13 +331,18 @@ def task_config(name, data, image_root, info, args) -> dict:
 # ---- the run -----------------------------------------------------------------------------
 
 def load_runtime(args):
-    """(model, params, tokenizer, image preprocessing config) of the checkpoint."""
+    """(model, params, tokenizer, image preprocessing config, mesh or None) of the
+    checkpoint; with a mesh, the parameters are sharded on it once."""
     from mllm_jax.convert import load_hf
     from mllm_jax.data.tokenizer import load_tokenizer
+    from mllm_jax.infer.generate import place_on_mesh
     from mllm_jax.infer.prompting import image_config_for
+    mesh = parse_mesh(args.mesh)
     model, params = load_hf(args.ckpt, dtype=args.dtype)
+    if mesh is not None:
+        params = place_on_mesh(model, params, mesh, None, None)[0]
     image_cfg = image_config_for(model, args.ckpt) if model.cfg.model_type == "llava" else None
-    return model, params, load_tokenizer(args.ckpt), image_cfg
+    return model, params, load_tokenizer(args.ckpt), image_cfg, mesh
 
 
 def evaluate(args, runtime=None) -> dict:
@@ -362,7 +385,7 @@ def evaluate(args, runtime=None) -> dict:
                    "batch_sizes": [], "device": jax.default_backend(), "limit": args.limit,
                    "gen_kwargs": gen_cli, "num_fewshot": args.num_fewshot, "cot": args.cot,
                    "random_seed": args.seed, "fewshot_seed": args.seed,
-                   "dtype": args.dtype},
+                   "dtype": args.dtype, "mesh": args.mesh},
         "model_name": model_name,
         "model_name_sanitized": sanitize_model_name(args.ckpt),
         "start_time": start, "end_time": end,
