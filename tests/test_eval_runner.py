@@ -107,6 +107,7 @@ def _run(args, loaded, monkeypatch):
         results = json.load(f)
     with open(os.path.join(args.output, model_dir, files[1])) as f:
         records = [json.loads(line) for line in f]
+    assert results["date"] == date
     return model_dir, results, records
 
 
@@ -224,23 +225,50 @@ def test_bad_inputs_name_the_task_sample_and_file(ckpt, loaded, pope_file, tmp_p
         runner.evaluate(_args(d, str(data), tmp_path))
 
 
-def test_cli_eval_writes_results(ckpt, pope_file, tmp_path, capsys):  # noqa: F811
+@pytest.fixture(scope="module")
+def gqa_file(pictures):
+    """A GQA question file over two of the pictures (as JPEGs named by image id)."""
+    root = os.path.join(os.path.dirname(pictures[0]), "gqa")
+    os.makedirs(root, exist_ok=True)
+    questions = {}
+    for k, (picture, answer) in enumerate(zip(pictures[:2], ["left", "red"])):
+        Image.open(picture).convert("RGB").save(os.path.join(root, f"n{k}.jpg"))
+        questions[f"q{k}"] = {"imageId": f"n{k}", "question": f"Question {k}?",
+                              "answer": answer}
+    path = os.path.join(root, "testdev_balanced_questions.json")
+    with open(path, "w") as f:
+        json.dump(questions, f)
+    return path
+
+
+def test_cli_eval_writes_results(ckpt, pope_file, gqa_file, tmp_path, capsys):  # noqa: F811
     d, _ = ckpt
     out = tmp_path / "out"
-    assert main(["eval", "--ckpt", d, "--task", "pope", "--data", pope_file, "--output",
-                 str(out), "--template", TEMPLATE, "--limit", "2", "--max-new-tokens", "2",
-                 "--batch-size", "2", "--num-beams", "2", "--log-samples"]) == 0
+    assert main(["eval", "--ckpt", d, "--task", "pope,gqa", "--data", f"{pope_file},{gqa_file}",
+                 "--output", str(out), "--template", TEMPLATE, "--limit", "2",
+                 "--max-new-tokens", "2", "--batch-size", "2", "--num-beams", "2",
+                 "--log-samples"]) == 0
     (model_dir,) = os.listdir(out)
     files = sorted(os.listdir(out / model_dir))
-    assert [f.split("_", 2)[-1] for f in files] == ["results.json", "samples_pope.jsonl"]
+    date = files[0][:15]
+    assert files == [f"{date}_results.json", f"{date}_samples_gqa.jsonl",
+                     f"{date}_samples_pope.jsonl"]
     with open(out / model_dir / files[0]) as f:
         results = json.load(f)
-    assert results["n-samples"]["pope"] == {"original": 4, "effective": 2}
+    assert results["date"] == date
+    assert results["n-samples"] == {"pope": {"original": 4, "effective": 2},
+                                    "gqa": {"original": 2, "effective": 2}}
     assert results["configs"]["pope"]["generation_kwargs"] == {
         "max_new_tokens": 2, "num_beams": 2, "length_penalty": 1.0}
     assert 0.0 <= results["results"]["pope"]["pope_accuracy,none"] <= 1.0
+    with open(out / model_dir / files[1]) as f:
+        gqa = [json.loads(line)["exact_match"] for line in f]
+    # GQA's accuracy is the mean of the per-sample scores: its stderr is the mean's.
+    entry = results["results"]["gqa"]
+    assert entry["exact_match,none"] == pytest.approx(np.mean(gqa))
+    assert entry["exact_match_stderr,none"] == pytest.approx(np.std(gqa, ddof=1) / np.sqrt(2))
     printed = capsys.readouterr().out
-    assert str(out / model_dir / files[0]) in printed
+    assert str(out / model_dir / files[0]) in printed and "|gqa" in printed
     assert main(["eval", "--ckpt", d, "--task", "nope", "--data", pope_file,
                  "--output", str(out)]) == 1
     assert "unknown eval task 'nope'" in capsys.readouterr().err

@@ -397,6 +397,7 @@ def evaluate(args, runtime=None) -> dict:
 def write_outputs(results: dict, output: str, date: str, log_samples: bool) -> list[str]:
     """Writes the results JSON (and samples JSONL files); returns the paths written."""
     samples = results.pop("samples")
+    results["date"] = date
     directory = os.path.join(output, results["model_name_sanitized"])
     os.makedirs(directory, exist_ok=True)
     date_id = date.replace(":", "-")
