@@ -226,28 +226,31 @@ def test_model_config_json_round_trip_keeps_field_types():
     back.vision_feature_layer = -2
 
 
-def test_demo_runs_offline_and_writes_its_outputs(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "RANDOM-INITIALIZED" in out
-    cfg = presets.get("tiny-llava")
-    n_img = cfg.image_seq_length
-    size = cfg.vision.image_size
-    assert f"pixel_values   (1, {size}, {size}, 3) float32" in out
-    assert f"image features (1, {n_img}, {cfg.text.hidden_size})" in out
-    seq = int(re.search(r"input_ids +\(1, (\d+)\)", out).group(1))
-    assert f"logits         (1, {seq}, {cfg.text.vocab_size})" in out
-    assert re.search(r"top next-token id \d+", out)
+def test_demo_passes_its_options_and_prints_the_table_and_paths(tmp_path, capsys,
+                                                                  monkeypatch):
+    """The command's wiring; tests/test_demo.py runs the (scaled-down) demo itself."""
+    import mllm_jax.demo
+    from mllm_jax.demo import configs
+    calls = []
 
-    saved = np.load(tmp_path / "demo_outputs.npz")
-    assert int(np.sum(saved["input_ids"] == cfg.image_token_index)) == n_img
-    assert str(tmp_path / "demo_outputs.npz") in out
-    model, params = load_orbax(tmp_path / "checkpoint")
-    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(saved["input_ids"]),
-                                  jnp.asarray(saved["pixel_values"]))
-    np.testing.assert_allclose(np.asarray(logits), saved["logits"], atol=1e-5, rtol=1e-5)
-    top = int(re.search(r"top next-token id (\d+)", out).group(1))
-    assert top == int(np.argmax(saved["logits"][0, -1]))
+    def fake_run(**kw):
+        calls.append(kw)
+        return {"settings": configs.settings_for(kw["scale"], kw["seed"]),
+                "metrics": {"stage1": {"vqa_mean": 0.25}, "stage2": {"vqa_mean": 0.75}},
+                "times": {"data": 1.0}, "total": 12.0,
+                "paths": {"report": str(tmp_path / "report.md"),
+                          "plot": str(tmp_path / "metrics.png")}}
+
+    monkeypatch.setattr(mllm_jax.demo, "run", fake_run)
+    assert main(["demo", "--workdir", str(tmp_path), "--seed", "7", "--scale", "test"]) == 0
+    assert calls == [{"workdir": str(tmp_path), "scale": "test", "seed": 7}]
+    out = capsys.readouterr().out
+    assert "seed 7" in out
+    assert "| VQA accuracy, mean of kinds | 0.250 | 0.750 |" in out
+    assert f"report: {tmp_path / 'report.md'}" in out
+    assert f"plot: {tmp_path / 'metrics.png'}" in out
+    main(["demo"])
+    assert calls[-1] == {"workdir": "mllm_jax_demo", "scale": "default", "seed": 0}
 
 
 def test_config_overrides_belong_to_train_only(capsys):

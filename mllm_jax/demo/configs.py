@@ -1,0 +1,130 @@
+"""The demo's settings (`Settings`, one per scale) and the training configs of its stages.
+
+Scales: "default" is what `mllm-jax demo` runs (about ten minutes on two CPU cores);
+"test" is a scaled-down run of every phase for the test suite (about a minute).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from mllm_jax import config as mc
+from mllm_jax.train import recipe
+
+# Stages in order: name, what trains, objective, the data file (per split "train").
+STAGES = (("stage1", (recipe.PROJECTOR,), "lm", "captions"),
+          ("stage2", (recipe.PROJECTOR, recipe.LLM), "lm", "instruct"),
+          ("stage3", (recipe.PROJECTOR, recipe.LLM), "dpo", "preference"))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    steps: int
+    batch: int
+    lr: float
+    warmup: float = 0.05
+    beta: float = 0.1  # DPO only
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a demo run depends on besides the machine."""
+    seed: int = 0
+    train_scenes: int = 6000
+    eval_scenes: int = 150
+    # Vision tower (ViT on 32 px images) and language model (LLaMA layout).
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 192
+    text_layers: int = 3
+    text_heads: int = 6
+    vocab_size: int = 512
+    max_length: int = 96  # tokens per training sequence (image tokens included)
+    # Pre-training of the towers.
+    contrastive: StageRun = StageRun(steps=300, batch=64, lr=1e-3)
+    text_lm: StageRun = StageRun(steps=300, batch=32, lr=2e-3)
+    # The LLaVA stages.
+    stage1: StageRun = StageRun(steps=200, batch=32, lr=2e-3)
+    stage2: StageRun = StageRun(steps=800, batch=32, lr=1e-3)
+    stage3: StageRun = StageRun(steps=100, batch=16, lr=5e-5, beta=0.1)
+    # Evaluation.
+    eval_batch: int = 128
+    short_new_tokens: int = 48  # answers to questions
+    long_new_tokens: int = 96  # captions
+
+    def stage(self, name: str) -> StageRun:
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SCALES = {
+    "default": Settings(),
+    "test": Settings(train_scenes=400, eval_scenes=12, vision_hidden=32, vision_layers=1,
+                     vision_heads=2, text_hidden=64, text_layers=2, text_heads=2,
+                     contrastive=StageRun(steps=10, batch=16, lr=1e-3),
+                     text_lm=StageRun(steps=10, batch=16, lr=2e-3),
+                     stage1=StageRun(steps=16, batch=16, lr=3e-3),
+                     stage2=StageRun(steps=60, batch=16, lr=3e-3),
+                     stage3=StageRun(steps=4, batch=8, lr=5e-5),
+                     eval_batch=64, short_new_tokens=24, long_new_tokens=48),
+}
+
+
+def settings_for(scale: str | Settings, seed: int | None = None) -> Settings:
+    """The settings of a named scale (or the given ones), with `seed` if given."""
+    if isinstance(scale, Settings):
+        s = scale
+    elif scale in SCALES:
+        s = SCALES[scale]
+    else:
+        raise ValueError(f"unknown demo scale {scale!r}; known: {sorted(SCALES)}")
+    return s if seed is None else dataclasses.replace(s, seed=int(seed))
+
+
+def image_tokens(s: Settings) -> int:
+    return (s.image_size // s.patch_size) ** 2
+
+
+def model_config(s: Settings, image_token_id: int) -> ml_collections.ConfigDict:
+    """The LLaVA config: ViT -> 2-layer MLP projector -> LLaMA, vocabulary = tokenizer's."""
+    v = mc.vision_config(hidden_size=s.vision_hidden, intermediate_size=4 * s.vision_hidden,
+                         num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
+                         image_size=s.image_size, patch_size=s.patch_size)
+    t = mc.text_config(vocab_size=s.vocab_size, hidden_size=s.text_hidden,
+                       intermediate_size=int(8 * s.text_hidden / 3) // 16 * 16,
+                       num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
+                       num_key_value_heads=s.text_heads,
+                       head_dim=s.text_hidden // s.text_heads, max_position_embeddings=512,
+                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return mc.llava_config(vision=v, text=t, image_token_index=image_token_id,
+                           image_seq_length=image_tokens(s), vision_feature_layer=-1)
+
+
+def stage_config(s: Settings, name: str, model: ml_collections.ConfigDict, data_dir: str,
+                 tokenizer_dir: str, init_dir: str) -> ml_collections.ConfigDict:
+    """The `train.loop.train` config of LLaVA stage `name`, starting from `init_dir`."""
+    spec = {n: (trainable, objective, data) for n, trainable, objective, data in STAGES}
+    if name not in spec:
+        raise ValueError(f"unknown demo stage {name!r}; known: {list(spec)}")
+    trainable, objective, data = spec[name]
+    run = s.stage(name)
+    c = recipe.base("tiny-llava")
+    c.model = model
+    c.init.orbax_checkpoint = init_dir
+    c.stage.update(name=name, trainable=list(trainable), objective=objective)
+    if objective == "dpo":
+        c.stage.objective_kwargs = {"beta": run.beta}
+    c.optim.update(lr=run.lr, warmup_ratio=run.warmup, weight_decay=0.0)
+    c.train.update(global_batch_size=run.batch, num_steps=run.steps, seed=s.seed,
+                   log_every=max(1, run.steps // 10), checkpoint_every=run.steps + 1,
+                   keep_checkpoints=1, async_checkpointing=False, export_final=True)
+    c.data.update(source="llava_json", json=f"{data_dir}/{data}_train.json",
+                  image_root=data_dir, tokenizer=tokenizer_dir, template="mistral",
+                  max_length=s.max_length, workers=2, images=1, seed=s.seed)
+    return c

@@ -1,0 +1,157 @@
+"""`mllm-jax demo`: the whole LLaVA recipe on the shapes world, on a CPU.
+
+Phases: build the data (`shapes.write_dataset`); contrastive pre-training of the ViT on
+image-caption pairs; language-model pre-training of the LLM on the world's text; the initial
+LLaVA (pre-trained towers, random projector) saved as an orbax checkpoint; stage 1
+(projector on captions), stage 2 (projector + LLM on instructions), stage 3 (DPO on
+preference pairs), each followed by an evaluation on the held-out split; then report.md and
+metrics.png. Every phase is seeded from `Settings.seed`.
+
+Layout of the workdir: data/ (the world), pretrain/, init/ (the initial LLaVA), stage1/ ..
+stage3/ (each a training workdir whose final/ is the stage's checkpoint), eval/ (answers per
+stage), report.md, metrics.png, metrics.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import flax
+import jax
+import numpy as np
+
+from mllm_jax import config as mc
+from mllm_jax.convert.hf_io import abstract_params
+from mllm_jax.convert.orbax_io import save_orbax
+from mllm_jax.data import shapes
+from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax.demo import configs, evaluate as ev, report
+from mllm_jax.demo.progress import Progress
+from mllm_jax.models import build_model
+from mllm_jax.train.loop import train
+
+PARTS = ("data", "pretrain", "init", "stage1", "stage2", "stage3", "eval")
+
+
+def random_params(model, seed: int):
+    """N(0, 0.02) weights, unit norm scales, zero biases, drawn with numpy from the abstract
+    parameter tree (cheaper than compiling `model.init` for a throw-away tree)."""
+    rng = np.random.default_rng(seed)
+    flat = flax.traverse_util.flatten_dict(abstract_params(model))
+    out = {}
+    for path, leaf in flat.items():
+        if path[-1] == "scale":
+            out[path] = np.ones(leaf.shape, leaf.dtype)
+        elif path[-1] == "bias":
+            out[path] = np.zeros(leaf.shape, leaf.dtype)
+        else:
+            out[path] = (0.02 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def build_data(s: configs.Settings, data_dir: str) -> dict:
+    return shapes.write_dataset(data_dir, {"train": s.train_scenes, "val": s.eval_scenes},
+                                seed=s.seed, fewshot_fraction=0.0,
+                                tokenizer_vocab_size=s.vocab_size)
+
+
+def pretrain_vision(s, model_cfg, paths, progress):
+    """The ViT's parameters after contrastive pre-training, and its metrics."""
+    from mllm_jax.pretrain.contrastive import pretrain_contrastive
+    run = s.contrastive
+    res = pretrain_contrastive(
+        paths["pairs_train"], paths["tokenizer"], val=paths["pairs_val"],
+        vision_config=mc.clip_vision_model_config(model_cfg.vision), steps=run.steps,
+        batch_size=run.batch, lr=run.lr, warmup_ratio=run.warmup, seed=s.seed,
+        progress=lambda step, loss: progress.update(step - progress.count, loss=f"{loss:.3f}"),
+        log_every=max(1, run.steps // 50))
+    metrics = {k: v for k, v in res.metrics.items() if k != "losses"}
+    metrics["final_loss"] = res.metrics["losses"][-1]
+    return jax.device_get(res.vision_params), metrics
+
+
+def pretrain_text(s, model_cfg, paths, progress):
+    """The LLM's parameters after language-model pre-training on the world's text, and its
+    metrics; (None, reason) while `mllm_jax.pretrain.text_lm` is not available."""
+    try:
+        from mllm_jax.pretrain import text_lm
+    except ImportError:
+        return None, {"skipped": "mllm_jax.pretrain.text_lm is not available: random LLM"}
+    raise NotImplementedError(text_lm)
+
+
+def initial_llava(s, model, vision, text, out_dir) -> str:
+    params = random_params(model, s.seed)
+    if vision is not None:
+        params["vision_tower"] = vision
+    if text is not None:
+        params["language_model"] = text
+    return save_orbax(model, params, out_dir, overwrite=True)
+
+
+def _clean(workdir):
+    for part in PARTS:
+        path = os.path.join(workdir, part)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+
+
+def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None,
+        progress: bool = True) -> dict:
+    """Runs every phase in `workdir` (its demo subdirectories are replaced). Returns
+    {settings, metrics: {stage: {metric: value}}, times: {phase: seconds}, total (seconds),
+    pretrain (metrics of the pre-training phases), paths: {report, plot, metrics, workdir}}."""
+    s = configs.settings_for(scale, seed)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    _clean(workdir)
+    p = Progress(progress)
+    p.line(f"mllm-jax demo: scale {scale if isinstance(scale, str) else 'custom'}, seed "
+           f"{s.seed}, workdir {workdir}")
+    data_dir = os.path.join(workdir, "data")
+    with p.phase("data"):
+        paths = build_data(s, data_dir)
+    tokenizer = load_tokenizer(paths["tokenizer"])
+    model_cfg = configs.model_config(s, tokenizer.token_id(shapes.IMAGE_TOKEN))
+    model = build_model(model_cfg)
+    pre = {}
+    with p.phase("contrastive pre-training", total=s.contrastive.steps):
+        vision, pre["contrastive"] = pretrain_vision(s, model_cfg, paths, p)
+    with p.phase("language-model pre-training", total=s.text_lm.steps):
+        text, pre["text_lm"] = pretrain_text(s, model_cfg, paths, p)
+    init_dir = initial_llava(s, model, vision, text, os.path.join(workdir, "init"))
+    entries = ev.eval_entries(data_dir, "val")
+    log_path = os.path.join(workdir, "train_log.txt")
+    metrics = {}
+    for name, *_ in configs.STAGES:
+        cfg = configs.stage_config(s, name, model_cfg, data_dir, paths["tokenizer"], init_dir)
+        stage_dir = os.path.join(workdir, name)
+        with p.phase(name, total=cfg.train.num_steps), open(log_path, "a") as log:
+            summary = train(cfg, stage_dir,
+                            log=lambda msg, f=log, n=name: print(f"{n}: {msg}", file=f),
+                            on_step=lambda step, m: p.update(1, loss=f"{m['loss']:.3f}"))
+        params = jax.device_get(summary["final_params"])
+        init_dir = os.path.join(stage_dir, "final")
+        with p.phase(f"evaluate {name}", total=len(entries), unit="question"):
+            metrics[name], answers = ev.evaluate(
+                model, params, tokenizer, entries, data_dir, batch_size=s.eval_batch,
+                short_new_tokens=s.short_new_tokens, long_new_tokens=s.long_new_tokens,
+                progress=p.update)
+        _write_answers(os.path.join(workdir, "eval", f"{name}.jsonl"), entries, answers)
+        p.line(f"{name}: " + ", ".join(f"{k} {metrics[name][k]:.3f}" for k in report.HEADLINE
+                                       if k in metrics[name]))
+    total = p.elapsed()
+    out = report.write(workdir, s, metrics, dict(p.times), pre, total=total)
+    p.line(f"report: {out['report']}")
+    p.line(f"plot: {out['plot']}")
+    return {"settings": s, "metrics": metrics, "times": dict(p.times), "total": total,
+            "pretrain": pre, "paths": {**out, "workdir": workdir}}
+
+
+def _write_answers(path, entries, answers):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for e, a in zip(entries, answers):
+            f.write(json.dumps({"id": e["id"], "kind": e["kind"], "answer": e["answer"],
+                                "prediction": a}) + "\n")

@@ -1,0 +1,47 @@
+"""The demo at its "test" scale: every phase runs, the report and plot are written, and
+instruction tuning (stage 2) beats caption alignment (stage 1) on held-out VQA."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from mllm_jax.demo import configs, report, run
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    return run(str(tmp_path_factory.mktemp("demo")), scale="test", progress=False)
+
+
+def test_every_phase_runs_and_stage2_beats_stage1_on_vqa(result):
+    stages = [name for name, *_ in configs.STAGES]
+    assert list(result["metrics"]) == stages
+    for phase in ["data", "contrastive pre-training", "language-model pre-training"] + \
+            stages + [f"evaluate {s}" for s in stages]:
+        assert phase in result["times"], phase
+    for name in stages:
+        m = result["metrics"][name]
+        for key in ("vqa_mean", "vqa_existence", "vqa_count", "vqa_colour", "pope_random_f1",
+                    "pope_popular_f1", "pope_adversarial_f1", "chair_i", "chair_s", "cider"):
+            assert key in m and 0.0 <= m[key], (name, key)
+        assert os.path.exists(os.path.join(result["paths"]["workdir"], name, "final",
+                                           "model_config.json"))
+    print({s: round(result["metrics"][s]["vqa_mean"], 3) for s in stages}, result["times"])
+    assert result["metrics"]["stage2"]["vqa_mean"] > result["metrics"]["stage1"]["vqa_mean"]
+
+
+def test_report_states_the_seed_and_the_table_and_the_plot_is_a_png(result):
+    paths = result["paths"]
+    text = open(paths["report"]).read()
+    assert f"Seed: **{result['settings'].seed}**" in text
+    assert report.table(result["metrics"]) in text
+    assert os.path.basename(paths["plot"]) in text
+    with Image.open(paths["plot"]) as im:
+        assert im.format == "PNG" and im.size[0] >= 400
+    saved = json.load(open(paths["metrics"]))
+    assert saved["metrics"] == result["metrics"]
+    # One answer per scored question per stage.
+    lines = open(os.path.join(paths["workdir"], "eval", "stage2.jsonl")).read().splitlines()
+    assert len(lines) == sum(1 for _ in lines) > 0
+    assert {json.loads(l)["kind"] for l in lines} >= {"existence", "pope", "detail"}
