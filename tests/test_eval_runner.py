@@ -201,6 +201,13 @@ def test_cot_asks_for_reasoning_and_scores_the_answer_after_it(  # noqa: F811
     entry = results["results"]["pope"]
     assert entry["pope_yes_ratio,none"] == 0.0 and entry["pope_accuracy,none"] == 0.5
     assert results["configs"]["pope"]["cot"] is True
+    pool = tasks.get_task("pope").load(pope_file)
+    conversation = runner.build_conversation(tasks.get_task("pope"), pool, 0, demos=[2],
+                                             suffix=runner.COT_INSTRUCTION, cot=True)
+    assert conversation.messages[0]["value"] == (
+        f"<image>\n{QUESTIONS[2]}{runner.COT_INSTRUCTION}\nAnswer: no\n\n"
+        f"<image>\n{QUESTIONS[0]}{runner.COT_INSTRUCTION}")
+    assert conversation.images == [pool[2].images[0], pool[0].images[0]]
     # Tasks whose answer is the whole response keep their prompt under --cot.
     assert not runner.uses_cot(args, tasks.get_task("coco_caption"))
 

@@ -165,14 +165,15 @@ def fewshot_indices(n: int, query: int, k: int, seed: int) -> list[int]:
     return [int(i) + (i >= query) for i in picks]
 
 
-def build_conversation(task, pool, query: int, *, suffix: str, demos=()):
+def build_conversation(task, pool, query: int, *, suffix: str, demos=(), cot=False):
     """The user message for pool[query]: the demonstrations pool[i] for i in `demos`
-    ("<image>\\nQ<suffix>\\nA", blank line separated), then the query; the images in the
-    same order."""
+    ("<image>\\nQ<suffix>\\nA", blank line separated; with `cot` the answer reads
+    "Answer: A", the format asked for), then the query; the images in the same order."""
     from mllm_jax.infer.batching import Conversation
     demos = [pool[i] for i in demos]
     sample = pool[query]
-    parts = [user_text(d, suffix) + "\n" + answer_text(task, d) for d in demos]
+    answer = "Answer: {}" if cot else "{}"
+    parts = [user_text(d, suffix) + "\n" + answer.format(answer_text(task, d)) for d in demos]
     parts.append(user_text(sample, suffix))
     images = [img for d in demos for img in d.images] + list(sample.images)
     return Conversation([{"from": "human", "value": "\n\n".join(parts)}], images,
@@ -288,7 +289,7 @@ def run_task(runtime, args, name, data, image_root):
     check_images(name, [pool[i] for i in sorted(set(range(n_eval)).union(*demos))])
     cot = uses_cot(args, task)
     suffix = COT_INSTRUCTION if cot else task.prompt_suffix
-    conversations = [build_conversation(task, pool, i, suffix=suffix, demos=demos[i])
+    conversations = [build_conversation(task, pool, i, suffix=suffix, demos=demos[i], cot=cot)
                      for i in range(n_eval)]
     gen = generation_kwargs(args, task)
     sampling = {} if mesh is None else {"mesh": mesh}
