@@ -1,0 +1,316 @@
+"""CLIP-style contrastive pre-training of our ViT on image-caption pairs.
+
+The image tower is our CLIP vision model (`VisionModel`), so its trained parameters are a
+`vision_tower` subtree LLaVA takes as it is. The text tower is a small causal LLaMA stack over
+the caption tokens, pooled at the EOS token as CLIP pools its text. Both are projected
+(no bias) to a joint space and L2-normalised; logits are exp(logit_scale) * cosine, with
+logit_scale initialised to log(1 / 0.07) and kept <= log(100); the loss is the mean of the
+image->text and text->image cross-entropies over the batch.
+
+    res = pretrain_contrastive("shapes/pairs_train.json", "shapes/tokenizer",
+                               val="shapes/pairs_val.json")
+    llava_params["vision_tower"] = res.vision_params
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mllm_jax import config as mc
+from mllm_jax.data.image import CLIP_MEAN, CLIP_STD, preprocess_image
+from mllm_jax.models.layers import dtype_of
+from mllm_jax.models.llm import LlamaModel
+from mllm_jax.models.vit import VisionModel
+from mllm_jax.train.optimizer import make_optimizer
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+def vision_model_config(image_size: int = 32, patch_size: int = 8, hidden_size: int = 64,
+                        num_layers: int = 3, num_heads: int = 4) -> ml_collections.ConfigDict:
+    """A tiny CLIP vision model config (`model_type` clip_vision) for the shapes world; its
+    `vision` section is what a LLaVA config takes. (image_size / patch_size)^2 patches
+    become the image tokens."""
+    if patch_size <= 0 or image_size % patch_size:
+        raise ValueError(f"image size {image_size} is not divisible by patch_size "
+                         f"{patch_size}; choose a patch size that divides it (e.g. 8 or 4 "
+                         f"for 32 px)")
+    v = mc.vision_config(hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         image_size=image_size, patch_size=patch_size)
+    return mc.clip_vision_model_config(v)
+
+
+def text_tower_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2,
+                      num_heads: int = 4, max_length: int = 32, tokenizer=None
+                      ) -> ml_collections.ConfigDict:
+    """A small LLaMA text config for the caption encoder."""
+    if hidden_size % num_heads:
+        raise ValueError(f"text hidden_size {hidden_size} is not divisible by {num_heads} heads")
+    kw = {}
+    if tokenizer is not None:
+        kw = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    return mc.text_config(vocab_size=vocab_size, hidden_size=hidden_size,
+                          intermediate_size=int(8 * hidden_size / 3) // 8 * 8,
+                          num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                          num_key_value_heads=num_heads, head_dim=hidden_size // num_heads,
+                          max_position_embeddings=max_length, **kw)
+
+
+class ContrastiveModel(nn.Module):
+    """Image and text towers with projections and a learnable logit scale.
+
+    Parameters: `vision_tower` (a `VisionModel`, HF `CLIPVisionModel` layout), `text_model`
+    (LLaMA layers), `visual_projection`, `text_projection`, `logit_scale`."""
+
+    vision_cfg: Any  # clip_vision model config
+    text_cfg: Any  # text config
+    embed_dim: int = 64
+
+    def setup(self):
+        self.vision_tower = VisionModel(self.vision_cfg)
+        self.text_model = LlamaModel(self.text_cfg, dtype_of(self.vision_cfg.dtype),
+                                     dtype_of(self.vision_cfg.param_dtype))
+        self.visual_projection = nn.Dense(self.embed_dim, use_bias=False)
+        self.text_projection = nn.Dense(self.embed_dim, use_bias=False)
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT),
+                                      ())
+
+    def encode_image(self, pixel_values):
+        pooled = self.vision_tower(pixel_values)["pooler_output"]
+        return _l2_normalize(self.visual_projection(pooled))
+
+    def encode_text(self, input_ids, eos_index):
+        h = self.text_model(self.text_model.embed(input_ids))
+        pooled = jnp.take_along_axis(h, eos_index[:, None, None], axis=1)[:, 0]
+        return _l2_normalize(self.text_projection(pooled))
+
+    def __call__(self, pixel_values, input_ids, eos_index):
+        """Image-to-text logits [b_images, b_texts]."""
+        img = self.encode_image(pixel_values)
+        txt = self.encode_text(input_ids, eos_index)
+        scale = jnp.exp(jnp.minimum(self.logit_scale, LOGIT_SCALE_MAX))
+        return scale * img @ txt.T
+
+
+def _l2_normalize(x):
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+def contrastive_loss(logits):
+    """Mean of the image->text and text->image cross-entropies; pair i matches pair i."""
+    labels = jnp.arange(logits.shape[0])
+    i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
+    return (i2t.mean() + t2i.mean()) / 2
+
+
+# ---- data -----------------------------------------------------------------------------------
+def load_pairs(pairs, what: str = "pairs") -> list:
+    """(image, caption) pairs from a pairs_{split}.json path or a list of pairs."""
+    if isinstance(pairs, (str, os.PathLike)):
+        from mllm_jax.data.shapes import read_pairs
+        if not os.path.exists(pairs):
+            raise FileNotFoundError(f"{what}: no pairs file at {os.fspath(pairs)}; write one "
+                                    f"with shapes.write_dataset")
+        source, pairs = os.fspath(pairs), read_pairs(pairs)
+    else:
+        source, pairs = what, list(pairs)
+    if not pairs:
+        raise ValueError(f"{source}: no image-caption pairs; contrastive pre-training needs "
+                         f"at least one")
+    for k, p in enumerate(pairs):
+        if len(p) != 2 or not isinstance(p[1], str) or not p[1].strip():
+            raise ValueError(f"{source}: pair {k} is not (image, non-empty caption): {p!r}")
+    return pairs
+
+
+def load_pixels(images, image_size: int) -> np.ndarray:
+    """Images (paths, PIL images or uint8 arrays) -> CLIP-normalised float32 [n, s, s, 3]."""
+    out = []
+    for k, image in enumerate(images):
+        if isinstance(image, np.ndarray):
+            from PIL import Image
+            image = Image.fromarray(np.asarray(image, np.uint8))
+        try:
+            out.append(preprocess_image(image, image_size, CLIP_MEAN, CLIP_STD))
+        except OSError as e:
+            raise ValueError(f"image {k} ({image if isinstance(image, str) else 'array'}) "
+                             f"cannot be read: {e}") from e
+    return np.stack(out).astype(np.float32)
+
+
+def tokenize_captions(captions, tokenizer, max_length: int):
+    """(ids [n, max_length] padded, eos_index [n]): each caption's tokens then EOS, cut to
+    max_length (the EOS is kept)."""
+    if tokenizer.eos_id is None:
+        raise ValueError(f"tokenizer {tokenizer.source} has no EOS token; the text tower pools "
+                         f"at EOS")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    ids = np.full((len(captions), max_length), pad, np.int32)
+    eos = np.zeros(len(captions), np.int32)
+    for k, caption in enumerate(captions):
+        toks = tokenizer.encode(caption)[:max_length - 1] + [tokenizer.eos_id]
+        ids[k, :len(toks)] = toks
+        eos[k] = len(toks) - 1
+    return ids, eos
+
+
+def _tokenizer(tokenizer):
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from mllm_jax.data.tokenizer import load_tokenizer
+        return load_tokenizer(os.fspath(tokenizer))
+    return tokenizer
+
+
+def batch_order(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """[steps, batch_size] example indices: shuffled epochs without replacement, seeded."""
+    rng = np.random.default_rng(seed)
+    per_epoch = n // batch_size
+    epochs = -(-steps // per_epoch)
+    order = np.concatenate([rng.permutation(n)[:per_epoch * batch_size] for _ in range(epochs)])
+    return order[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
+# ---- training -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ContrastiveResult:
+    """`vision_params`: the VisionModel tree (`{"vision_model": ...}`), LLaVA's
+    `vision_tower`; `vision_config`: its clip_vision model config; `params`: every
+    parameter of the ContrastiveModel; `metrics`: `losses` (one per step), `val_accuracy`
+    (in-batch image->text top-1, a hit when the retrieved caption's text is the image's),
+    `val_chance` (the same for a random guess), `train_accuracy`, `logit_scale`, `seconds`."""
+    vision_params: Any
+    vision_config: ml_collections.ConfigDict
+    text_config: ml_collections.ConfigDict
+    params: Any
+    metrics: dict
+
+
+def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patch_size: int = 8,
+                         text_hidden: int = 64, text_layers: int = 2, embed_dim: int = 64,
+                         max_length: int = 24, steps: int = 1500, batch_size: int = 128,
+                         lr: float = 1e-3, weight_decay: float = 0.1,
+                         warmup_ratio: float = 0.05, eval_batch: int = 64, seed: int = 0,
+                         progress: Callable | None = None, log_every: int = 10
+                         ) -> ContrastiveResult:
+    """Trains the image and text towers on `train` pairs (a pairs_{split}.json path or a list
+    of (image, caption)); `tokenizer` is a Tokenizer or its directory. `vision_config`
+    (a clip_vision model config) defaults to `vision_model_config(image size, patch_size)`.
+    Accuracy is measured on `val` pairs when given, in chunks of `eval_batch`. `progress`
+    is called as progress(step, loss) every `log_every` steps and at the last one.
+    Deterministic for a seed."""
+    if steps < 1 or batch_size < 2:
+        raise ValueError(f"need steps >= 1 and batch_size >= 2, got {steps} and {batch_size}")
+    tok = _tokenizer(tokenizer)
+    train_pairs = load_pairs(train, "train pairs")
+    val_pairs = load_pairs(val, "val pairs") if val is not None else None
+    if vision_config is None:
+        size = _native_size(train_pairs[0][0])
+        vision_config = vision_model_config(size, patch_size)
+    v = vision_config.vision
+    if v.image_size % v.patch_size:
+        raise ValueError(f"vision image_size {v.image_size} is not divisible by patch_size "
+                         f"{v.patch_size}")
+    text_cfg = text_tower_config(tok.vocab_size, text_hidden, text_layers, max_length=max_length,
+                                 tokenizer=tok)
+    start = time.perf_counter()
+
+    pixels = jnp.asarray(load_pixels([p[0] for p in train_pairs], v.image_size))
+    ids, eos = tokenize_captions([p[1] for p in train_pairs], tok, max_length)
+    ids, eos = jnp.asarray(ids), jnp.asarray(eos)
+    batch_size = min(batch_size, len(train_pairs))
+    order = batch_order(len(train_pairs), batch_size, steps, seed)
+
+    model = ContrastiveModel(vision_config, text_cfg, embed_dim)
+    init = jax.jit(model.init)
+    params = nn.meta.unbox(init(jax.random.PRNGKey(seed), pixels[:1], ids[:1], eos[:1])["params"])
+    opt_cfg = ml_collections.ConfigDict(dict(lr=lr, weight_decay=weight_decay,
+                                             warmup_ratio=warmup_ratio, grad_clip=1.0,
+                                             b2=0.98, eps=1e-6))
+    tx, _ = make_optimizer(opt_cfg, params, steps)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, idx):
+        def loss_fn(p):
+            return contrastive_loss(model.apply({"params": p}, pixels[idx], ids[idx], eos[idx]))
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        params["logit_scale"] = jnp.minimum(params["logit_scale"], LOGIT_SCALE_MAX)
+        return params, opt_state, loss
+
+    losses = []
+    for step in range(steps):
+        params, opt_state, loss = train_step(params, opt_state, order[step])
+        losses.append(loss)
+        if progress is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+            progress(step + 1, float(loss))
+    losses = [float(x) for x in jax.device_get(losses)]
+    metrics = {"losses": losses, "logit_scale": float(jnp.exp(params["logit_scale"])),
+               "steps": steps, "batch_size": batch_size}
+    train_n = min(len(train_pairs), 512)
+    acc, chance = retrieval_accuracy(model, params, pixels[:train_n],
+                                     [p[1] for p in train_pairs[:train_n]], tok, max_length,
+                                     eval_batch)
+    metrics.update(train_accuracy=acc, train_chance=chance)
+    if val_pairs is not None:
+        acc, chance = retrieval_accuracy(model, params,
+                                         load_pixels([p[0] for p in val_pairs], v.image_size),
+                                         [p[1] for p in val_pairs], tok, max_length, eval_batch)
+        metrics.update(val_accuracy=acc, val_chance=chance)
+    metrics["seconds"] = time.perf_counter() - start
+    return ContrastiveResult(params["vision_tower"], vision_config, text_cfg, params, metrics)
+
+
+def _native_size(image) -> int:
+    """The side of a square image (path, PIL image or array)."""
+    if isinstance(image, np.ndarray):
+        h, w = image.shape[:2]
+    else:
+        from mllm_jax.data.image import read_image
+        img = read_image(image) if isinstance(image, (str, os.PathLike)) else image
+        w, h = img.size
+    if h != w:
+        raise ValueError(f"image {image if isinstance(image, str) else ''} is {h}x{w}; give a "
+                         f"vision_config whose image_size to resize to")
+    return h
+
+
+def retrieval_accuracy(model, params, pixels, captions, tokenizer, max_length: int,
+                       chunk: int = 64):
+    """(accuracy, chance) of in-batch image->text top-1 retrieval over consecutive chunks of
+    `chunk` pairs; a retrieved caption counts when its text equals the image's own (the
+    world repeats captions), and chance is the expected accuracy of a uniform guess."""
+    n = len(captions)
+    if n < 2:
+        raise ValueError(f"retrieval accuracy needs at least 2 pairs, got {n}")
+    ids, eos = tokenize_captions(captions, tokenizer, max_length)
+    enc_img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
+    enc_txt = jax.jit(lambda p, i, e: model.apply({"params": p}, i, e, method="encode_text"))
+    img = np.concatenate([enc_img(params, jnp.asarray(pixels[s:s + chunk]))
+                          for s in range(0, n, chunk)])
+    txt = np.concatenate([enc_txt(params, jnp.asarray(ids[s:s + chunk]),
+                                  jnp.asarray(eos[s:s + chunk])) for s in range(0, n, chunk)])
+    hits, chance = [], []
+    for s in range(0, n, chunk):
+        caps = captions[s:s + chunk]
+        if len(caps) < 2:
+            continue
+        best = np.argmax(img[s:s + chunk] @ txt[s:s + chunk].T, axis=1)
+        for i, j in enumerate(best):
+            hits.append(caps[j] == caps[i])
+            chance.append(sum(c == caps[i] for c in caps) / len(caps))
+    return float(np.mean(hits)), float(np.mean(chance))
