@@ -89,7 +89,7 @@ def _args(ckpt_dir, data, output, *extra):
     runner.add_arguments(parser)
     return parser.parse_args(["--ckpt", ckpt_dir, "--task", "pope", "--data", data,
                               "--output", str(output), "--template", TEMPLATE,
-                              "--max-new-tokens", "3", "--batch-size", "2", "--log-samples",
+                              "--max-new-tokens", "3", "--batch-size", "2",
                               *extra])
 
 
@@ -189,8 +189,7 @@ def test_cot_asks_for_reasoning_and_scores_the_answer_after_it(  # noqa: F811
     parser = argparse.ArgumentParser()
     runner.add_arguments(parser)
     args = parser.parse_args(["--ckpt", d, "--task", "pope", "--data", pope_file, "--output",
-                              str(tmp_path / "out"), "--template", TEMPLATE, "--cot",
-                              "--log-samples"])
+                              str(tmp_path / "out"), "--template", TEMPLATE, "--cot"])
     _, results, records = _run(args, loaded, monkeypatch)
     assert seen["max_new_tokens"] == runner.COT_MAX_NEW_TOKENS
     for messages in seen["messages"]:
@@ -253,8 +252,7 @@ def test_cli_eval_writes_results(ckpt, pope_file, gqa_file, tmp_path, capsys):  
     out = tmp_path / "out"
     assert main(["eval", "--ckpt", d, "--task", "pope,gqa", "--data", f"{pope_file},{gqa_file}",
                  "--output", str(out), "--template", TEMPLATE, "--limit", "2",
-                 "--max-new-tokens", "2", "--batch-size", "2", "--num-beams", "2",
-                 "--log-samples"]) == 0
+                 "--max-new-tokens", "2", "--batch-size", "2", "--num-beams", "2"]) == 0
     (model_dir,) = os.listdir(out)
     files = sorted(os.listdir(out / model_dir))
     date = files[0][:15]

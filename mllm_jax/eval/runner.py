@@ -10,7 +10,7 @@ parts, as lmms-eval sanitizes it):
   `<date>_results.json`           "results" {task: {"alias", "<metric>,none",
                                   "<metric>_stderr,none"}}, "configs", "versions", "n-shot",
                                   "higher_is_better", "n-samples", "config", "date", ...
-  `<date>_samples_<task>.jsonl`   (with --log-samples) one line per sample: "doc_id", "doc",
+  `<date>_samples_<task>.jsonl`   (unless --no-log-samples) one line per sample: "doc_id", "doc",
                                   "target", "arguments" [prompt, generation kwargs],
                                   "resps" [raw answer], "filtered_resps" (the scored answer),
                                   "input", "input_media" (images in prompt order),
@@ -76,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "all devices) or data=2,tensor=4; default: one device")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the few-shot draws and sampling")
-    parser.add_argument("--log-samples", action="store_true",
-                        help="also write every sample's prompt, answer and metrics")
+    parser.add_argument("--no-log-samples", dest="log_samples", action="store_false",
+                        help="skip the per-sample JSONL (written by default)")
 
 
 def _split(text):
@@ -448,6 +448,9 @@ def main(args) -> int:
     """Runs `mllm-jax eval`; prints the table and the paths written."""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
     results = evaluate(args)
+    import jax
+    if jax.process_index() != 0:  # every process holds the same results; one writes them
+        return 0
     written = write_outputs(results, args.output, date, args.log_samples)
     print(f"mllm_jax ({results['config']['model_args']}), gen_kwargs: "
           f"({results['config']['gen_kwargs']}), limit: {args.limit}, num_fewshot: "
