@@ -1,0 +1,139 @@
+"""What a benchmark task is (`Task`, `Sample`) and the file helpers the loaders share."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Iterator, Optional
+
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+DETAIL_PROMPT = "Please describe this image in detail."
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+
+
+@dataclasses.dataclass
+class Sample:
+    """One benchmark question.  ``doc_id`` (0..n-1 in load order) is unique;
+    ``sample_id`` is the benchmark's own id and may repeat (POPE ids restart per
+    split, MME asks two questions per image).  ``question`` holds neither the image
+    token nor the task's ``prompt_suffix``; ``target`` and ``meta`` are JSON-ready."""
+
+    doc_id: int
+    sample_id: str
+    images: list
+    question: str
+    target: object
+    meta: dict
+
+
+# ----------------------------------------------------------------------------- file helpers
+def _read_json(path: str):
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple]:
+    """(line number, object) for each non-blank line of a JSON-lines file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, "
+                                 f"got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _require(obj, keys, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(map(repr, missing))} "
+                         f"(expected keys {', '.join(keys)})")
+
+
+def _image(root: str, rel: str, where: str) -> str:
+    path = os.path.join(root, rel)
+    if not os.path.isfile(path):
+        raise ValueError(f"{where}: image {path} not found (image_root={root!r})")
+    return path
+
+
+def _strip_suffix(text: str, suffix: str) -> str:
+    text = text.strip()
+    s = suffix.strip()
+    if s and text.endswith(s):
+        text = text[: -len(s)].strip()
+    return text
+
+
+def _check_limit(limit: Optional[int]) -> Optional[int]:
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+    return limit
+
+
+def _first(items: list, limit: Optional[int]) -> list:
+    return items if limit is None else items[:limit]
+
+
+def _data_dir(data: str) -> str:
+    return data if os.path.isdir(data) else os.path.dirname(os.path.abspath(data))
+
+
+def _pair_check(processed: list, samples: list) -> None:
+    if len(processed) != len(samples):
+        raise ValueError(f"aggregate got {len(processed)} results for {len(samples)} samples")
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return float(sum(xs) / len(xs)) if xs else 0.0
+
+
+# ----------------------------------------------------------------------------- base
+class Task:
+    """One benchmark: loader, prompt convention, scorer and aggregate."""
+
+    name: str = ""
+    output_type: str = "generate_until"
+    max_new_tokens: int = 16
+    prompt_suffix: str = ""
+    answer_from_end: bool = True
+
+    def load(self, data: str, image_root: Optional[str] = None,
+             limit: Optional[int] = None) -> list:
+        raise NotImplementedError
+
+    def process_result(self, sample: Sample, response: str) -> dict:
+        raise NotImplementedError
+
+    def aggregate(self, processed: list, samples: list) -> dict:
+        raise NotImplementedError
+
+    def extract_answer(self, response: str) -> str:
+        """The text after the last ``answer:`` (any case, markdown bold allowed),
+        stripped; the response unchanged when there is no such marker."""
+        marks = list(re.finditer(r"answer\**\s*:", response, flags=re.IGNORECASE))
+        if not marks:
+            return response
+        return response[marks[-1].end():].strip(" \t\r\n*")
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"

@@ -1,0 +1,158 @@
+"""VQAv2 and GQA: short open answers."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+from mllm_jax.eval import vqa
+from mllm_jax.eval.tasks.base import (SHORT_ANSWER, Sample, Task, _read_json, _iter_jsonl, _require,
+                                      _image, _strip_suffix, _check_limit, _first, _data_dir,
+                                      _pair_check, _mean)
+
+
+# ----------------------------------------------------------------------------- VQAv2
+class VQAv2Task(Task):
+    """Official ``v2_OpenEnded_mscoco_<subtype>_questions.json`` + matching
+    ``v2_mscoco_<subtype>_annotations.json`` (target = the 10 answers), or LLaVA's
+    JSON-lines question files (question_id, image, text; no answers)."""
+
+    name = "vqav2"
+    max_new_tokens = 16
+    prompt_suffix = SHORT_ANSWER
+
+    @staticmethod
+    def _questions_file(data: str) -> str:
+        if os.path.isfile(data):
+            return data
+        if not os.path.isdir(data):
+            raise ValueError(f"{data}: no such VQAv2 questions file or directory")
+        found = sorted(glob.glob(os.path.join(data, "v2_OpenEnded_mscoco_*_questions.json")))
+        found = found or sorted(glob.glob(os.path.join(data, "*.jsonl")))
+        if len(found) > 1:
+            found = [f for f in found if "_val2014_" in f] or found
+        if len(found) != 1:
+            raise ValueError(f"{data}: expected one v2_OpenEnded_mscoco_*_questions.json (or "
+                             f"LLaVA .jsonl), found {[os.path.basename(f) for f in found]}; "
+                             "pass the file")
+        return found[0]
+
+    def load(self, data, image_root=None, limit=None):
+        limit = _check_limit(limit)
+        path = self._questions_file(data)
+        root = image_root or _data_dir(data)
+        if path.endswith(".jsonl"):
+            return self._load_llava(path, root, limit)
+        doc = _read_json(path)
+        _require(doc, ("questions",), path)
+        subtype = doc.get("data_subtype") or re.sub(
+            r"^v2_OpenEnded_mscoco_|_questions\.json$", "", os.path.basename(path))
+        image_split = "test2015" if subtype.startswith("test") else subtype
+        answers = self._annotations(path, subtype)
+        samples = []
+        for i, q in enumerate(_first(doc["questions"], limit)):
+            where = f"{path}: questions[{i}]"
+            _require(q, ("question_id", "image_id", "question"), where)
+            ann = None
+            if answers is not None:
+                ann = answers.get(q["question_id"])
+                if ann is None:
+                    raise ValueError(f"{where}: question_id {q['question_id']} has no annotation")
+            file = f"COCO_{image_split}_{int(q['image_id']):012d}.jpg"
+            samples.append(Sample(
+                doc_id=len(samples), sample_id=str(q["question_id"]),
+                images=[_image(root, file, f"{where} (question_id {q['question_id']})")],
+                question=q["question"].strip(),
+                target=None if ann is None else [a["answer"] for a in ann["answers"]],
+                meta={} if ann is None else {"answer_type": ann.get("answer_type"),
+                                             "question_type": ann.get("question_type")}))
+        return samples
+
+    @staticmethod
+    def _annotations(questions_path: str, subtype: str):
+        ann_path = os.path.join(os.path.dirname(questions_path),
+                                f"v2_mscoco_{subtype}_annotations.json")
+        if not os.path.isfile(ann_path):
+            if subtype.startswith("test"):
+                return None
+            raise ValueError(f"{questions_path}: annotation file {ann_path} not found "
+                             "(needed for the answers of a train/val split)")
+        doc = _read_json(ann_path)
+        _require(doc, ("annotations",), ann_path)
+        out = {}
+        for i, a in enumerate(doc["annotations"]):
+            _require(a, ("question_id", "answers"), f"{ann_path}: annotations[{i}]")
+            out[a["question_id"]] = a
+        return out
+
+    def _load_llava(self, path, root, limit):
+        samples = []
+        for lineno, obj in _iter_jsonl(path):
+            if limit is not None and len(samples) >= limit:
+                break
+            where = f"{path}:{lineno}"
+            _require(obj, ("question_id", "image", "text"), where)
+            samples.append(Sample(
+                doc_id=len(samples), sample_id=str(obj["question_id"]),
+                images=[_image(root, obj["image"], where)],
+                question=_strip_suffix(obj["text"], SHORT_ANSWER), target=None, meta={}))
+        return samples
+
+    def process_result(self, sample, response):
+        acc = None if sample.target is None else vqa.vqa_accuracy(response, sample.target)
+        return {"exact_match": acc, "answer": vqa.normalize_answer(response)}
+
+    def aggregate(self, processed, samples):
+        _pair_check(processed, samples)
+        out = {"n": float(len(samples))}
+        scored = [(p["exact_match"], s) for p, s in zip(processed, samples)
+                  if p["exact_match"] is not None]
+        if scored:
+            out["exact_match"] = _mean(a for a, _ in scored)
+            for t in sorted({s.meta.get("answer_type") for _, s in scored} - {None}):
+                key = "exact_match_" + re.sub(r"\W+", "_", t)
+                out[key] = _mean(a for a, s in scored if s.meta.get("answer_type") == t)
+        return out
+
+
+# ----------------------------------------------------------------------------- GQA
+class GQATask(Task):
+    """GQA ``testdev_balanced_questions.json`` ({qid: {imageId, question, answer...}}),
+    images ``{imageId}.jpg``; exact match after LLaVA's ``rstrip('.').lower()``."""
+
+    name = "gqa"
+    max_new_tokens = 16
+    prompt_suffix = SHORT_ANSWER
+
+    def load(self, data, image_root=None, limit=None):
+        limit = _check_limit(limit)
+        path = data
+        if os.path.isdir(data):
+            path = os.path.join(data, "testdev_balanced_questions.json")
+        root = image_root or _data_dir(data)
+        doc = _read_json(path)
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: expected an object of question id -> question")
+        samples = []
+        for qid, q in _first(list(doc.items()), limit):
+            where = f"{path}: question {qid}"
+            _require(q, ("imageId", "question", "answer"), where)
+            types = q.get("types") or {}
+            samples.append(Sample(
+                doc_id=len(samples), sample_id=str(qid),
+                images=[_image(root, f"{q['imageId']}.jpg", where)],
+                question=q["question"].strip(), target=q["answer"],
+                meta={"structural": types.get("structural"), "semantic": types.get("semantic")}))
+        return samples
+
+    @staticmethod
+    def normalize(response: str) -> str:
+        return response.strip().rstrip(".").lower()
+
+    def process_result(self, sample, response):
+        pred = self.normalize(response)
+        return {"exact_match": float(pred == sample.target), "prediction": pred}
+
+    def aggregate(self, processed, samples):
+        _pair_check(processed, samples)
+        return {"exact_match": _mean(p["exact_match"] for p in processed)}
