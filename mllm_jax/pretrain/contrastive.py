@@ -14,11 +14,13 @@ image->text and text->image cross-entropies over the batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -184,6 +186,28 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
 
 
 # ---- training -------------------------------------------------------------------------------
+def init_params(model, seed: int, *args, overrides=None) -> dict:
+    """Initial parameters drawn with numpy from the abstract tree: N(0, 0.02) for weights and
+    embeddings, ones for norm scales, zeros for biases, `overrides` {leaf name: value}
+    (compiling `model.init` costs more than a demo-sized training run can spare)."""
+    overrides = {"logit_scale": LOGIT_SCALE_INIT, **(overrides or {})}
+    rng = np.random.default_rng(seed)
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)["params"])
+    flat = flax.traverse_util.flatten_dict(shapes)
+    out = {}
+    for path, leaf in sorted(flat.items()):
+        if path[-1] in overrides:
+            value = np.full(leaf.shape, overrides[path[-1]])
+        elif path[-1] == "scale":
+            value = np.ones(leaf.shape)
+        elif path[-1] == "bias":
+            value = np.zeros(leaf.shape)
+        else:
+            value = 0.02 * rng.standard_normal(leaf.shape)
+        out[path] = jnp.asarray(value, leaf.dtype)
+    return flax.traverse_util.unflatten_dict(out)
+
+
 @dataclasses.dataclass
 class ContrastiveResult:
     """`vision_params`: the VisionModel tree (`{"vision_model": ...}`), LLaVA's
@@ -234,41 +258,34 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
     order = batch_order(len(train_pairs), batch_size, steps, seed)
 
     model = ContrastiveModel(vision_config, text_cfg, embed_dim)
-    init = jax.jit(model.init)
-    params = nn.meta.unbox(init(jax.random.PRNGKey(seed), pixels[:1], ids[:1], eos[:1])["params"])
-    opt_cfg = ml_collections.ConfigDict(dict(lr=lr, weight_decay=weight_decay,
-                                             warmup_ratio=warmup_ratio, grad_clip=1.0,
-                                             b2=0.98, eps=1e-6))
-    tx, _ = make_optimizer(opt_cfg, params, steps)
+    params = init_params(model, seed, pixels[:1], ids[:1], eos[:1])
+    opt = dict(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, grad_clip=1.0,
+               b2=0.98, eps=1e-6)
+    key = (vision_config.to_json(), text_cfg.to_json(), embed_dim, tuple(sorted(opt.items())),
+           steps)
+    if key not in _COMPILED:
+        _COMPILED.clear()  # keeps one configuration's programs
+        _COMPILED[key] = _programs(model, params, opt, steps)
+    tx, train_step, enc = _COMPILED[key]
     opt_state = tx.init(params)
-
-    @jax.jit
-    def train_step(params, opt_state, idx):
-        def loss_fn(p):
-            return contrastive_loss(model.apply({"params": p}, pixels[idx], ids[idx], eos[idx]))
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        params["logit_scale"] = jnp.minimum(params["logit_scale"], LOGIT_SCALE_MAX)
-        return params, opt_state, loss
 
     losses = []
     for step in range(steps):
-        params, opt_state, loss = train_step(params, opt_state, order[step])
+        params, opt_state, loss = train_step(params, opt_state, pixels, ids, eos,
+                                             order[step])
         losses.append(loss)
         if progress is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
             progress(step + 1, float(loss))
     losses = [float(x) for x in jax.device_get(losses)]
     metrics = {"losses": losses, "logit_scale": float(jnp.exp(params["logit_scale"])),
                "steps": steps, "batch_size": batch_size}
+    enc = [functools.partial(f, params) for f in enc]
     train_n = min(len(train_pairs), 512)
-    acc, chance = retrieval_accuracy(model, params, pixels[:train_n],
-                                     [p[1] for p in train_pairs[:train_n]], tok, max_length,
-                                     eval_batch)
+    acc, chance = retrieval_accuracy(enc, pixels[:train_n], [p[1] for p in train_pairs[:train_n]],
+                                     tok, max_length, eval_batch)
     metrics.update(train_accuracy=acc, train_chance=chance)
     if val_pairs is not None:
-        acc, chance = retrieval_accuracy(model, params,
-                                         load_pixels([p[0] for p in val_pairs], v.image_size),
+        acc, chance = retrieval_accuracy(enc, load_pixels([p[0] for p in val_pairs], v.image_size),
                                          [p[1] for p in val_pairs], tok, max_length, eval_batch)
         metrics.update(val_accuracy=acc, val_chance=chance)
     metrics["seconds"] = time.perf_counter() - start
@@ -289,21 +306,43 @@ def _native_size(image) -> int:
     return h
 
 
-def retrieval_accuracy(model, params, pixels, captions, tokenizer, max_length: int,
-                       chunk: int = 64):
+_COMPILED = {}  # configuration -> (optimizer, train step, encoders), reused by later calls
+
+
+def _programs(model, params, opt: dict, steps: int):
+    """The optimizer and the jitted train step and encoders of a configuration."""
+    tx, _ = make_optimizer(ml_collections.ConfigDict(opt), params, steps)
+
+    # The data are arguments, not constants: XLA would otherwise fold them into the program.
+    @jax.jit
+    def train_step(params, opt_state, pixels, ids, eos, idx):
+        def loss_fn(p):
+            return contrastive_loss(model.apply({"params": p}, pixels[idx], ids[idx], eos[idx]))
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        params["logit_scale"] = jnp.minimum(params["logit_scale"], LOGIT_SCALE_MAX)
+        return params, opt_state, loss
+
+    img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
+    txt = jax.jit(lambda p, i, e: model.apply({"params": p}, i, e, method="encode_text"))
+    return tx, train_step, (img, txt)
+
+
+def retrieval_accuracy(encoders, pixels, captions, tokenizer, max_length: int, chunk: int = 64):
     """(accuracy, chance) of in-batch image->text top-1 retrieval over consecutive chunks of
     `chunk` pairs; a retrieved caption counts when its text equals the image's own (the
-    world repeats captions), and chance is the expected accuracy of a uniform guess."""
+    world repeats captions), and chance is the expected accuracy of a uniform guess.
+    `encoders`: (encode_image, encode_text) functions of a trained ContrastiveModel."""
     n = len(captions)
     if n < 2:
         raise ValueError(f"retrieval accuracy needs at least 2 pairs, got {n}")
+    enc_img, enc_txt = encoders
     ids, eos = tokenize_captions(captions, tokenizer, max_length)
-    enc_img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
-    enc_txt = jax.jit(lambda p, i, e: model.apply({"params": p}, i, e, method="encode_text"))
-    img = np.concatenate([enc_img(params, jnp.asarray(pixels[s:s + chunk]))
+    img = np.concatenate([enc_img(jnp.asarray(pixels[s:s + chunk]))
                           for s in range(0, n, chunk)])
-    txt = np.concatenate([enc_txt(params, jnp.asarray(ids[s:s + chunk]),
-                                  jnp.asarray(eos[s:s + chunk])) for s in range(0, n, chunk)])
+    txt = np.concatenate([enc_txt(jnp.asarray(ids[s:s + chunk]), jnp.asarray(eos[s:s + chunk]))
+                          for s in range(0, n, chunk)])
     hits, chance = [], []
     for s in range(0, n, chunk):
         caps = captions[s:s + chunk]

@@ -11,12 +11,12 @@ LLaVA's `language_model` subtree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,7 +24,7 @@ import numpy as np
 
 from mllm_jax import config as mc
 from mllm_jax.models.llm import CausalLM
-from mllm_jax.pretrain.contrastive import _tokenizer, batch_order
+from mllm_jax.pretrain.contrastive import _tokenizer, batch_order, init_params
 from mllm_jax.train.optimizer import make_optimizer
 from mllm_jax.train.step import init_state, lm_objective, make_train_step
 
@@ -122,20 +122,15 @@ def pretrain_lm(corpus, tokenizer, *, val_corpus=None, val_fraction: float = 0.0
     order = batch_order(len(train), batch_size, steps, seed)
 
     model = CausalLM(cfg)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed),
-                                                jnp.zeros((1, seq_len), jnp.int32))["params"])
-    opt_cfg = ml_collections.ConfigDict(dict(lr=lr, weight_decay=weight_decay,
-                                             warmup_ratio=warmup_ratio, grad_clip=1.0,
-                                             b2=0.98))
-    tx, _ = make_optimizer(opt_cfg, params, steps)
-    step_fn = make_train_step(model, lm_objective, tx)
+    params = init_params(model, seed, jnp.zeros((1, seq_len), jnp.int32))
+    opt = dict(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, grad_clip=1.0,
+               b2=0.98)
+    key = (cfg.to_json(), tuple(sorted(opt.items())), steps)
+    if key not in _COMPILED:
+        _COMPILED.clear()  # keeps one configuration's programs
+        _COMPILED[key] = _programs(model, params, opt, steps)
+    tx, train_step, nll = _COMPILED[key]
     data = jnp.asarray(train)
-
-    @jax.jit
-    def train_step(state, data, idx):
-        rows = data[idx]
-        return step_fn(state, {}, None, {"input_ids": rows, "labels": rows})
-
     state = init_state(params, tx, jax.random.PRNGKey(seed))
     losses = []
     for step in range(steps):
@@ -144,22 +139,40 @@ def pretrain_lm(corpus, tokenizer, *, val_corpus=None, val_fraction: float = 0.0
         if progress is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
             progress(step + 1, float(m["loss"]))
     losses = [float(x) for x in jax.device_get(losses)]
-    val_loss = evaluate_lm(model, state.params, val, batch_size)
+    val_loss = evaluate_lm(functools.partial(nll, state.params), val, batch_size)
     metrics = {"losses": losses, "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
                "train_tokens": int(train.size), "val_tokens": int(val.size), "steps": steps,
                "batch_size": batch_size, "seconds": time.perf_counter() - start}
     return LMResult(state.params, cfg, metrics)
 
 
-def evaluate_lm(model, params, sequences, batch_size: int = 16) -> float:
-    """Mean next-token NLL (nats) over every position of the packed `sequences`."""
+_COMPILED = {}  # configuration -> (optimizer, train step, NLL), reused by later calls
+
+
+def _programs(model, params, opt: dict, steps: int):
+    """The optimizer, the jitted train step and the jitted (NLL sum, tokens) of a batch."""
+    tx, _ = make_optimizer(ml_collections.ConfigDict(opt), params, steps)
+    step_fn = make_train_step(model, lm_objective, tx)
+
+    # The data are an argument, not a constant: XLA would otherwise fold them into the program.
+    @jax.jit
+    def train_step(state, data, idx):
+        rows = data[idx]
+        return step_fn(state, {}, None, {"input_ids": rows, "labels": rows})
+
     @jax.jit
     def nll(params, rows):
-        s, n, _ = lm_objective(model, params, {"input_ids": rows, "labels": rows}, None)
-        return s, n
+        total, n, _ = lm_objective(model, params, {"input_ids": rows, "labels": rows}, None)
+        return total, n
 
+    return tx, train_step, nll
+
+
+def evaluate_lm(nll, sequences, batch_size: int = 16) -> float:
+    """Mean next-token NLL (nats) over every position of the packed `sequences`; `nll(rows)`
+    gives (NLL sum, token count) of a batch."""
     total, count = 0.0, 0
     for s in range(0, len(sequences), batch_size):
-        a, b = nll(params, jnp.asarray(sequences[s:s + batch_size]))
+        a, b = nll(jnp.asarray(sequences[s:s + batch_size]))
         total, count = total + float(a), count + int(b)
     return total / count

@@ -1,0 +1,160 @@
+"""Pre-training on a tiny shapes world: the contrastive towers learn to retrieve held-out
+captions, the LM learns the corpus, both are bitwise deterministic, their parameters drop into
+a LLaVA model, and bad inputs fail with clear errors."""
+import functools
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mllm_jax import config as mc
+from mllm_jax.data import shapes as S
+from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax.models import CausalLM, Llava, VisionModel
+from mllm_jax.pretrain import pretrain_contrastive, pretrain_lm
+from mllm_jax.pretrain.contrastive import vision_model_config
+from mllm_jax.pretrain.text_lm import pack_lines
+
+C_ARGS = dict(vision_config=vision_model_config(32, 8, hidden_size=32, num_layers=2),
+              text_hidden=32, text_layers=1, embed_dim=32, steps=120, batch_size=64,
+              lr=2e-3, eval_batch=50, log_every=40)
+LM_ARGS = dict(hidden_size=64, num_layers=1, seq_len=64, steps=80, batch_size=8, lr=3e-3,
+               log_every=20)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return S.write_dataset(tmp_path_factory.mktemp("world"), {"train": 300, "val": 100},
+                           seed=0)
+
+
+@pytest.fixture(scope="module")
+def clip(world):
+    calls = []
+    res = pretrain_contrastive(world["pairs_train"], world["tokenizer"],
+                               val=world["pairs_val"], progress=lambda s, l: calls.append((s, l)),
+                               **C_ARGS)
+    return res, calls
+
+
+@pytest.fixture(scope="module")
+def lm(world):
+    calls = []
+    res = pretrain_lm(world["text_corpus"], world["tokenizer"],
+                      progress=lambda s, l: calls.append((s, l)), **LM_ARGS)
+    return res, calls
+
+
+def _leaves(tree):
+    return flax.traverse_util.flatten_dict(jax.device_get(tree))
+
+
+def _same(a, b):
+    fa, fb = _leaves(a), _leaves(b)
+    return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def test_contrastive_learns_and_retrieves_held_out_captions(clip):
+    res, calls = clip
+    losses = res.metrics["losses"]
+    assert len(losses) == 120
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    m = res.metrics
+    assert m["val_chance"] < 0.1
+    assert m["val_accuracy"] > 3 * m["val_chance"], m
+    assert [s for s, _ in calls] == [40, 80, 120]
+    assert all(loss == pytest.approx(losses[s - 1]) for s, loss in calls)
+
+
+def test_contrastive_is_deterministic(world, clip):
+    again = pretrain_contrastive(world["pairs_train"], world["tokenizer"],
+                                 **{**C_ARGS, "steps": 120})
+    assert _same(again.params, clip[0].params)
+    assert again.metrics["losses"] == clip[0].metrics["losses"]
+
+
+def test_lm_learns_the_corpus(lm):
+    res, calls = lm
+    losses = res.metrics["losses"]
+    vocab = res.config.text.vocab_size
+    assert losses[0] > 0.9 * math.log(vocab)
+    assert res.metrics["val_loss"] < 0.5 * math.log(vocab), res.metrics
+    assert res.metrics["val_perplexity"] == pytest.approx(math.exp(res.metrics["val_loss"]))
+    assert [s for s, _ in calls] == [20, 40, 60, 80]
+
+
+def test_lm_is_deterministic_and_seed_matters(world, lm):
+    again = pretrain_lm(world["text_corpus"], world["tokenizer"], **LM_ARGS)
+    assert _same(again.params, lm[0].params)
+    other = pretrain_lm(world["text_corpus"], world["tokenizer"], **{**LM_ARGS, "seed": 1})
+    assert not _same(other.params, lm[0].params)
+
+
+def test_params_drop_into_llava(world, clip, lm):
+    vis, text = clip[0], lm[0]
+    tok = load_tokenizer(world["tokenizer"])
+    v = vis.vision_config.vision
+    n_img = (v.image_size // v.patch_size) ** 2
+    cfg = mc.llava_config(vision=v, text=text.config.text, image_token_index=tok.image_token_id,
+                          image_seq_length=n_img, vision_feature_layer=-1)
+    model = Llava(cfg)
+    ids = np.asarray([[tok.bos_id] + [tok.image_token_id] * n_img + tok.encode("a red circle")])
+    pixels = np.random.default_rng(0).normal(size=(1, v.image_size, v.image_size, 3))
+    pixels = pixels.astype(np.float32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, pixels)["params"]
+    shapes = flax.linen.meta.unbox(shapes)
+    params = {"vision_tower": vis.vision_params, "language_model": text.params,
+              "multi_modal_projector": jax.tree_util.tree_map(
+                  lambda s: 0.02 * jnp.ones(s.shape, s.dtype), shapes["multi_modal_projector"])}
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(shapes)
+    assert all(a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(params),
+                                                  jax.tree_util.tree_leaves(shapes)))
+    text_ids = ids[:, n_img + 1:]
+
+    @jax.jit
+    def run(params):
+        apply = functools.partial(model.apply, {"params": params})
+        return (apply(ids, pixels), apply(pixels, method="vision_features"), apply(text_ids),
+                VisionModel(vis.vision_config).apply({"params": vis.vision_params}, pixels),
+                CausalLM(text.config).apply({"params": text.params}, text_ids))
+
+    logits, feats, text_logits, alone, alone_logits = run(params)
+    assert logits.shape == (1, ids.shape[1], text.config.text.vocab_size)
+    assert np.isfinite(np.asarray(logits)).all()
+    # The trained towers compute inside LLaVA what they compute alone.
+    np.testing.assert_allclose(feats, alone["hidden_states"][-1][:, 1:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(text_logits, alone_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_fail_clearly(world, tmp_path):
+    tok = world["tokenizer"]
+    with pytest.raises(ValueError, match="no image-caption pairs"):
+        pretrain_contrastive([], tok)
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        pretrain_contrastive(world["pairs_train"], tok, patch_size=5)
+    with pytest.raises(FileNotFoundError, match="pairs_missing.json"):
+        pretrain_contrastive(tmp_path / "pairs_missing.json", tok)
+    with pytest.raises(ValueError, match="pair 1 is not"):
+        pretrain_contrastive([("a.png", "a red circle."), ("b.png", "")], tok)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="no text lines"):
+        pretrain_lm(empty, tok)
+    with pytest.raises(ValueError, match="do not fill one 4096-token sequence"):
+        pretrain_lm(["a red circle."] * 30, tok, seq_len=4096)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        pretrain_lm(world["text_corpus"], tok, steps=0)
+
+
+def test_packing_frames_each_line_with_bos_and_eos(world):
+    tok = load_tokenizer(world["tokenizer"])
+    lines = ["a red circle.", "there is a blue square."]
+    seq = pack_lines(lines * 10, tok, 8)
+    flat = seq.reshape(-1).tolist()
+    one = [tok.bos_id] + tok.encode(lines[0]) + [tok.eos_id] + \
+        [tok.bos_id] + tok.encode(lines[1]) + [tok.eos_id]
+    assert flat == (one * 10)[:len(flat)]
+    assert seq.shape[1] == 8 and len(flat) > len(one) * 10 - 8
