@@ -6,7 +6,7 @@ import os
 import pytest
 from PIL import Image
 
-from mllm_jax.demo import configs, report, run
+from mllm_jax.demo import configs, evaluate, report, run
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,9 @@ def test_report_states_the_seed_and_the_table_and_the_plot_is_a_png(result):
     saved = json.load(open(paths["metrics"]))
     assert saved["metrics"] == result["metrics"]
     # One answer per scored question per stage.
-    lines = open(os.path.join(paths["workdir"], "eval", "stage2.jsonl")).read().splitlines()
-    assert len(lines) == sum(1 for _ in lines) > 0
-    assert {json.loads(l)["kind"] for l in lines} >= {"existence", "pope", "detail"}
+    entries = evaluate.eval_entries(os.path.join(paths["workdir"], "data"), "val")
+    for stage in result["metrics"]:
+        lines = open(os.path.join(paths["workdir"], "eval", f"{stage}.jsonl")).readlines()
+        assert [json.loads(l)["id"] for l in lines] == [e["id"] for e in entries]
+    assert {e["kind"] for e in entries} >= {"existence", "count", "colour", "pope", "detail",
+                                            "caption"}

@@ -24,6 +24,7 @@ class StageRun:
     batch: int
     lr: float
     warmup: float = 0.05
+    max_length: int = 128  # tokens per sequence (image tokens included)
     beta: float = 0.1  # DPO only
 
 
@@ -39,18 +40,20 @@ class Settings:
     vision_hidden: int = 128
     vision_layers: int = 2
     vision_heads: int = 4
-    text_hidden: int = 192
-    text_layers: int = 3
-    text_heads: int = 6
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
     vocab_size: int = 512
-    max_length: int = 96  # tokens per training sequence (image tokens included)
-    # Pre-training of the towers.
-    contrastive: StageRun = StageRun(steps=300, batch=64, lr=1e-3)
-    text_lm: StageRun = StageRun(steps=300, batch=32, lr=2e-3)
+    # Pre-training of the towers (text_lm.max_length: tokens per packed sequence).
+    contrastive: StageRun = StageRun(steps=200, batch=64, lr=1e-3)
+    text_lm: StageRun = StageRun(steps=300, batch=16, lr=3e-3, max_length=128)
     # The LLaVA stages.
-    stage1: StageRun = StageRun(steps=200, batch=32, lr=2e-3)
-    stage2: StageRun = StageRun(steps=800, batch=32, lr=1e-3)
-    stage3: StageRun = StageRun(steps=100, batch=16, lr=5e-5, beta=0.1)
+    stage1: StageRun = StageRun(steps=150, batch=32, lr=2e-3, max_length=64)
+    stage2: StageRun = StageRun(steps=600, batch=16, lr=1e-3, max_length=128)
+    stage3: StageRun = StageRun(steps=60, batch=16, lr=5e-5, max_length=104, beta=0.1)
+    # Stage 3 also learns from the stage-2 model's own hallucinations on this many training
+    # images (0: only the world's preference pairs); see `demo.preference`.
+    on_policy_scenes: int = 1000
     # Evaluation.
     eval_batch: int = 128
     short_new_tokens: int = 48  # answers to questions
@@ -69,10 +72,10 @@ SCALES = {
                      vision_heads=2, text_hidden=64, text_layers=2, text_heads=2,
                      contrastive=StageRun(steps=10, batch=16, lr=1e-3),
                      text_lm=StageRun(steps=10, batch=16, lr=2e-3),
-                     stage1=StageRun(steps=16, batch=16, lr=3e-3),
-                     stage2=StageRun(steps=60, batch=16, lr=3e-3),
-                     stage3=StageRun(steps=4, batch=8, lr=5e-5),
-                     eval_batch=64, short_new_tokens=24, long_new_tokens=48),
+                     stage1=StageRun(steps=16, batch=16, lr=3e-3, max_length=64),
+                     stage2=StageRun(steps=60, batch=16, lr=3e-3, max_length=128),
+                     stage3=StageRun(steps=4, batch=8, lr=5e-5, max_length=104),
+                     on_policy_scenes=64, eval_batch=64, short_new_tokens=24, long_new_tokens=48),
 }
 
 
@@ -107,8 +110,11 @@ def model_config(s: Settings, image_token_id: int) -> ml_collections.ConfigDict:
 
 
 def stage_config(s: Settings, name: str, model: ml_collections.ConfigDict, data_dir: str,
-                 tokenizer_dir: str, init_dir: str) -> ml_collections.ConfigDict:
-    """The `train.loop.train` config of LLaVA stage `name`, starting from `init_dir`."""
+                 tokenizer_dir: str, init_dir: str, json_path: str | None = None
+                 ) -> ml_collections.ConfigDict:
+    """The `train.loop.train` config of LLaVA stage `name`, starting from `init_dir`, on
+    `json_path` (default: the stage's file of the world's train split; images under
+    `data_dir` either way)."""
     spec = {n: (trainable, objective, data) for n, trainable, objective, data in STAGES}
     if name not in spec:
         raise ValueError(f"unknown demo stage {name!r}; known: {list(spec)}")
@@ -124,7 +130,7 @@ def stage_config(s: Settings, name: str, model: ml_collections.ConfigDict, data_
     c.train.update(global_batch_size=run.batch, num_steps=run.steps, seed=s.seed,
                    log_every=max(1, run.steps // 10), checkpoint_every=run.steps + 1,
                    keep_checkpoints=1, async_checkpointing=False, export_final=True)
-    c.data.update(source="llava_json", json=f"{data_dir}/{data}_train.json",
+    c.data.update(source="llava_json", json=json_path or f"{data_dir}/{data}_train.json",
                   image_root=data_dir, tokenizer=tokenizer_dir, template="mistral",
-                  max_length=s.max_length, workers=2, images=1, seed=s.seed)
+                  max_length=run.max_length, workers=2, images=1, seed=s.seed)
     return c

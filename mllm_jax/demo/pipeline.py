@@ -26,12 +26,12 @@ from mllm_jax.convert.hf_io import abstract_params
 from mllm_jax.convert.orbax_io import save_orbax
 from mllm_jax.data import shapes
 from mllm_jax.data.tokenizer import load_tokenizer
-from mllm_jax.demo import configs, evaluate as ev, report
+from mllm_jax.demo import configs, evaluate as ev, preference, report
 from mllm_jax.demo.progress import Progress
 from mllm_jax.models import build_model
 from mllm_jax.train.loop import train
 
-PARTS = ("data", "pretrain", "init", "stage1", "stage2", "stage3", "eval")
+PARTS = ("data", "pretrain", "init", "stage1", "stage2", "stage3", "stage3_pairs", "eval")
 
 
 def random_params(model, seed: int):
@@ -73,12 +73,32 @@ def pretrain_vision(s, model_cfg, paths, progress):
 
 def pretrain_text(s, model_cfg, paths, progress):
     """The LLM's parameters after language-model pre-training on the world's text, and its
-    metrics; (None, reason) while `mllm_jax.pretrain.text_lm` is not available."""
-    try:
-        from mllm_jax.pretrain import text_lm
-    except ImportError:
-        return None, {"skipped": "mllm_jax.pretrain.text_lm is not available: random LLM"}
-    raise NotImplementedError(text_lm)
+    metrics."""
+    from mllm_jax.pretrain.text_lm import pretrain_lm
+    run = s.text_lm
+    res = pretrain_lm(
+        paths["text_corpus"], paths["tokenizer"], config=mc.llm_config(model_cfg.text),
+        seq_len=run.max_length, steps=run.steps, batch_size=run.batch, lr=run.lr,
+        warmup_ratio=run.warmup, seed=s.seed,
+        progress=lambda step, loss: progress.update(step - progress.count, loss=f"{loss:.3f}"),
+        log_every=max(1, run.steps // 50))
+    metrics = {k: v for k, v in res.metrics.items() if k != "losses"}
+    metrics["final_loss"] = res.metrics["losses"][-1]
+    return jax.device_get(res.params), metrics
+
+
+def stage3_pairs(s, model, params, tokenizer, paths, workdir, progress):
+    """The world's preference pairs plus the stage-2 model's own hallucinations on the
+    first `on_policy_scenes` of them, written to stage3_pairs/preference.json."""
+    world = preference.read_records(paths["preference_train"])
+    own = preference.on_policy_pairs(model, params, tokenizer, os.path.dirname(
+        paths["preference_train"]), world[:s.on_policy_scenes], batch_size=s.eval_batch,
+        max_new_tokens=s.long_new_tokens, progress=progress.update)
+    out_dir = os.path.join(workdir, "stage3_pairs")
+    os.makedirs(out_dir, exist_ok=True)
+    path = preference.write_records(os.path.join(out_dir, "preference.json"), world + own)
+    return path, {"world_pairs": len(world), "own_hallucinations": len(own),
+                  "described": min(len(world), s.on_policy_scenes)}
 
 
 def initial_llava(s, model, vision, text, out_dir) -> str:
@@ -124,8 +144,14 @@ def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None
     entries = ev.eval_entries(data_dir, "val")
     log_path = os.path.join(workdir, "train_log.txt")
     metrics = {}
+    params, json_path = None, None
     for name, *_ in configs.STAGES:
-        cfg = configs.stage_config(s, name, model_cfg, data_dir, paths["tokenizer"], init_dir)
+        if name == "stage3" and s.on_policy_scenes:
+            with p.phase("stage3 pairs", total=s.on_policy_scenes, unit="image"):
+                json_path, pre["stage3_pairs"] = stage3_pairs(s, model, params, tokenizer,
+                                                              paths, workdir, p)
+        cfg = configs.stage_config(s, name, model_cfg, data_dir, paths["tokenizer"], init_dir,
+                                   json_path if name == "stage3" else None)
         stage_dir = os.path.join(workdir, name)
         with p.phase(name, total=cfg.train.num_steps), open(log_path, "a") as log:
             summary = train(cfg, stage_dir,
@@ -142,10 +168,12 @@ def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None
         p.line(f"{name}: " + ", ".join(f"{k} {metrics[name][k]:.3f}" for k in report.HEADLINE
                                        if k in metrics[name]))
     total = p.elapsed()
-    out = report.write(workdir, s, metrics, dict(p.times), pre, total=total)
+    out = report.write(workdir, s, metrics, dict(p.times), pre, total=total,
+                       cpu_times=dict(p.cpu_times))
     p.line(f"report: {out['report']}")
     p.line(f"plot: {out['plot']}")
-    return {"settings": s, "metrics": metrics, "times": dict(p.times), "total": total,
+    return {"settings": s, "metrics": metrics, "times": dict(p.times),
+            "cpu_times": dict(p.cpu_times), "total": total,
             "pretrain": pre, "paths": {**out, "workdir": workdir}}
 
 

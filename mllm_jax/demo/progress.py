@@ -8,13 +8,15 @@ import time
 
 
 class Progress:
-    """Phases in order; `times` maps each finished phase to its wall time in seconds."""
+    """Phases in order; `times` maps each finished phase to its wall time in seconds,
+    `cpu_times` to the CPU time of this process (all threads) meanwhile."""
 
     def __init__(self, enabled: bool = True, stream=None):
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.start = time.perf_counter()
         self.times = {}
+        self.cpu_times = {}
         self._bar = None
         self.count = 0  # steps counted in the running phase
 
@@ -29,7 +31,7 @@ class Progress:
     def phase(self, name: str, total: int | None = None, unit: str = "step"):
         """Times the block as phase `name`; `self.update(n)` advances its counter."""
         self.line(f"{name} ...")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.count = 0
         if self.enabled and total:
             from tqdm import tqdm
@@ -42,7 +44,8 @@ class Progress:
                 self._bar.close()
                 self._bar = None
         self.times[name] = time.perf_counter() - t0
-        self.line(f"{name} done in {self.times[name]:.1f}s")
+        self.cpu_times[name] = time.process_time() - c0
+        self.line(f"{name} done in {self.times[name]:.1f}s (cpu {self.cpu_times[name]:.1f}s)")
 
     def update(self, n: int = 1, **postfix):
         self.count += n

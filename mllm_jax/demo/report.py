@@ -43,7 +43,7 @@ def table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def write(workdir, settings, metrics, times, pretrain, total=None) -> dict:
+def write(workdir, settings, metrics, times, pretrain, total=None, cpu_times=None) -> dict:
     """Writes report.md, metrics.json and metrics.png into workdir; returns their paths."""
     paths = {"report": os.path.join(workdir, "report.md"),
              "plot": os.path.join(workdir, "metrics.png"),
@@ -51,11 +51,13 @@ def write(workdir, settings, metrics, times, pretrain, total=None) -> dict:
     s = settings.to_dict()
     with open(paths["metrics"], "w") as f:
         json.dump({"seed": settings.seed, "settings": s, "metrics": metrics, "times": times,
-                   "pretrain": pretrain}, f, indent=2)
+                   "cpu_times": cpu_times, "total": total, "pretrain": pretrain}, f, indent=2)
     plot(metrics, paths["plot"])
-    phases = "\n".join(f"| {name} | {sec:.1f} |" for name, sec in times.items())
+    cpu = cpu_times or {}
+    phases = "\n".join(f"| {name} | {sec:.1f} | {cpu.get(name, float('nan')):.1f} |"
+                       for name, sec in times.items())
     if total is not None:
-        phases += f"\n| total | {total:.1f} |"
+        phases += f"\n| total | {total:.1f} | {sum(cpu.values()):.1f} |"
     pre = "\n".join(f"- {name}: " + ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
         for name, m in pretrain.items())
@@ -76,10 +78,12 @@ caption chosen, one with an absent companion object rejected).
 
 {pre}
 
-## Wall time per phase (seconds)
+## Time per phase (seconds)
 
-| phase | seconds |
-|---|---:|
+Wall time, and the CPU time of the process (all its threads) meanwhile.
+
+| phase | wall | cpu |
+|---|---:|---:|
 {phases}
 
 ## Settings
