@@ -48,6 +48,7 @@ def test_tiny_llava_figures_and_equal_tokens(capsys):
     assert out["preset"] == "tiny-llava" and out["dtype"] == "float32"
     assert out["batches"] == [1, 2] and out["new_tokens"] == 4 and out["threads"] >= 1
     assert out["torch_threads"] == out["threads"]
+    assert out["load_avg_1m_start"] >= 0 and out["load_avg_1m_end"] >= 0
     for key in ("jax_version", "torch_version", "transformers_version"):
         assert out[key]
     assert [r["batch"] for r in out["results"]] == [1, 2]

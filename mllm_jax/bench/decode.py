@@ -194,7 +194,8 @@ def run(preset="llava-bench-small", batches=(1, 8), new_tokens=64, prompt_text_l
            "new_tokens": new_tokens, "prompt_text_len": prompt_text_len,
            "image_tokens": int(model.cfg.image_seq_length), "repeats": repeats,
            "threads": threads, "jax_version": jax.__version__,
-           "jax_backend": jax.default_backend()}
+           "jax_backend": jax.default_backend(),
+           "load_avg_1m_start": round(os.getloadavg()[0], 2)}
     ref = None
     if torch_compare:
         import torch
@@ -223,6 +224,9 @@ def run(preset="llava-bench-small", batches=(1, 8), new_tokens=64, prompt_text_l
                      tokens_equal=diff is None, first_difference=diff)
         results.append(r)
     out["results"] = results
+    # The machine's load (runnable processes, 1-minute mean) beside `threads`: timings taken
+    # while other work competes for the cores are slower and noisier.
+    out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     return out
 
 
