@@ -116,7 +116,8 @@ def test_runner_writes_lmms_eval_layout_with_the_tasks_scores(  # noqa: F811
     d, _ = ckpt
     args = _args(d, pope_file, tmp_path / "out", "--limit", "3")
     model_dir, results, records = _run(args, loaded, monkeypatch)
-    assert model_dir == "chat0__model"  # the checkpoint path's last two parts
+    parent, name = os.path.split(os.path.normpath(ckpt[0]))
+    assert model_dir == f"{os.path.basename(parent)}__{name}"  # the path's last two parts
     assert results["n-samples"] == {"pope": {"original": 4, "effective": 3}}
     assert results["n-shot"] == {"pope": 0}
     assert results["config"]["batch_size"] == 2 and results["config"]["limit"] == 3

@@ -13,6 +13,7 @@ compiles one program per length bucket instead of one per batch.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import NamedTuple
 
 import jax
@@ -21,7 +22,22 @@ import numpy as np
 from mllm_jax.data import image as image_lib
 from mllm_jax.data.templates import IMAGE_PLACEHOLDER, build_prompt
 from mllm_jax.infer.generate import generate
-from mllm_jax.infer.prompting import tokens_per_image
+
+
+def image_config_for(model, checkpoint_dir):
+    """The checkpoint's preprocessor_config.json, else CLIP preprocessing at the model's
+    resolution."""
+    if os.path.exists(os.path.join(checkpoint_dir, "preprocessor_config.json")):
+        return image_lib.load_image_processor_config(checkpoint_dir)
+    size = model.cfg.vision.image_size
+    return image_lib.ImageProcessorConfig(mode="crop", size={"shortest_edge": size},
+                                          crop_size=size)
+
+
+def tokens_per_image(cfg) -> int:
+    grid = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    return grid + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+
 
 
 @dataclasses.dataclass
