@@ -139,6 +139,11 @@ def test_bad_inputs_fail_clearly(world, tmp_path):
         pretrain_contrastive(tmp_path / "pairs_missing.json", tok)
     with pytest.raises(ValueError, match="pair 1 is not"):
         pretrain_contrastive([("a.png", "a red circle."), ("b.png", "")], tok)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        pretrain_contrastive(world["pairs_train"], tok, val=[("x.png", "a red circle.")])
+    with pytest.raises(ValueError, match="cannot be read"):
+        pretrain_contrastive([(str(tmp_path / "gone.png"), "a red circle.")] * 2, tok,
+                             vision_config=vision_model_config(32, 8))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="no text lines"):

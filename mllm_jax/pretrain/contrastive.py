@@ -224,7 +224,7 @@ class ContrastiveResult:
 
 def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patch_size: int = 8,
                          text_hidden: int = 64, text_layers: int = 2, embed_dim: int = 64,
-                         max_length: int = 24, steps: int = 1500, batch_size: int = 128,
+                         max_length: int = 24, steps: int = 500, batch_size: int = 128,
                          lr: float = 1e-3, weight_decay: float = 0.1,
                          warmup_ratio: float = 0.05, eval_batch: int = 64, seed: int = 0,
                          progress: Callable | None = None, log_every: int = 10
@@ -240,6 +240,9 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
     tok = _tokenizer(tokenizer)
     train_pairs = load_pairs(train, "train pairs")
     val_pairs = load_pairs(val, "val pairs") if val is not None else None
+    if val_pairs is not None and len(val_pairs) < 2:
+        raise ValueError(f"val pairs: retrieval accuracy needs at least 2 pairs, got "
+                         f"{len(val_pairs)}")
     if vision_config is None:
         size = _native_size(train_pairs[0][0])
         vision_config = vision_model_config(size, patch_size)
