@@ -224,7 +224,7 @@ class ContrastiveResult:
 
 def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patch_size: int = 8,
                          text_hidden: int = 64, text_layers: int = 2, embed_dim: int = 64,
-                         max_length: int = 24, steps: int = 500, batch_size: int = 128,
+                         max_length: int = 24, steps: int = 500, batch_size: int = 64,
                          lr: float = 1e-3, weight_decay: float = 0.1,
                          warmup_ratio: float = 0.05, eval_batch: int = 64, seed: int = 0,
                          progress: Callable | None = None, log_every: int = 10

@@ -84,7 +84,7 @@ class LMResult:
 
 def pretrain_lm(corpus, tokenizer, *, val_corpus=None, val_fraction: float = 0.05,
                 config=None, hidden_size: int = 128, num_layers: int = 2, seq_len: int = 128,
-                steps: int = 300, batch_size: int = 16, lr: float = 3e-3,
+                steps: int = 200, batch_size: int = 16, lr: float = 3e-3,
                 weight_decay: float = 0.01, warmup_ratio: float = 0.05, seed: int = 0,
                 progress: Callable | None = None, log_every: int = 10) -> LMResult:
     """Trains a causal LM on `corpus` (a text file path or a list of lines); `tokenizer` is a
