@@ -7,9 +7,10 @@ N new tokens (`total_s`), of a call with one new token (`prefill_s`: vision towe
 prefill and the first token), decode tokens/s = batch * (N - 1) / (total - prefill),
 end-to-end tokens/s = batch * N / total, ms per decode step, the JAX compile time (first
 call minus a steady call), the speedups over PyTorch, and whether both produced the same
-tokens (else the first differing [sample, position]). The N-token and one-token calls
-alternate; the decode figures are null when the N-token call was not the slower one (a
-model so small that decoding is lost in the timing noise).
+tokens (else the first differing [sample, position]). The timed calls alternate (JAX N
+tokens, JAX one token, PyTorch N, PyTorch one, again); the decode figures are null when the
+N-token call was not the slower one (a model so small that decoding is lost in the timing
+noise). The 1-minute load average at start and end says how busy the machine was.
 """
 import os
 import statistics
@@ -99,37 +100,18 @@ def torch_model(model, params, dtype: str = "float32"):
 
 # ---- timing ------------------------------------------------------------------------------------
 
-def _timed_pair(full, one, repeats):
-    """Median seconds of `full()` and of `one()`, called alternately so that a change in the
-    machine's load during the run affects both alike; returns them and full()'s result."""
-    t_full, t_one, out = [], [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = full()
-        t_full.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        one()
-        t_one.append(time.perf_counter() - t)
-    return statistics.median(t_full), statistics.median(t_one), out
-
-
-def time_jax(model, params, ids, pixels, new_tokens: int, repeats: int) -> dict:
+def jax_caller(model, params, ids, pixels):
+    """call(n) -> the [batch, n] tokens `infer.generate` produces greedily."""
     from mllm_jax.infer.generate import generate
 
     def call(n):
         return generate(model, params, ids, pixel_values=pixels, max_new_tokens=n,
                         eos_token_id=None)
-
-    t = time.perf_counter()
-    call(new_tokens)
-    first = time.perf_counter() - t
-    call(1)  # compiles the one-token program
-    total, prefill, tokens = _timed_pair(lambda: call(new_tokens), lambda: call(1), repeats)
-    return {"total_s": total, "prefill_s": prefill, "first_call_s": first,
-            "compile_s": max(first - total, 0.0), "tokens": tokens}
+    return call
 
 
-def time_torch(ref, ids, pixels, new_tokens: int, repeats: int) -> dict:
+def torch_caller(ref, ids, pixels):
+    """call(n) -> the [batch, n] new tokens of transformers' greedy `generate`."""
     import torch
     inputs = {"input_ids": torch.from_numpy(ids.astype(np.int64)),
               "attention_mask": torch.ones(ids.shape, dtype=torch.int64),
@@ -138,17 +120,38 @@ def time_torch(ref, ids, pixels, new_tokens: int, repeats: int) -> dict:
 
     def call(n):
         # No EOS: every call produces exactly n tokens, as the JAX side (eos_token_id=None).
-        config = _generation_config(n)
         with torch.inference_mode():
-            out = ref.generate(**inputs, generation_config=config)
-        return out[:, ids.shape[1]:].numpy()
+            out = ref.generate(**inputs, generation_config=_generation_config(n))
+        tokens = out[:, ids.shape[1]:].numpy()
+        if tokens.shape[1] != n:
+            raise RuntimeError(f"transformers generated {tokens.shape[1]} tokens, expected {n}")
+        return tokens
+    return call
 
-    call(new_tokens)  # warm-up (allocator, thread pool)
-    total, prefill, tokens = _timed_pair(lambda: call(new_tokens), lambda: call(1), repeats)
-    if tokens.shape[1] != new_tokens:
-        raise RuntimeError(f"transformers generated {tokens.shape[1]} tokens, expected "
-                           f"{new_tokens}")
-    return {"total_s": total, "prefill_s": prefill, "tokens": tokens}
+
+def measure(callers: dict, new_tokens: int, repeats: int) -> dict:
+    """For each name -> call(n): the first call's seconds (compilation included), then the
+    median seconds of `repeats` calls with n = new_tokens (total_s) and n = 1 (prefill_s),
+    and the tokens. After one warm-up of each program, the timed calls go round all callers
+    in turn, so that changes in the machine's load during the run fall on all alike."""
+    out = {}
+    for name, call in callers.items():
+        t = time.perf_counter()
+        call(new_tokens)
+        out[name] = {"first_call_s": time.perf_counter() - t, "total": [], "prefill": []}
+        call(1)
+    for _ in range(repeats):
+        for name, call in callers.items():
+            t = time.perf_counter()
+            out[name]["tokens"] = call(new_tokens)
+            t1 = time.perf_counter()
+            call(1)
+            out[name]["total"].append(t1 - t)
+            out[name]["prefill"].append(time.perf_counter() - t1)
+    for m in out.values():
+        m["total_s"] = statistics.median(m.pop("total"))
+        m["prefill_s"] = statistics.median(m.pop("prefill"))
+    return out
 
 
 def _generation_config(n):
@@ -208,13 +211,17 @@ def run(preset="llava-bench-small", batches=(1, 8), new_tokens=64, prompt_text_l
     results = []
     for b in batches:
         ids, pixels = prompts(model.cfg, b, prompt_text_len, seed=seed + b)
-        j = time_jax(model, params, ids, pixels, new_tokens, repeats)
+        callers = {"jax": jax_caller(model, params, ids, pixels)}
+        if ref is not None:
+            callers["torch"] = torch_caller(ref, ids, pixels)
+        m = measure(callers, new_tokens, repeats)
+        j = m["jax"]
         r = {"batch": b, "prompt_len": int(ids.shape[1]),
-             "jax_compile_s": round(j["compile_s"], 2),
+             "jax_compile_s": round(max(j["first_call_s"] - j["total_s"], 0.0), 2),
              "jax_first_call_s": round(j["first_call_s"], 2)}
         r.update(_figures("jax_", j, b, new_tokens))
         if ref is not None:
-            t = time_torch(ref, ids, pixels, new_tokens, repeats)
+            t = m["torch"]
             r.update(_figures("torch_", t, b, new_tokens))
             diff = first_difference(j["tokens"], t["tokens"])
             r.update(e2e_speedup_vs_torch=round(t["total_s"] / j["total_s"], 3),
