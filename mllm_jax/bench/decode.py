@@ -35,12 +35,16 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="PyTorch intra-op threads (default: the cores this process may "
+                             "use); on a busy machine 1 thread can be far faster than 2")
 
 
 def main(args) -> int:
     import json
     out = run(args.preset, tuple(args.batch), args.new_tokens, args.prompt_text_len,
-              args.repeats, args.dtype, torch_compare=not args.no_torch)
+              args.repeats, args.dtype, torch_compare=not args.no_torch,
+              torch_threads=args.torch_threads)
     print(json.dumps(out))
     return 0
 
@@ -186,7 +190,7 @@ def _figures(prefix, t, batch, n):
 
 
 def run(preset="llava-bench-small", batches=(1, 8), new_tokens=64, prompt_text_len=32,
-        repeats=3, dtype="float32", torch_compare=True, seed=0) -> dict:
+        repeats=3, dtype="float32", torch_compare=True, seed=0, torch_threads=None) -> dict:
     if new_tokens < 2:
         raise ValueError(f"--new-tokens must be >= 2 to time decoding, got {new_tokens}")
     if repeats < 1:
@@ -203,7 +207,7 @@ def run(preset="llava-bench-small", batches=(1, 8), new_tokens=64, prompt_text_l
     if torch_compare:
         import torch
         import transformers
-        torch.set_num_threads(threads)
+        torch.set_num_threads(torch_threads or threads)
         ref = torch_model(model, params, dtype)
         out.update(torch_version=torch.__version__, transformers_version=transformers.__version__,
                    torch_threads=torch.get_num_threads(),
