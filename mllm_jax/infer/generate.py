@@ -118,7 +118,6 @@ def prefill(model, params, input_ids, attention_mask, cache: Cache, pixel_values
         embeds = model.apply({"params": params}, input_ids, pixel_values, method="embed")
     else:
         embeds = model.apply({"params": params}, input_ids, method="embed")
-    s = input_ids.shape[1]
     max_len = cache["k"][0].shape[-3]
     positions = jnp.cumsum(attention_mask, axis=1) - 1
     positions = jnp.where(attention_mask == 0, 0, positions).astype(jnp.int32)

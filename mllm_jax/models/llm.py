@@ -6,7 +6,6 @@ Parameter paths mirror HF: `model/embed_tokens`, `model/layers_{i}/self_attn/q_p
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mllm_jax.models import attention, rope
