@@ -315,8 +315,8 @@ def test_sharded_decoding_equals_one_device(llava, beams):
     assert q.addressable_shards[0].data.size == q.size // 4  # fsdp x tensor
     with jax.set_mesh(mesh), sharding.activation_rules_context():
         cache = jax.jit(lambda: gen.init_cache(model, 4, 64))()
-    layers, _, _, kv_heads, head_dim = cache["k"].shape
-    assert cache["k"].addressable_shards[0].data.shape == (layers, 1, 64, kv_heads // 2,
+    layers, _, kv_heads, _, head_dim = cache["k"].shape
+    assert cache["k"].addressable_shards[0].data.shape == (layers, 1, kv_heads // 2, 64,
                                                            head_dim)
     many = gen.generate(model, params, ids, mask, pixel_values=pixels, mesh=mesh, **kw)
     np.testing.assert_array_equal(many, one)

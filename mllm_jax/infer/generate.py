@@ -56,7 +56,7 @@ def init_cache(model, batch: int, max_len: int) -> Cache:
     n = t.num_hidden_layers
     # Under a mesh (and the rules context) the cache is split like the activations: batch
     # over the data axes, KV heads over the tensor axis.
-    names = ("activation_batch", "activation_length", "activation_kv_heads", None)
+    names = ("activation_batch", "activation_kv_heads", "activation_length", None)
     if model.cfg.scan_layers:
         k = jnp.broadcast_to(one["k"][None], (n, *one["k"].shape))
         k = nn.with_logical_constraint(k, (None, *names))
@@ -118,7 +118,7 @@ def prefill(model, params, input_ids, attention_mask, cache: Cache, pixel_values
         embeds = model.apply({"params": params}, input_ids, pixel_values, method="embed")
     else:
         embeds = model.apply({"params": params}, input_ids, method="embed")
-    max_len = cache["k"][0].shape[-3]
+    max_len = cache["k"][0].shape[-2]
     positions = jnp.cumsum(attention_mask, axis=1) - 1
     positions = jnp.where(attention_mask == 0, 0, positions).astype(jnp.int32)
     kv_mask = _kv_mask(attention_mask, max_len)
@@ -336,6 +336,20 @@ def _compiled(model, settings, fn=None):
     return _COMPILED[key][1]
 
 
+_FEATURE_SHAPES = {}  # (id(model), pixel shape, dtype) -> (model, feature shape)
+
+
+def _feature_shape(model, params, pixel_values):
+    """(number of images, features per image) for these pixels, traced once per shape."""
+    key = (id(model), pixel_values.shape, str(pixel_values.dtype))
+    if key not in _FEATURE_SHAPES:
+        feats = jax.eval_shape(
+            lambda p, px: model.apply({"params": p}, px, method="image_features"),
+            params, pixel_values)
+        _FEATURE_SHAPES[key] = (model, feats.shape[:2])
+    return _FEATURE_SHAPES[key][1]
+
+
 def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *,
              max_new_tokens: int, eos_token_id: int | Sequence[int] | None,
              pad_token_id: int | None = None, do_sample: bool = False,
@@ -382,10 +396,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     if model.cfg.model_type == "llava":
         if pixel_values is not None:
             pixel_values = jnp.asarray(pixel_values)
-            feats = jax.eval_shape(
-                lambda p, px: model.apply({"params": p}, px, method="image_features"),
-                params, pixel_values)
-            check_image_tokens(np.asarray(input_ids), feats.shape[0], feats.shape[1],
+            n_images, per_image = _feature_shape(model, params, pixel_values)
+            check_image_tokens(np.asarray(input_ids), n_images, per_image,
                                model.cfg.image_token_index)
     elif pixel_values is not None:
         raise ValueError("this is a text-only model; pixel_values must be None")

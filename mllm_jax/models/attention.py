@@ -31,10 +31,11 @@ def make_attention_mask(q_len, kv_len=None, *, causal: bool, attention_mask=None
 
 
 def init_kv_cache(batch, max_len, kv_heads, head_dim, dtype):
-    """An empty KV cache for one attention layer: keys/values [batch, max_len, kv_heads,
-    head_dim] and `index`, the slot where the next tokens are written (shared by the batch:
-    prompts are left padded, so every sample writes the same slots)."""
-    zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+    """An empty KV cache for one attention layer: keys/values [batch, kv_heads, max_len,
+    head_dim] (heads before positions, the layout the attention reads without a transpose,
+    as HF's cache) and `index`, the slot where the next tokens are written (shared by the
+    batch: prompts are left padded, so every sample writes the same slots)."""
+    zeros = jnp.zeros((batch, kv_heads, max_len, head_dim), dtype)
     return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32)}
 
 
@@ -42,11 +43,15 @@ def write_kv_cache(cache, k, v):
     """Writes k, v [b, s, kv_heads, d] at slots index..index+s-1; advances the index."""
     i = cache["index"]
     zero = jnp.zeros((), jnp.int32)
-    return {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
-                                              (zero, i, zero, zero)),
-            "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
-                                              (zero, i, zero, zero)),
-            "index": i + k.shape[1]}
+    put = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
+        c, x.transpose(0, 2, 1, 3).astype(c.dtype), (zero, zero, i, zero))
+    return {"k": put(cache["k"], k), "v": put(cache["v"], v), "index": i + k.shape[1]}
+
+
+def cached_attention(q, k, v, mask, scale: float):
+    """Attention of q [b, q, h, d] over a KV cache k, v [b, kv_heads, len, d] (see
+    `init_kv_cache`); mask broadcastable to [b, 1, q, len]. Forward only (generation)."""
+    return _from_groups(_attend(_to_groups(q, k.shape[1]), k, v, mask, scale)[0])
 
 
 def dot_product_attention(q, k, v, mask, scale: float):
@@ -92,10 +97,9 @@ def _from_groups(x):
     return x.transpose(0, 3, 1, 2, 4).reshape(b, s, kvh * g, d)
 
 
-def _attention_fwd(q, k, v, mask, scale):
-    qg = _to_groups(q, k.shape[2])  # [b, kv_heads, groups, q, d]
-    kt = k.transpose(0, 2, 1, 3)  # [b, kv_heads, kv, d]
-    vt = v.transpose(0, 2, 1, 3)
+def _attend(qg, kt, vt, mask, scale):
+    """qg [b, kv_heads, groups, q, d], kt/vt [b, kv_heads, kv, d] -> (out in qg's layout,
+    unnormalized weights, 1/row sums)."""
     scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kt, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, :, None, :, :], scores * jnp.float32(scale),
                        jnp.finfo(jnp.float32).min)
@@ -103,9 +107,16 @@ def _attention_fwd(q, k, v, mask, scale):
     # [q, kv] weights (the same softmax, fewer divisions).
     e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     inv = 1.0 / jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.einsum("bhgqk,bhkd->bhgqd", e.astype(v.dtype), vt,
+    out = jnp.einsum("bhgqk,bhkd->bhgqd", e.astype(vt.dtype), vt,
                      preferred_element_type=jnp.float32) * inv
-    out = out.astype(v.dtype)
+    return out.astype(vt.dtype), e, inv
+
+
+def _attention_fwd(q, k, v, mask, scale):
+    qg = _to_groups(q, k.shape[2])  # [b, kv_heads, groups, q, d]
+    kt = k.transpose(0, 2, 1, 3)  # [b, kv_heads, kv, d]
+    vt = v.transpose(0, 2, 1, 3)
+    out, e, inv = _attend(qg, kt, vt, mask, scale)
     return _from_groups(out), (qg, kt, vt, e, inv, out, mask)
 
 

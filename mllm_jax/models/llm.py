@@ -37,13 +37,11 @@ class LlamaAttention(nn.Module):
         v = v.reshape(b, s, c.num_key_value_heads, hd)
         q = rope.apply_rope(q, cos, sin)
         k = rope.apply_rope(k, cos, sin)
-        if cache is not None:
-            cache = attention.write_kv_cache(cache, k, v)
-            k, v = cache["k"], cache["v"]
         if cache is None:
             out = attention.causal_self_attention(q, k, v, mask, scale=hd ** -0.5)
         else:
-            out = attention.dot_product_attention(q, k, v, mask, scale=hd ** -0.5)
+            cache = attention.write_kv_cache(cache, k, v)
+            out = attention.cached_attention(q, cache["k"], cache["v"], mask, scale=hd ** -0.5)
         out = out.reshape(b, s, c.num_attention_heads * hd)
         out = Dense(c.hidden_size, ("heads", "embed"), c.o_bias, name="o_proj", **kw)(out)
         return out if cache is None else (out, cache)
