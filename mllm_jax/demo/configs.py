@@ -10,11 +10,15 @@ import dataclasses
 import ml_collections
 
 from mllm_jax import config as mc
+from mllm_jax.data import shapes
 from mllm_jax.train import recipe
 
-# Stages in order: name, what trains, objective, the data file (per split "train").
+# Stages in order: name, what trains, objective, the data file (per split "train"). Stage 2
+# also tunes the vision tower: a few minutes of contrastive pre-training leave a ViT too weak
+# to tell small shapes apart when frozen. DPO keeps it frozen (one vision pass serves the
+# policy and the reference).
 STAGES = (("stage1", (recipe.PROJECTOR,), "lm", "captions"),
-          ("stage2", (recipe.PROJECTOR, recipe.LLM), "lm", "instruct"),
+          ("stage2", (recipe.PROJECTOR, recipe.LLM, recipe.VISION), "lm", "instruct"),
           ("stage3", (recipe.PROJECTOR, recipe.LLM), "dpo", "preference"))
 
 
@@ -34,9 +38,10 @@ class Settings:
     seed: int = 0
     train_scenes: int = 6000
     eval_scenes: int = 150
-    # Vision tower (ViT on 32 px images) and language model (LLaMA layout).
-    image_size: int = 32
-    patch_size: int = 8
+    # Images and vision tower: scenes rendered at `image_size` px (shapes.World, 3x3 grid);
+    # 48 px with 16 px patches puts one grid cell in each of 9 image tokens.
+    image_size: int = 48
+    patch_size: int = 16
     vision_hidden: int = 128
     vision_layers: int = 2
     vision_heads: int = 4
@@ -48,9 +53,9 @@ class Settings:
     contrastive: StageRun = StageRun(steps=200, batch=64, lr=1e-3)
     text_lm: StageRun = StageRun(steps=300, batch=16, lr=3e-3, max_length=128)
     # The LLaVA stages.
-    stage1: StageRun = StageRun(steps=150, batch=32, lr=2e-3, max_length=64)
+    stage1: StageRun = StageRun(steps=150, batch=32, lr=2e-3, max_length=56)
     stage2: StageRun = StageRun(steps=600, batch=16, lr=1e-3, max_length=128)
-    stage3: StageRun = StageRun(steps=60, batch=16, lr=5e-5, max_length=104, beta=0.1)
+    stage3: StageRun = StageRun(steps=60, batch=16, lr=1e-5, max_length=96, beta=0.5)
     # Stage 3 also learns from the stage-2 model's own hallucinations on this many training
     # images (0: only the world's preference pairs); see `demo.preference`.
     on_policy_scenes: int = 1000
@@ -72,9 +77,9 @@ SCALES = {
                      vision_heads=2, text_hidden=64, text_layers=2, text_heads=2,
                      contrastive=StageRun(steps=10, batch=16, lr=1e-3),
                      text_lm=StageRun(steps=10, batch=16, lr=2e-3),
-                     stage1=StageRun(steps=16, batch=16, lr=3e-3, max_length=64),
+                     stage1=StageRun(steps=16, batch=16, lr=3e-3, max_length=56),
                      stage2=StageRun(steps=60, batch=16, lr=3e-3, max_length=128),
-                     stage3=StageRun(steps=4, batch=8, lr=5e-5, max_length=104),
+                     stage3=StageRun(steps=4, batch=8, lr=5e-5, max_length=96),
                      on_policy_scenes=64, eval_batch=64, short_new_tokens=24, long_new_tokens=48),
 }
 
@@ -88,6 +93,11 @@ def settings_for(scale: str | Settings, seed: int | None = None) -> Settings:
     else:
         raise ValueError(f"unknown demo scale {scale!r}; known: {sorted(SCALES)}")
     return s if seed is None else dataclasses.replace(s, seed=int(seed))
+
+
+def world(s: Settings) -> shapes.World:
+    """The shapes world the demo renders (the default world at `s.image_size` px)."""
+    return shapes.World(image_size=s.image_size)
 
 
 def image_tokens(s: Settings) -> int:

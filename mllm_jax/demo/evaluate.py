@@ -84,7 +84,8 @@ def score(entries, answers, world: shapes.World = shapes.World()) -> dict:
     return out
 
 
-def evaluate(model, params, tokenizer, entries, data_dir, **kw) -> tuple:
+def evaluate(model, params, tokenizer, entries, data_dir, world=shapes.World(), **kw
+             ) -> tuple:
     """(metrics, answers) of the model on `entries`; `kw` go to `predict`."""
     answers = predict(model, params, tokenizer, entries, data_dir, **kw)
-    return score(entries, answers), answers
+    return score(entries, answers, world), answers

@@ -52,7 +52,7 @@ def random_params(model, seed: int):
 
 def build_data(s: configs.Settings, data_dir: str) -> dict:
     return shapes.write_dataset(data_dir, {"train": s.train_scenes, "val": s.eval_scenes},
-                                seed=s.seed, fewshot_fraction=0.0,
+                                seed=s.seed, world=configs.world(s), fewshot_fraction=0.0,
                                 tokenizer_vocab_size=s.vocab_size)
 
 
@@ -161,7 +161,8 @@ def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None
         init_dir = os.path.join(stage_dir, "final")
         with p.phase(f"evaluate {name}", total=len(entries), unit="question"):
             metrics[name], answers = ev.evaluate(
-                model, params, tokenizer, entries, data_dir, batch_size=s.eval_batch,
+                model, params, tokenizer, entries, data_dir, world=configs.world(s),
+                batch_size=s.eval_batch,
                 short_new_tokens=s.short_new_tokens, long_new_tokens=s.long_new_tokens,
                 progress=p.update)
         _write_answers(os.path.join(workdir, "eval", f"{name}.jsonl"), entries, answers)
