@@ -85,6 +85,18 @@ def test_llama_greedy_matches_hf(llama, scan):
     np.testing.assert_array_equal(ours, expected)
 
 
+def test_long_prompt_prefill_matches_hf(llama):
+    """Prompts longer than the prefill's causal block (128 queries), left padded."""
+    ref, path = llama
+    rs = np.random.RandomState(3)
+    ids, mask = left_pad([[BOS] + list(rs.randint(3, VOCAB - 1, 300)),
+                          [BOS] + list(rs.randint(3, VOCAB - 1, 170))])
+    model, params = _load(path, False)
+    ours = gen.generate(model, params, ids, mask, max_new_tokens=NEW, eos_token_id=EOS,
+                        pad_token_id=PAD)
+    np.testing.assert_array_equal(ours, hf_generate(ref, ids, mask))
+
+
 def test_llama_eos_stops_and_pads_like_hf(llama):
     """An EOS met mid-way: that sample continues with pad ids; generation stops once every
     sample has finished (HF returns fewer than max_new_tokens columns then)."""

@@ -65,8 +65,9 @@ def init_cache(model, batch: int, max_len: int) -> Cache:
     return {"k": [k] * n, "v": [k] * n, "index": one["index"]}
 
 
-def forward_cached(model, params, embeds, positions, kv_mask, cache: Cache):
-    """Runs the decoder over `embeds` [b, s, d] written at cache slots index..index+s-1.
+def forward_cached(model, params, embeds, positions, kv_mask, cache: Cache, prefill=False):
+    """Runs the decoder over `embeds` [b, s, d] written at cache slots index..index+s-1
+    (prefill=True: the cache is empty and `embeds` is the whole prompt).
 
     positions: RoPE positions [b, s]; kv_mask: [b, max_len], 1 where a cache slot holds (or
     will hold) a real token (causality excludes slots not yet written). Returns the final
@@ -86,7 +87,8 @@ def forward_cached(model, params, embeds, positions, kv_mask, cache: Cache):
     layer = LlamaDecoderLayer(t, dtype, param_dtype)
 
     def apply_layer(lp, x, k, v):
-        x, new = layer.apply({"params": lp}, x, mask, cos, sin, {"k": k, "v": v, "index": index})
+        new = {"k": k, "v": v, "index": index, "prefill": prefill}
+        x, new = layer.apply({"params": lp}, x, mask, cos, sin, new)
         return x, new["k"], new["v"]
 
     x = embeds.astype(dtype)
@@ -112,7 +114,7 @@ def _logits(model, params, h):
 
 def prefill(model, params, input_ids, attention_mask, cache: Cache, pixel_values=None):
     """Embeds the prompt (merging image features for LLaVA) and fills the first prompt_len
-    cache slots. Returns (logits of the last prompt slot [b, vocab], cache, positions of the
+    slots of an empty cache (`init_cache`). Returns (logits of the last prompt slot [b, vocab], cache, positions of the
     last prompt token [b])."""
     if model.cfg.model_type == "llava":
         embeds = model.apply({"params": params}, input_ids, pixel_values, method="embed")
@@ -122,7 +124,7 @@ def prefill(model, params, input_ids, attention_mask, cache: Cache, pixel_values
     positions = jnp.cumsum(attention_mask, axis=1) - 1
     positions = jnp.where(attention_mask == 0, 0, positions).astype(jnp.int32)
     kv_mask = _kv_mask(attention_mask, max_len)
-    h, cache = forward_cached(model, params, embeds, positions, kv_mask, cache)
+    h, cache = forward_cached(model, params, embeds, positions, kv_mask, cache, prefill=True)
     return _logits(model, params, h[:, -1]), cache, positions[:, -1]
 
 

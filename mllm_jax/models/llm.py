@@ -24,7 +24,8 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, mask, cos, sin, cache=None):
         """With `cache` (see `write_kv_cache`), the new keys/values are written into it, the
         queries attend over the whole cache (mask: [b|1, 1, s, cache_len]) and
-        (output, updated cache) is returned."""
+        (output, updated cache) is returned. `cache["prefill"]` (a Python bool: the cache
+        is empty and x is the whole prompt) attends within the prompt only."""
         c = self.cfg
         b, s, _ = x.shape
         hd = c.head_dim
@@ -40,8 +41,13 @@ class LlamaAttention(nn.Module):
         if cache is None:
             out = attention.causal_self_attention(q, k, v, mask, scale=hd ** -0.5)
         else:
+            prefill = cache.get("prefill", False)
             cache = attention.write_kv_cache(cache, k, v)
-            out = attention.cached_attention(q, cache["k"], cache["v"], mask, scale=hd ** -0.5)
+            if prefill:  # the prompt fills slots 0..s-1: causal attention within it
+                out = attention.causal_self_attention(q, k, v, mask[..., :s], scale=hd ** -0.5)
+            else:
+                out = attention.cached_attention(q, cache["k"], cache["v"], mask,
+                                                 scale=hd ** -0.5)
         out = out.reshape(b, s, c.num_attention_heads * hd)
         out = Dense(c.hidden_size, ("heads", "embed"), c.o_bias, name="o_proj", **kw)(out)
         return out if cache is None else (out, cache)
