@@ -65,6 +65,25 @@ def test_batch_answers_equal_one_at_a_time(ckpt, loaded, pictures):  # noqa: F81
     assert any(single)
 
 
+def test_stop_strings_end_and_are_cut_from_answers(ckpt, loaded, pictures):  # noqa: F811
+    model, params, tok, image_cfg = loaded
+    conv = [batching.Conversation([{"from": "human", "value": "<image>\nwhat is it?"}],
+                                  [pictures[0]], sample_id=0)]
+    free = batching.generate_batch(model, params, tok, image_cfg, conv, TEMPLATE,
+                                   max_new_tokens=8)[0]
+    assert len(free) >= 4 and free[2:4].isprintable(), free
+    stop = free[2:4]
+    cut = batching.generate_batch(model, params, tok, image_cfg, conv, TEMPLATE,
+                                  max_new_tokens=8, stop_strings=[stop])[0]
+    assert cut == free.split(stop, 1)[0].strip()
+    ids = tok.encode("yes ### and more")
+    assert batching.decode_answer(tok, ids, ["###"]) == "yes"
+    assert batching.stop_sequences(tok, ["###"]) == [[t for t in tok.encode("###")
+                                                      if t != tok.bos_id]]
+    with pytest.raises(ValueError, match="empty"):
+        batching.stop_sequences(tok, [""])
+
+
 # ---- the runner --------------------------------------------------------------------------
 
 QUESTIONS = ["Is there a dog in the image?", "Is there a person in the image?",

@@ -97,6 +97,29 @@ def test_long_prompt_prefill_matches_hf(llama):
     np.testing.assert_array_equal(ours, hf_generate(ref, ids, mask))
 
 
+def test_stop_sequences_end_a_sample_like_eos(llama):
+    """A sample ends once its generated tokens end with a stop sequence (kept, then pad),
+    the other goes on; with every sample stopped, fewer columns come back."""
+    ref, path = llama
+    ids, mask = text_prompts()
+    free = hf_generate(ref, ids, mask)
+    model, params = _load(path, False)
+    kw = dict(max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD)
+    stop = [int(free[0, 3]), int(free[0, 4])]
+    ours = gen.generate(model, params, ids, mask, stop_sequences=[stop, [VOCAB + 5]], **kw)
+    np.testing.assert_array_equal(ours[0, :5], free[0, :5])
+    assert (ours[0, 5:] == PAD).all()
+    first = next((i for i in range(1, NEW) if list(free[1, i - 1:i + 1]) == stop), None)
+    expected1 = free[1] if first is None else np.where(np.arange(NEW) > first, PAD, free[1])
+    np.testing.assert_array_equal(ours[1, :ours.shape[1]], expected1[:ours.shape[1]])
+    alone = gen.generate(model, params, ids[:1], mask[:1], stop_sequences=[stop], **kw)
+    np.testing.assert_array_equal(alone, free[:1, :5])
+    with pytest.raises(ValueError, match="beam search"):
+        gen.generate(model, params, ids, mask, stop_sequences=[stop], num_beams=2, **kw)
+    with pytest.raises(ValueError, match="empty"):
+        gen.generate(model, params, ids, mask, stop_sequences=[[]], **kw)
+
+
 def test_llama_eos_stops_and_pads_like_hf(llama):
     """An EOS met mid-way: that sample continues with pad ids; generation stops once every
     sample has finished (HF returns fewer than max_new_tokens columns then)."""

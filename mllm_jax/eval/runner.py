@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="0: greedy; otherwise sample at this temperature")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="a stop string (repeatable): ends an answer and is cut from it "
+                             "(greedy and sampling)")
     parser.add_argument("--num-fewshot", type=int, default=0,
                         help="in-context demonstrations (image, question, answer) per prompt, "
                              "drawn from the same data")
@@ -113,6 +116,8 @@ def generation_kwargs(args, task) -> dict:
                    top_p=args.top_p)
     if args.num_beams != 1 or args.length_penalty != 1.0:
         gen.update(num_beams=args.num_beams, length_penalty=args.length_penalty)
+    if getattr(args, "stop", None):
+        gen["stop_strings"] = list(args.stop)
     return gen
 
 

@@ -121,20 +121,39 @@ def left_pad(sequences, pad_id: int, multiple: int = 1):
     return ids, mask
 
 
-def decode_answer(tokenizer, new_ids) -> str:
+def decode_answer(tokenizer, new_ids, stop_strings=()) -> str:
     """Text of generated ids: cut at the first EOS, ids past the tokenizer's vocabulary
-    (padded embedding rows) dropped, special tokens skipped, stripped."""
+    (padded embedding rows) dropped, special tokens skipped, cut before the first stop
+    string (as LLaVA's evaluation strips its stop string), stripped."""
     out = [int(t) for t in new_ids]
     if tokenizer.eos_id in out:
         out = out[:out.index(tokenizer.eos_id)]
     out = [t for t in out if t < tokenizer.vocab_size]
-    return tokenizer.decode(out, skip_special=True).strip()
+    text = tokenizer.decode(out, skip_special=True)
+    for stop in stop_strings:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def stop_sequences(tokenizer, stop_strings) -> list:
+    """Token ids of each stop string as tokenized on its own, for `generate` to stop on.
+    In context a string may tokenize differently; the text is cut at it regardless
+    (`decode_answer`), generation then just runs on to EOS or max_new_tokens."""
+    out = []
+    for stop in stop_strings:
+        if not stop:
+            raise ValueError("stop strings must not be empty")
+        ids = [t for t in tokenizer.encode(stop) if t != tokenizer.bos_id]
+        if ids:
+            out.append(ids)
+    return out
 
 
 def generate_encoded(model, params, tokenizer, prompts, pixels, *, pad_to_multiple=32,
-                     batch_rows=None, **gen) -> list[str]:
+                     batch_rows=None, stop_strings=(), **gen) -> list[str]:
     """Answers for already encoded prompts (list of id arrays) and their preprocessed
-    images (one list of arrays per prompt). `gen` goes to `generate` as keywords."""
+    images (one list of arrays per prompt). `gen` goes to `generate` as keywords;
+    `stop_strings` end an answer like EOS and are cut from it."""
     if not prompts:
         return []
     n = len(prompts)
@@ -146,8 +165,10 @@ def generate_encoded(model, params, tokenizer, prompts, pixels, *, pad_to_multip
     flat = [p for per_prompt in pixels for p in per_prompt]
     pixel_values = np.stack(flat) if flat else None
     gen.setdefault("eos_token_id", tokenizer.eos_id)
+    if stop_strings:
+        gen["stop_sequences"] = stop_sequences(tokenizer, stop_strings)
     out = generate(model, params, ids, attention_mask=mask, pixel_values=pixel_values, **gen)
-    return [decode_answer(tokenizer, row) for row in out[:n]]
+    return [decode_answer(tokenizer, row, stop_strings) for row in out[:n]]
 
 
 def generate_batch(model, params, tokenizer, image_cfg, conversations, template="vicuna_v1",

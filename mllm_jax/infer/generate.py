@@ -177,8 +177,20 @@ def sample_logits(logits, rng, *, do_sample=False, temperature=1.0, top_k=0, top
 
 # ---- the loop --------------------------------------------------------------------------------
 
+def _ends_with_stop(out, step, stops):
+    """[b] bool: the tokens generated up to `step` end with one of the `stops` sequences."""
+    hit = jnp.zeros((out.shape[0],), bool)
+    for seq in stops:
+        m = len(seq)
+        if m > out.shape[1]:
+            continue
+        tail = jax.lax.dynamic_slice_in_dim(out, jnp.maximum(step - m + 1, 0), m, axis=1)
+        hit = hit | ((step + 1 >= m) & jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=1))
+    return hit
+
+
 def _generate(model, settings, params, input_ids, attention_mask, pixel_values, rng):
-    max_new, eos_ids, pad_id, sampling = settings
+    max_new, eos_ids, pad_id, sampling, stops = settings
     b, s = input_ids.shape
     cache = init_cache(model, b, s + max_new)
     logits, cache, last_pos = prefill(model, params, input_ids, attention_mask, cache,
@@ -191,7 +203,7 @@ def _generate(model, settings, params, input_ids, attention_mask, pixel_values, 
         tok = sample(logits, jax.random.fold_in(rng, step))
         tok = jnp.where(finished, pad_id, tok)
         out = out.at[:, step].set(tok)
-        finished = finished | jnp.isin(tok, eos)
+        finished = finished | jnp.isin(tok, eos) | _ends_with_stop(out, step, stops)
         return tok, out, finished
 
     out = jnp.full((b, max_new), pad_id, jnp.int32)
@@ -357,7 +369,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
              pad_token_id: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_beams: int = 1, length_penalty: float = 1.0,
-             early_stopping: bool | str = False, rng=None, mesh=None) -> np.ndarray:
+             early_stopping: bool | str = False, stop_sequences=(), rng=None,
+             mesh=None) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens per prompt. Returns int32 [b, n] (new tokens
     only); n < max_new_tokens when every sample emitted an EOS earlier. After its EOS a
     sample holds `pad_token_id` (default: the first EOS id), as HF `generate` does.
@@ -372,6 +385,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     and `early_stopping` (False: HF's heuristic; True: stop when `num_beams` hypotheses are
     done; "never": the canonical search); returns the best hypothesis per prompt.
 
+    stop_sequences: token-id sequences that end a sample like an EOS does (kept in the
+    output, as HF keeps a stop string); greedy and sampling only.
     mesh: a `jax.sharding.Mesh` (`mllm_jax.sharding.make_mesh`) to decode on, with the
     parameters sharded by the logical rules as in training and the prompts split over the
     data axes; the tokens equal those of a one-device run.
@@ -390,6 +405,12 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     if num_beams > 1 and do_sample:
         raise ValueError("beam search here is deterministic; use num_beams=1 with do_sample, "
                          "or do_sample=False with num_beams > 1")
+    stops = tuple(tuple(int(t) for t in seq) for seq in stop_sequences)
+    if any(len(seq) == 0 for seq in stops):
+        raise ValueError("stop_sequences must not contain an empty sequence")
+    if stops and num_beams > 1:
+        raise ValueError("stop_sequences work with greedy decoding and sampling; beam search "
+                         "ends hypotheses at eos_token_id only")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got "
                          f"{early_stopping!r}")
@@ -418,7 +439,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     else:
         sampling = (("do_sample", bool(do_sample)), ("temperature", float(temperature)),
                     ("top_k", int(top_k)), ("top_p", float(top_p)))
-        settings = (int(max_new_tokens), eos, int(pad), sampling)
+        settings = (int(max_new_tokens), eos, int(pad), sampling, stops)
         fn, args = _compiled(model, settings), (jax.random.PRNGKey(0) if rng is None else rng,)
     with contextlib.ExitStack() as stack:
         if mesh is not None:
