@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -342,3 +343,34 @@ def test_mesh_decoding_gives_the_one_device_answers(ckpt, loaded, pope_file, tmp
     assert answers["data=-1,tensor=2"] == answers[None]
     with pytest.raises(ValueError, match="expected AXIS=SIZE"):
         runner.parse_mesh("model=2")
+
+
+def test_tfds_copy_scores_like_the_original_files(ckpt, loaded, pope_file, tmp_path,  # noqa: F811
+                                                  monkeypatch, capsys):
+    """`--copy-to` stores the samples with their images' bytes; evaluating the copy (the
+    original images gone) gives the same prompts, answers and scores."""
+    import shutil
+    from mllm_jax.eval import tfds_copy
+    d, _ = ckpt
+    root = tmp_path / "bench"
+    shutil.copytree(os.path.dirname(pope_file), root)
+    data = str(root / os.path.basename(pope_file))
+    assert main(["eval", "--task", "pope", "--data", data, "--copy-to",
+                 str(tmp_path / "copy")]) == 0
+    copy_dir = re.search(r"copied to (\S+)", capsys.readouterr().out).group(1)
+    assert tfds_copy.is_copy(copy_dir)
+    task = tasks.get_task("pope")
+    original = task.load(data)
+    copied = tfds_copy.read_copy(task, copy_dir)
+    assert len(copied) == len(original) == 4
+    for a, b in zip(original, copied):
+        assert (a.doc_id, a.sample_id, a.question, a.target, a.meta) == \
+            (b.doc_id, b.sample_id, b.question, b.target, b.meta)
+        assert [open(p, "rb").read() for p in a.images] == b.images
+    _, want, want_records = _run(_args(d, data, tmp_path / "a"), loaded, monkeypatch)
+    shutil.rmtree(root)  # the copy must not need the original files
+    _, got, got_records = _run(_args(d, copy_dir, tmp_path / "b"), loaded, monkeypatch)
+    assert got["results"] == want["results"]
+    assert [r["resps"] for r in got_records] == [r["resps"] for r in want_records]
+    with pytest.raises(ValueError, match="copy of task 'pope'"):
+        tfds_copy.read_copy(tasks.get_task("gqa"), copy_dir)

@@ -43,12 +43,16 @@ FILTER = "none"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `eval` subcommand's arguments."""
-    parser.add_argument("--ckpt", required=True, help="HF checkpoint directory with its "
-                        "tokenizer (tokenizer.model or tokenizer.json)")
+    parser.add_argument("--ckpt", help="HF checkpoint directory with its tokenizer "
+                        "(tokenizer.model or tokenizer.json); required unless --copy-to")
     parser.add_argument("--task", required=True, help="task name, or a comma list: pope, "
                         "vqav2, gqa, mme, chair, scienceqa, coco_caption")
-    parser.add_argument("--data", required=True, help="the task's annotation file (a comma "
-                        "list, one per task, with several tasks)")
+    parser.add_argument("--data", required=True, help="the task's annotation file, or a "
+                        "TFDS copy made with --copy-to (a comma list, one per task, with "
+                        "several tasks)")
+    parser.add_argument("--copy-to", default=None, metavar="DIR",
+                        help="write a TFDS (array_record) copy of each task's samples, images "
+                             "included, under DIR and exit (no model needed)")
     parser.add_argument("--image-root", default=None, help="directory the data's image "
                         "paths are relative to (a comma list, one per task, allowed)")
     parser.add_argument("--output", default="eval_results",
@@ -271,7 +275,10 @@ def load_task_samples(name, data, image_root):
         raise FileNotFoundError(f"task {name!r}: data {data!r} does not exist")
     if image_root is not None and not os.path.isdir(image_root):
         raise FileNotFoundError(f"task {name!r}: image root {image_root!r} is not a directory")
+    from mllm_jax.eval import tfds_copy
     try:
+        if tfds_copy.is_copy(data):
+            return task, tfds_copy.read_copy(task, data)
         return task, task.load(data, image_root=image_root)
     except ValueError as e:
         raise ValueError(f"task {name!r}: {e}") from e
@@ -449,8 +456,24 @@ def make_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write_copies(args) -> int:
+    """--copy-to: each task's samples (all of them, or --limit) as a TFDS copy."""
+    from mllm_jax.eval import tfds_copy
+    for name, data, root in task_inputs(args):
+        task, samples = load_task_samples(name, data, root)
+        samples = samples if args.limit is None else samples[:args.limit]
+        check_images(name, samples)
+        path = tfds_copy.write_copy(task, samples, args.copy_to)
+        print(f"{name}: {len(samples)} samples copied to {path} (pass it as --data)")
+    return 0
+
+
 def main(args) -> int:
     """Runs `mllm-jax eval`; prints the table and the paths written."""
+    if args.copy_to:
+        return write_copies(args)
+    if not args.ckpt:
+        raise ValueError("mllm-jax eval needs --ckpt (or --copy-to to copy the data only)")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
     results = evaluate(args)
     import jax
