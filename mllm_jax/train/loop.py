@@ -244,10 +244,15 @@ class Trainer:
     frozen_extra: Any  # e.g. {"ref": reference parameters} for DPO
     step_fn: Callable  # step(state, frozen, frozen_extra, batch) -> (state, metrics)
 
-    def context(self):
-        """The mesh and the rules table, under which the models' sharding constraints apply."""
+    def context(self, tracing=False):
+        """The mesh and the rules table. `tracing=True` (inside the jitted step) also makes
+        the mesh the abstract mesh of the trace, under which the models' logical sharding
+        constraints (`nn.with_logical_constraint`) take effect."""
         stack = contextlib.ExitStack()
-        stack.enter_context(self.mesh)
+        if tracing:
+            stack.enter_context(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
+        else:
+            stack.enter_context(self.mesh)
         stack.enter_context(sharding.activation_rules_context(self.rules))
         return stack
 
@@ -263,7 +268,7 @@ class Trainer:
     def jit_step(self, local_batch):
         """The jitted step for batches shaped like `local_batch`; it donates the state."""
         def step(state, frozen, frozen_extra, batch):
-            with self.context():  # the constraints are resolved while tracing
+            with self.context(tracing=True):  # constraints are resolved while tracing
                 return self.step_fn(state, frozen, frozen_extra, batch)
 
         return jax.jit(step, in_shardings=(self.state_shardings, _shardings_of(self.frozen),
