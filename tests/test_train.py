@@ -177,6 +177,18 @@ def test_stage1_step_computes_no_frozen_weight_gradients(stage1_trainer, init_pa
     assert ratio < 0.75
 
 
+def test_step_applies_the_activation_sharding_constraints():
+    """The models' logical activation constraints reach the traced step: batch over
+    (data, fsdp), vocabulary over tensor, on a (2, 2, 2) mesh."""
+    cfg = _config(llava15_tiny_stage1, MESH_222)
+    t = loop.build_trainer(cfg, devices=_devices(cfg))
+    local = next(loop.make_data(cfg, 0, 1))
+    text = t.jit_step(local).lower(t.state, t.frozen, t.frozen_extra,
+                                   t.global_batch(local)).as_text()
+    constraints = [line for line in text.splitlines() if "sharding_constraint" in line]
+    assert any('{"data", "fsdp"}' in line for line in constraints), constraints[:5]
+
+
 # ---- 3. FSDP memory ------------------------------------------------------------------------
 
 def test_fsdp8_splits_parameters_and_optimizer_state():
