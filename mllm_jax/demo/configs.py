@@ -49,15 +49,19 @@ class Settings:
     text_layers: int = 2
     text_heads: int = 4
     vocab_size: int = 512
+    # The instruction mixture (question kinds and weights of `shapes.write_dataset`).
+    instruct_weights: tuple = tuple(shapes.INSTRUCT_WEIGHTS.items())
     # Pre-training of the towers (text_lm.max_length: tokens per packed sequence).
-    contrastive: StageRun = StageRun(steps=200, batch=64, lr=1e-3)
+    contrastive: StageRun = StageRun(steps=400, batch=64, lr=1e-3)
     text_lm: StageRun = StageRun(steps=300, batch=16, lr=3e-3, max_length=128)
     # The LLaVA stages.
     stage1: StageRun = StageRun(steps=150, batch=32, lr=2e-3, max_length=56)
-    stage2: StageRun = StageRun(steps=600, batch=16, lr=1e-3, max_length=128)
+    stage2: StageRun = StageRun(steps=1500, batch=16, lr=1e-3, max_length=128)
     stage3: StageRun = StageRun(steps=60, batch=16, lr=1e-5, max_length=96, beta=0.5)
-    # Stage 3 also learns from the stage-2 model's own hallucinations on this many training
-    # images (0: only the world's preference pairs); see `demo.preference`.
+    # Stage 3 pairs: the first `world_pairs` of the world's preference pairs (an absent
+    # companion added; 0: none) and the stage-2 model's own hallucinations on
+    # `on_policy_scenes` training images (0: none); see `demo.preference`.
+    world_pairs: int = 1000
     on_policy_scenes: int = 1000
     # Evaluation.
     eval_batch: int = 128
@@ -80,7 +84,7 @@ SCALES = {
                      stage1=StageRun(steps=16, batch=16, lr=3e-3, max_length=56),
                      stage2=StageRun(steps=60, batch=16, lr=3e-3, max_length=128),
                      stage3=StageRun(steps=4, batch=8, lr=5e-5, max_length=96),
-                     on_policy_scenes=64, eval_batch=64, short_new_tokens=24, long_new_tokens=48),
+                     world_pairs=64, on_policy_scenes=64, eval_batch=64, short_new_tokens=24, long_new_tokens=48),
 }
 
 

@@ -3,13 +3,15 @@
 Phases: build the data (`shapes.write_dataset`); contrastive pre-training of the ViT on
 image-caption pairs; language-model pre-training of the LLM on the world's text; the initial
 LLaVA (pre-trained towers, random projector) saved as an orbax checkpoint; stage 1
-(projector on captions), stage 2 (projector + LLM on instructions), stage 3 (DPO on
-preference pairs), each followed by an evaluation on the held-out split; then report.md and
-metrics.png. Every phase is seeded from `Settings.seed`.
+(projector on captions), stage 2 (projector + LLM + vision tower on instructions), stage 3
+(DPO on the world's preference pairs and on the stage-2 model's own hallucinations), each
+followed by an evaluation on the held-out split; then report.md and metrics.png. Every phase
+is seeded from `Settings.seed`.
 
-Layout of the workdir: data/ (the world), pretrain/, init/ (the initial LLaVA), stage1/ ..
-stage3/ (each a training workdir whose final/ is the stage's checkpoint), eval/ (answers per
-stage), report.md, metrics.png, metrics.json.
+Layout of the workdir: data/ (the world), init/ (the initial LLaVA), stage1/ ..
+stage3/ (each a training workdir whose final/ is the stage's checkpoint), stage3_pairs/
+(the DPO pairs), eval/ (answers per stage), train_log.txt, report.md, metrics.png,
+metrics.json.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from mllm_jax.demo.progress import Progress
 from mllm_jax.models import build_model
 from mllm_jax.train.loop import train
 
-PARTS = ("data", "pretrain", "init", "stage1", "stage2", "stage3", "stage3_pairs", "eval")
+FILES = ("train_log.txt", "report.md", "metrics.png", "metrics.json")
+PARTS = ("data", "init", "stage1", "stage2", "stage3", "stage3_pairs", "eval")
 
 
 def random_params(model, seed: int):
@@ -52,7 +55,8 @@ def random_params(model, seed: int):
 
 def build_data(s: configs.Settings, data_dir: str) -> dict:
     return shapes.write_dataset(data_dir, {"train": s.train_scenes, "val": s.eval_scenes},
-                                seed=s.seed, world=configs.world(s), fewshot_fraction=0.0,
+                                seed=s.seed, world=configs.world(s),
+                                weights=dict(s.instruct_weights), fewshot_fraction=0.0,
                                 tokenizer_vocab_size=s.vocab_size)
 
 
@@ -88,17 +92,19 @@ def pretrain_text(s, model_cfg, paths, progress):
 
 
 def stage3_pairs(s, model, params, tokenizer, paths, workdir, progress):
-    """The world's preference pairs plus the stage-2 model's own hallucinations on the
-    first `on_policy_scenes` of them, written to stage3_pairs/preference.json."""
-    world = preference.read_records(paths["preference_train"])
+    """The first `world_pairs` of the world's preference pairs plus the stage-2 model's own
+    hallucinations on the (other) training images, written to stage3_pairs/preference.json."""
+    records = preference.read_records(paths["preference_train"])
+    world = records[:s.world_pairs]
+    described = records[s.world_pairs:s.world_pairs + s.on_policy_scenes]
     own = preference.on_policy_pairs(model, params, tokenizer, os.path.dirname(
-        paths["preference_train"]), world[:s.on_policy_scenes], batch_size=s.eval_batch,
-        max_new_tokens=s.long_new_tokens, progress=progress.update)
+        paths["preference_train"]), described, batch_size=s.eval_batch,
+        max_new_tokens=s.long_new_tokens, progress=progress.update) if described else []
     out_dir = os.path.join(workdir, "stage3_pairs")
     os.makedirs(out_dir, exist_ok=True)
     path = preference.write_records(os.path.join(out_dir, "preference.json"), world + own)
     return path, {"world_pairs": len(world), "own_hallucinations": len(own),
-                  "described": min(len(world), s.on_policy_scenes)}
+                  "described": len(described)}
 
 
 def initial_llava(s, model, vision, text, out_dir) -> str:
@@ -111,10 +117,15 @@ def initial_llava(s, model, vision, text, out_dir) -> str:
 
 
 def _clean(workdir):
+    """Removes what an earlier demo run wrote (training would resume from its checkpoints)."""
     for part in PARTS:
         path = os.path.join(workdir, part)
         if os.path.isdir(path):
             shutil.rmtree(path)
+    for name in FILES:
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None,
@@ -146,7 +157,7 @@ def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None
     metrics = {}
     params, json_path = None, None
     for name, *_ in configs.STAGES:
-        if name == "stage3" and s.on_policy_scenes:
+        if name == "stage3":
             with p.phase("stage3 pairs", total=s.on_policy_scenes, unit="image"):
                 json_path, pre["stage3_pairs"] = stage3_pairs(s, model, params, tokenizer,
                                                               paths, workdir, p)

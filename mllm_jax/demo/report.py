@@ -63,10 +63,12 @@ def write(workdir, settings, metrics, times, pretrain, total=None, cpu_times=Non
         for name, m in pretrain.items())
     text = f"""# mllm-jax demo: the shapes world
 
-Seed: **{settings.seed}**. Evaluated on the held-out split "val" ({settings.eval_scenes} scenes);
-greedy decoding. Stage 1 trains the projector on captions, stage 2 the projector and the
-LLM on instructions, stage 3 the same with DPO on preference pairs (faithful detailed
-caption chosen, one with an absent companion object rejected).
+Seed: **{settings.seed}**. Scenes rendered at {settings.image_size} px ({settings.train_scenes}
+training scenes); evaluated on the held-out split "val" ({settings.eval_scenes} scenes) with
+greedy decoding. Stage 1 trains the projector on captions; stage 2 the projector, the LLM and
+the vision tower on instructions; stage 3 the projector and the LLM with DPO on preference
+pairs (the faithful detailed caption chosen; rejected: the caption with an absent companion
+object added, or the stage-2 model's own description where it named an absent object).
 
 ## Metrics after each stage
 
