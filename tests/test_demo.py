@@ -37,6 +37,8 @@ def test_report_states_the_seed_and_the_table_and_the_plot_is_a_png(result):
     assert f"Seed: **{result['settings'].seed}**" in text
     assert report.table(result["metrics"]) in text
     assert os.path.basename(paths["plot"]) in text
+    for what, value, met in report.targets(result["metrics"], result["total"]):
+        assert f"| {what} | {value} | {'yes' if met else '**no**'} |" in text
     with Image.open(paths["plot"]) as im:
         assert im.format == "PNG" and im.size[0] >= 400
     saved = json.load(open(paths["metrics"]))

@@ -78,7 +78,7 @@ class Settings:
 SCALES = {
     "default": Settings(),
     "test": Settings(train_scenes=400, eval_scenes=12, vision_hidden=32, vision_layers=1,
-                     vision_heads=2, text_hidden=64, text_layers=2, text_heads=2,
+                     vision_heads=2, text_hidden=64, text_layers=1, text_heads=2,
                      contrastive=StageRun(steps=10, batch=16, lr=1e-3),
                      text_lm=StageRun(steps=10, batch=16, lr=2e-3),
                      stage1=StageRun(steps=16, batch=16, lr=3e-3, max_length=56),

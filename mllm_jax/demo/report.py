@@ -43,6 +43,28 @@ def table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def targets(metrics: dict, total=None) -> list:
+    """The demo's acceptance targets as (what, measured, met) rows."""
+    rows = []
+    s2, s3 = metrics.get("stage2", {}), metrics.get("stage3", {})
+    for key, low in (("vqa_existence", 0.9), ("vqa_colour", 0.9), ("vqa_count", 0.7)):
+        if key in s2:
+            rows.append((f"stage 2 {LABELS[key]} >= {low}", f"{s2[key]:.3f}", s2[key] >= low))
+    for mode in shapes.POPE_MODES:
+        key = f"pope_{mode}_f1"
+        if key in s2:
+            rows.append((f"stage 2 {LABELS[key]} >= 0.85", f"{s2[key]:.3f}", s2[key] >= 0.85))
+        if key in s2 and key in s3:
+            rows.append((f"stage 3 {LABELS[key]} not lower than stage 2",
+                         f"{s3[key]:.3f} vs {s2[key]:.3f}", s3[key] >= s2[key]))
+    if "chair_i" in s2 and "chair_i" in s3:
+        rows.append(("stage 3 CHAIR_i <= 0.7 x stage 2", f"{s3['chair_i']:.3f} vs "
+                     f"{0.7 * s2['chair_i']:.3f}", s3["chair_i"] <= 0.7 * s2["chair_i"]))
+    if total is not None:
+        rows.append(("wall time <= 600 s", f"{total:.0f} s", total <= 600))
+    return rows
+
+
 def write(workdir, settings, metrics, times, pretrain, total=None, cpu_times=None) -> dict:
     """Writes report.md, metrics.json and metrics.png into workdir; returns their paths."""
     paths = {"report": os.path.join(workdir, "report.md"),
@@ -58,6 +80,8 @@ def write(workdir, settings, metrics, times, pretrain, total=None, cpu_times=Non
                        for name, sec in times.items())
     if total is not None:
         phases += f"\n| total | {total:.1f} | {sum(cpu.values()):.1f} |"
+    checks = "\n".join(f"| {what} | {value} | {'yes' if met else '**no**'} |"
+                        for what, value, met in targets(metrics, total))
     pre = "\n".join(f"- {name}: " + ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
         for name, m in pretrain.items())
@@ -75,6 +99,12 @@ object added, or the stage-2 model's own description where it named an absent ob
 {table(metrics)}
 
 ![metrics per stage]({os.path.basename(paths["plot"])})
+
+## Targets
+
+| target | measured | met |
+|---|---|---|
+{checks}
 
 ## Pre-training
 
