@@ -50,3 +50,24 @@ def test_report_states_the_seed_and_the_table_and_the_plot_is_a_png(result):
         assert [json.loads(l)["id"] for l in lines] == [e["id"] for e in entries]
     assert {e["kind"] for e in entries} >= {"existence", "count", "colour", "pope", "detail",
                                             "caption"}
+
+
+def test_the_final_model_is_a_checkpoint_chat_reads(result):
+    """`model/` is an HF checkpoint with the world's tokenizer: a chat session on it gives
+    the stage-3 evaluation's answer to a held-out question."""
+    from mllm_jax.convert import load_hf
+    from mllm_jax.infer.prompting import Session
+    paths = result["paths"]
+    entries = evaluate.eval_entries(os.path.join(paths["workdir"], "data"), "val")
+    k, entry = next((k, e) for k, e in enumerate(entries)
+                    if e["kind"] not in evaluate.LONG_KINDS)
+    question = entry["conversations"][0]["value"]
+    assert question.startswith("<image>\n")
+    with open(os.path.join(paths["workdir"], "eval", "stage3.jsonl")) as f:
+        recorded = json.loads(f.readlines()[k])
+    assert recorded["id"] == entry["id"]
+    model, params = load_hf(paths["model"])
+    session = Session(model, params, paths["model"], evaluate.TEMPLATE,
+                      max_new_tokens=result["settings"].short_new_tokens)
+    image = os.path.join(paths["workdir"], "data", entry["image"])
+    assert session.ask(question[len("<image>\n"):], [image]) == recorded["prediction"]

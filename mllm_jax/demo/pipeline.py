@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from mllm_jax import config as mc
-from mllm_jax.convert.hf_io import abstract_params
+from mllm_jax.convert.hf_io import abstract_params, save_hf
 from mllm_jax.convert.orbax_io import save_orbax
 from mllm_jax.data import shapes
 from mllm_jax.data.tokenizer import load_tokenizer
@@ -34,7 +34,7 @@ from mllm_jax.models import build_model
 from mllm_jax.train.loop import train
 
 FILES = ("train_log.txt", "report.md", "metrics.png", "metrics.json")
-PARTS = ("data", "init", "stage1", "stage2", "stage3", "stage3_pairs", "eval")
+PARTS = ("data", "init", "stage1", "stage2", "stage3", "stage3_pairs", "eval", "model")
 
 
 def random_params(model, seed: int):
@@ -116,6 +116,16 @@ def initial_llava(s, model, vision, text, out_dir) -> str:
     return save_orbax(model, params, out_dir, overwrite=True)
 
 
+def export_model(model, params, tokenizer_dir, out_dir) -> str:
+    """The final model as an HF checkpoint directory with its tokenizer, which
+    `mllm-jax chat/generate/eval --ckpt` (template "mistral") and transformers read."""
+    save_hf(model, params, out_dir)
+    for name in os.listdir(tokenizer_dir):
+        if os.path.isfile(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), out_dir)
+    return out_dir
+
+
 def _clean(workdir):
     """Removes what an earlier demo run wrote (training would resume from its checkpoints)."""
     for part in PARTS:
@@ -179,14 +189,17 @@ def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None
         _write_answers(os.path.join(workdir, "eval", f"{name}.jsonl"), entries, answers)
         p.line(f"{name}: " + ", ".join(f"{k} {metrics[name][k]:.3f}" for k in report.HEADLINE
                                        if k in metrics[name]))
+    model_dir = export_model(model, params, paths["tokenizer"], os.path.join(workdir, "model"))
     total = p.elapsed()
     out = report.write(workdir, s, metrics, dict(p.times), pre, total=total,
                        cpu_times=dict(p.cpu_times))
     p.line(f"report: {out['report']}")
     p.line(f"plot: {out['plot']}")
+    p.line(f"model: {model_dir} (try: mllm-jax chat --ckpt {model_dir} --template "
+           f"{ev.TEMPLATE})")
     return {"settings": s, "metrics": metrics, "times": dict(p.times),
             "cpu_times": dict(p.cpu_times), "total": total,
-            "pretrain": pre, "paths": {**out, "workdir": workdir}}
+            "pretrain": pre, "paths": {**out, "workdir": workdir, "model": model_dir}}
 
 
 def _write_answers(path, entries, answers):
