@@ -24,7 +24,9 @@ def check_derived(r, side, batch, n):
     only when decoding was not measurable (the n-token call not slower than the one-token
     call: tiny models, noise)."""
     total, prefill = r[side + "total_s"], r[side + "prefill_s"]
-    assert r[side + "e2e_tokens_per_s"] == pytest.approx(batch * n / total, rel=0.01)
+    # total_s is rounded to 0.1 ms: on a tiny model that alone moves the ratio by ~1%.
+    assert r[side + "e2e_tokens_per_s"] == pytest.approx(batch * n / total,
+                                                         rel=0.01 + 0.5e-4 / total)
     if r[side + "step_ms"] is None:
         assert r[side + "decode_tokens_per_s"] is None
         assert total - prefill <= 1e-4
@@ -32,8 +34,8 @@ def check_derived(r, side, batch, n):
     decode_s = r[side + "step_ms"] * (n - 1) / 1000
     assert decode_s > 0
     assert decode_s == pytest.approx(total - prefill, abs=2e-4)
-    assert r[side + "decode_tokens_per_s"] == pytest.approx(batch * (n - 1) / decode_s,
-                                                            rel=0.01)
+    assert r[side + "decode_tokens_per_s"] == pytest.approx(
+        batch * (n - 1) / decode_s, rel=0.01 + 0.5e-3 / r[side + "step_ms"])
 
 
 def test_tiny_llava_figures_and_equal_tokens(capsys):
