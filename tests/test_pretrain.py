@@ -2,6 +2,7 @@
 captions, the LM learns the corpus, both are bitwise deterministic, their parameters drop into
 a LLaVA model, and bad inputs fail with clear errors."""
 import functools
+import json
 import math
 
 import flax
@@ -15,7 +16,7 @@ from mllm_jax.data import shapes as S
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.models import CausalLM, Llava, VisionModel
 from mllm_jax.pretrain import pretrain_contrastive, pretrain_lm
-from mllm_jax.pretrain.contrastive import vision_model_config
+from mllm_jax.pretrain.contrastive import region_arrays, region_loss, vision_model_config
 from mllm_jax.pretrain.text_lm import pack_lines
 
 C_ARGS = dict(vision_config=vision_model_config(32, 8, hidden_size=32, num_layers=2),
@@ -163,3 +164,78 @@ def test_packing_frames_each_line_with_bos_and_eos(world):
         [tok.bos_id] + tok.encode(lines[1]) + [tok.eos_id]
     assert flat == (one * 10)[:len(flat)]
     assert seq.shape[1] == 8 and len(flat) > len(one) * 10 - 8
+
+
+# ---- region-phrase pairs --------------------------------------------------------------------
+def test_region_weights_are_box_area_per_patch():
+    pairs = [("img", "c", [((0, 0, 8, 8), "a"), ((4, 8, 12, 16), "b")]),
+             (np.zeros((64, 32, 3), np.uint8), "c", [((0, 16, 32, 48), "b")])]
+    pairs[0] = (np.zeros((16, 16, 3), np.uint8),) + pairs[0][1:]
+    w, pid = region_arrays(pairs, image_size=16, patch_size=8, phrase_index={"a": 0, "b": 1},
+                           max_regions=2)
+    assert w.shape == (2, 2, 4) and pid.tolist() == [[0, 1], [1, -1]]
+    np.testing.assert_allclose(w[0, 0], [1, 0, 0, 0])
+    np.testing.assert_allclose(w[0, 1], [0, 0, 0.5, 0.5])  # straddles the bottom two patches
+    # 32x64 -> resized to 16x32, centre crop rows 8..24: the box (rows 8..24 after scaling)
+    # covers the whole crop.
+    np.testing.assert_allclose(w[1, 0], [0.25] * 4)
+    np.testing.assert_allclose(w[1, 1], 0)
+    with pytest.raises(ValueError, match="region 0 box .* has no area"):
+        region_arrays([(np.zeros((16, 16, 3), np.uint8), "c", [((20, 20, 30, 30), "a")])],
+                      16, 8, {"a": 0}, 1)
+    with pytest.raises(ValueError, match="more than max_regions 1"):
+        region_arrays(pairs[:1], 16, 8, {"a": 0, "b": 1}, 1)
+
+
+def test_region_loss_counts_every_equal_phrase_as_a_match():
+    logits = jnp.asarray([[2.0, 1.0, 0.0, 9.0], [1.0, 3.0, 1.0, 9.0], [0.5, 1.0, 2.0, 9.0],
+                          [9.0, 9.0, 9.0, 9.0]])
+    phrase = jnp.asarray([0, 1, 0, 0])
+    valid = jnp.asarray([True, True, True, False])
+    x = np.asarray(logits)[:3, :3]
+    same = np.asarray([[1, 0, 1], [0, 1, 0], [1, 0, 1]], bool)
+
+    def one_way(m):
+        return [np.log(np.exp(m[i]).sum()) - np.log(np.exp(m[i][same[i]]).sum())
+                for i in range(3)]
+
+    want = np.mean([(a + b) / 2 for a, b in zip(one_way(x), one_way(x.T))])
+    assert float(region_loss(logits, phrase, valid)) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def region_clip(world):
+    return pretrain_contrastive(world["pairs_train"], world["tokenizer"],
+                                val=world["pairs_val"], region_weight=1.0, **C_ARGS)
+
+
+def test_region_phrases_teach_the_patch_tokens(world, region_clip, clip):
+    m = region_clip.metrics
+    n_phrases = len({ph for p in S.read_pairs(world["pairs_val"], regions=True)
+                     for _, ph in p[2]})
+    # Naming each held-out object among the split's phrases (48: colour x shape x size).
+    assert n_phrases > 20
+    assert m["val_region_accuracy"] > 5 / n_phrases, m
+    assert m["train_region_accuracy"] > 5 / n_phrases, m
+    assert "region_projection" in region_clip.params
+    assert "val_region_accuracy" not in clip[0].metrics
+    # The region loss changes the vision tower (it trains the patch tokens).
+    assert not _same(region_clip.vision_params, clip[0].vision_params)
+    again = pretrain_contrastive(world["pairs_train"], world["tokenizer"], region_weight=1.0,
+                                 **C_ARGS)
+    assert _same(again.params, region_clip.params)
+
+
+def test_region_pairs_must_carry_regions(world, tmp_path):
+    tok = world["tokenizer"]
+    with pytest.raises(ValueError, match=r"pair 0 is not \(image, non-empty caption, regions"):
+        pretrain_contrastive([("a.png", "a red circle.")] * 2, tok, region_weight=1.0)
+    bare = tmp_path / "pairs_bare.json"
+    entries = json.loads(open(world["pairs_val"]).read())
+    bare.write_text(json.dumps([{k: v for k, v in e.items() if k != "regions"}
+                                for e in entries]))
+    with pytest.raises(ValueError, match=r"pairs_bare.json: entry 0 \(val-000000\) has no "
+                                         r"regions"):
+        pretrain_contrastive(bare, tok, region_weight=1.0)
+    with pytest.raises(ValueError, match="region_weight must be >= 0"):
+        pretrain_contrastive(world["pairs_train"], tok, region_weight=-1.0)

@@ -71,7 +71,8 @@ def test_same_seed_same_bytes_and_splits_disjoint(built, tmp_path):
 
 # ---- rendering ------------------------------------------------------------------------------
 @pytest.mark.parametrize("world", [S.World(), S.World(image_size=48),
-                                   S.World(image_size=40, textures=True)])
+                                   S.World(image_size=40, textures=True),
+                                   S.World(image_size=48, small=0.7, jitter=0.25)])
 def test_objects_are_drawn_in_their_boxes(world):
     scenes = S.make_split("val", 150, seed=1, world=world)
     for s in scenes:
@@ -99,6 +100,25 @@ def test_objects_are_drawn_in_their_boxes(world):
         assert len({o.cell for o in s.objects}) == len(s.objects)
     if world.textures:
         assert {o.texture for s in scenes for o in s.objects} == {"plain", "striped"}
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.25, 1.0])
+def test_jitter_bounds_where_objects_sit_in_their_cell(jitter):
+    world = S.World(image_size=48, jitter=jitter)
+    offsets = {}  # (size, free pixels) -> offsets seen
+    for s in S.make_split("val", 200, seed=2, world=world):
+        for o in s.objects:
+            x0, y0, x1, _ = o.bbox
+            edges = S._edges(world)
+            free = edges[o.cell[1] + 1] - edges[o.cell[1]] - (x1 - x0)
+            offsets.setdefault(free, set()).add(x0 - edges[o.cell[1]])
+            offsets[free].add(y0 - edges[o.cell[0]])
+    for free, seen in offsets.items():
+        lo = round(free * (1 - jitter) / 2)
+        assert min(seen) >= lo and max(seen) <= free - lo, (free, seen)
+        assert len(seen) == free - 2 * lo + 1, (free, seen)  # every allowed offset occurs
+    if jitter == 0:
+        assert all(len(seen) == 1 for seen in offsets.values())
 
 
 # ---- text and questions -----------------------------------------------------------------
@@ -303,6 +323,11 @@ def test_files_load_and_build_examples(built):
     assert kinds == set(S.INSTRUCT_WEIGHTS) | {"fewshot"}
     pairs = S.read_pairs(built["pairs_val"])
     assert len(pairs) == SIZES["val"] and all(os.path.isfile(p) for p, _ in pairs)
+    # Regions: each object's box and phrase, as the scene has them.
+    triples = S.read_pairs(built["pairs_val"], regions=True)
+    assert [t[:2] for t in triples] == pairs
+    for (_, _, regions), scene in zip(triples, S.make_split("val", SIZES["val"], 5, WORLD)):
+        assert regions == [(o.bbox, S.object_phrase(o)) for o in scene.objects]
     world = _load(built["world"])
     assert world["objects"] == list(WORLD.objects) and world["sizes"] == SIZES
     few = [e for e in _load(built["eval_val"]) if e["kind"] == "fewshot"]
@@ -414,5 +439,7 @@ def test_world_validation():
         S.World(colours=("red", "mauve"))
     with pytest.raises(ValueError, match="grid"):
         S.World(grid=4)
+    with pytest.raises(ValueError, match="jitter must be in"):
+        S.World(jitter=1.5)
     with pytest.raises(ValueError, match="objects per scene"):
         S.World(grid=2, max_objects=4)

@@ -77,6 +77,7 @@ class World:
     max_objects: int = 4
     small: float = 0.55
     large: float = 0.9
+    jitter: float = 1.0  # objects move within their cell over this fraction of the free space
     popularity_exponent: float = 0.5  # object k (in popularity order) has weight (k+1)^-e
     companion_rate: float = 0.6  # chance that an added object is a missing companion
     hallucination_rate: float = 0.15  # training captions naming an absent companion
@@ -101,6 +102,8 @@ class World:
                              f"{self.grid}x{self.grid} grid (need >= {8 * self.grid})")
         if len(self.objects) < 2:
             raise ValueError("World needs at least two objects (colour-shape pairs)")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"World.jitter must be in [0, 1], got {self.jitter}")
 
     @functools.cached_property
     def objects(self) -> tuple:
@@ -183,6 +186,15 @@ def _edges(world):
     return [round(k * world.image_size / world.grid) for k in range(world.grid + 1)]
 
 
+def _offset(rng, free: int, jitter: float) -> int:
+    """An object's offset in its cell, given `free` pixels to spare: uniform over them
+    (jitter 1), over the middle `jitter` fraction of them, or centred (jitter 0)."""
+    if jitter >= 1:
+        return int(rng.integers(0, free + 1))
+    lo = int(round(free * (1 - jitter) / 2))
+    return lo + int(rng.integers(0, free - 2 * lo + 1))
+
+
 def generate_scene(rng: np.random.Generator, world: World = World(), scene_id: str = "") -> Scene:
     """A random scene drawn with `rng`, rendered."""
     names = world.objects
@@ -205,8 +217,8 @@ def generate_scene(rng: np.random.Generator, world: World = World(), scene_id: s
         r, c = divmod(cell, world.grid)
         size = SIZES[int(rng.integers(2))]
         side = max(3, int((world.large if size == "large" else world.small) * min_cell))
-        x0 = edges[c] + int(rng.integers(0, edges[c + 1] - edges[c] - side + 1))
-        y0 = edges[r] + int(rng.integers(0, edges[r + 1] - edges[r] - side + 1))
+        x0 = edges[c] + _offset(rng, edges[c + 1] - edges[c] - side, world.jitter)
+        y0 = edges[r] + _offset(rng, edges[r + 1] - edges[r] - side, world.jitter)
         texture = ("plain", "striped")[int(rng.integers(2))] if world.textures else "plain"
         colour, shape = names[chosen[k]].split(" ")
         objects.append(ShapeObject(shape, colour, size, (r, c), (x0, y0, x0 + side, y0 + side),
@@ -763,9 +775,9 @@ def write_dataset(out_dir, sizes=None, seed: int = 0, world: World = World(), *,
     """Writes the world under `out_dir`: images/{split}/NNNNNN.png and, per split,
     captions_{split}.json (stage 1), instruct_{split}.json (stage 2: `turns` questions a
     record, of kinds drawn by `weights` (default INSTRUCT_WEIGHTS), plus few-shot episodes for
-    `fewshot_fraction` of the scenes), preference_{split}
-    .json (DPO), pairs_{split}.json ({id, image, caption}: faithful short captions for
-    contrastive pre-training), eval_{split}.json (every split but train); text_corpus.txt
+    `fewshot_fraction` of the scenes), preference_{split}.json (DPO), pairs_{split}.json
+    ({id, image, caption, regions}: the faithful short caption and each object's box and
+    phrase, for contrastive pre-training), eval_{split}.json (every split but train); text_corpus.txt
     (from the train split, else the first), world.json, and a tokenizer trained on the
     corpus in tokenizer/ (unless `tokenizer_vocab_size` is None). POPE statistics are those of
     the split itself. Returns {name: path}."""
@@ -788,7 +800,9 @@ def write_dataset(out_dir, sizes=None, seed: int = 0, world: World = World(), *,
             if pref is not None:
                 prefs.append(pref)
             pairs.append({"id": scene.id, "image": image_path(scene.id),
-                          "caption": short_caption(scene.objects, None, world)})
+                          "caption": short_caption(scene.objects, None, world),
+                          "regions": [{"box": list(o.bbox), "phrase": object_phrase(o)}
+                                      for o in scene.objects]})
             rng = scene_rng(seed, split, i, _FEWSHOT)
             if len(scenes) > fewshot_k and rng.random() < fewshot_fraction:
                 ep = fewshot_episode(scenes, i, fewshot_k, rng, world, stats)
@@ -816,9 +830,10 @@ def write_dataset(out_dir, sizes=None, seed: int = 0, world: World = World(), *,
     return paths
 
 
-def read_pairs(path, image_root=None) -> list:
+def read_pairs(path, image_root=None, *, regions: bool = False) -> list:
     """(image path, caption) pairs of a pairs_{split}.json file; paths joined to
-    `image_root` (default: the file's directory)."""
+    `image_root` (default: the file's directory). With `regions`, (image path, caption,
+    regions) triples, regions a list of ((x0, y0, x1, y1) box in pixels, phrase)."""
     path = os.fspath(path)
     root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
     with open(path, encoding="utf-8") as f:
@@ -828,7 +843,18 @@ def read_pairs(path, image_root=None) -> list:
         if not isinstance(e, dict) or not isinstance(e.get("image"), str) \
                 or not isinstance(e.get("caption"), str):
             raise ValueError(f"{path}: entry {k} is not {{id, image: str, caption: str}}")
-        out.append((os.path.join(root, e["image"]), e["caption"]))
+        item = (os.path.join(root, e["image"]), e["caption"])
+        if regions:
+            if not isinstance(e.get("regions"), list):
+                raise ValueError(f"{path}: entry {k} ({e.get('id')}) has no regions list; "
+                                 f"rebuild the data with shapes.write_dataset")
+            try:
+                item += ([(tuple(int(v) for v in r["box"]), str(r["phrase"]))
+                          for r in e["regions"]],)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}: entry {k} ({e.get('id')}): a region is not "
+                                 f"{{box: [x0, y0, x1, y1], phrase}}: {err}") from err
+        out.append(item)
     return out
 
 

@@ -7,6 +7,13 @@ the caption tokens, pooled at the EOS token as CLIP pools its text. Both are pro
 logit_scale initialised to log(1 / 0.07) and kept <= log(100); the loss is the mean of the
 image->text and text->image cross-entropies over the batch.
 
+Region-phrase pairs (`region_weight` > 0) add the same loss at the level of objects, as
+RegionCLIP does: a region's feature is the mean of the ViT's patch tokens under its box (the
+tokens of `region_layer`, the ones LLaVA feeds its projector), projected by
+`region_projection`; it is contrasted with the phrases of the batch's regions (equal phrases
+all count as matches). This teaches the patch tokens what each object is, which a
+whole-image caption teaches only weakly.
+
     res = pretrain_contrastive("shapes/pairs_train.json", "shapes/tokenizer",
                                val="shapes/pairs_val.json")
     llava_params["vision_tower"] = res.vision_params
@@ -79,6 +86,8 @@ class ContrastiveModel(nn.Module):
     vision_cfg: Any  # clip_vision model config
     text_cfg: Any  # text config
     embed_dim: int = 64
+    regions: bool = False  # adds `region_projection` and `region_logit_scale`
+    region_layer: int = -1  # hidden_states index whose patch tokens regions pool
 
     def setup(self):
         self.vision_tower = VisionModel(self.vision_cfg)
@@ -88,6 +97,10 @@ class ContrastiveModel(nn.Module):
         self.text_projection = nn.Dense(self.embed_dim, use_bias=False)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT),
                                       ())
+        if self.regions:
+            self.region_projection = nn.Dense(self.embed_dim, use_bias=False)
+            self.region_logit_scale = self.param(
+                "region_logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT), ())
 
     def encode_image(self, pixel_values):
         pooled = self.vision_tower(pixel_values)["pooler_output"]
@@ -98,12 +111,40 @@ class ContrastiveModel(nn.Module):
         pooled = jnp.take_along_axis(h, eos_index[:, None, None], axis=1)[:, 0]
         return _l2_normalize(self.text_projection(pooled))
 
+    def encode_regions(self, pixel_values, region_weights):
+        """[b, regions, patches] weights (each row sums to 1, or 0 for no region) ->
+        normalised region embeddings [b, regions, embed_dim]."""
+        hidden = self.vision_tower(pixel_values)["hidden_states"][self.region_layer]
+        if self.vision_cfg.vision.use_class_token:
+            hidden = hidden[:, 1:]
+        return _l2_normalize(self.region_projection(
+            jnp.einsum("brp,bpd->brd", region_weights.astype(hidden.dtype), hidden)))
+
     def __call__(self, pixel_values, input_ids, eos_index):
         """Image-to-text logits [b_images, b_texts]."""
         img = self.encode_image(pixel_values)
         txt = self.encode_text(input_ids, eos_index)
         scale = jnp.exp(jnp.minimum(self.logit_scale, LOGIT_SCALE_MAX))
         return scale * img @ txt.T
+
+    def init_all(self, pixel_values, input_ids, eos_index):
+        """Touches every parameter (what `init` runs): the logits, and the region logits
+        with regions."""
+        out = self(pixel_values, input_ids, eos_index)
+        if self.regions:
+            g = self.vision_cfg.vision.image_size // self.vision_cfg.vision.patch_size
+            w = jnp.ones((pixel_values.shape[0], 1, g * g)) / (g * g)
+            out = out.sum() + self.region_logits(pixel_values, w, input_ids, eos_index).sum()
+        return out
+
+    def region_logits(self, pixel_values, region_weights, phrase_ids, phrase_eos):
+        """Region-to-phrase logits [b * regions, b * regions]; phrase k belongs to region k
+        of the flattened [b, regions]."""
+        reg = self.encode_regions(pixel_values, region_weights)
+        reg = reg.reshape(-1, reg.shape[-1])
+        txt = self.encode_text(phrase_ids, phrase_eos)
+        scale = jnp.exp(jnp.minimum(self.region_logit_scale, LOGIT_SCALE_MAX))
+        return scale * reg @ txt.T
 
 
 def _l2_normalize(x):
@@ -118,24 +159,93 @@ def contrastive_loss(logits):
     return (i2t.mean() + t2i.mean()) / 2
 
 
+def region_loss(logits, phrase, valid):
+    """Contrastive loss between regions and phrases where several regions may share a
+    phrase: each row (and column) puts its probability on any entry with its phrase id.
+    logits [n, n]; phrase [n] ids; valid [n] bool (padding rows and columns are left out).
+    Returns the mean over valid rows of the two directions."""
+    neg = jnp.finfo(logits.dtype).min
+    both = valid[:, None] & valid[None, :]
+    same = both & (phrase[:, None] == phrase[None, :])
+
+    def one_way(x):
+        all_ = jax.nn.logsumexp(jnp.where(both, x, neg), axis=1)
+        pos = jax.nn.logsumexp(jnp.where(same, x, neg), axis=1)
+        return all_ - pos
+
+    per = (one_way(logits) + one_way(logits.T)) / 2
+    return jnp.sum(jnp.where(valid, per, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
 # ---- data -----------------------------------------------------------------------------------
-def load_pairs(pairs, what: str = "pairs") -> list:
-    """(image, caption) pairs from a pairs_{split}.json path or a list of pairs."""
+def load_pairs(pairs, what: str = "pairs", regions: bool = False) -> list:
+    """(image, caption) pairs from a pairs_{split}.json path or a list of pairs; with
+    `regions`, (image, caption, [(box, phrase), ...]) triples."""
     if isinstance(pairs, (str, os.PathLike)):
         from mllm_jax.data.shapes import read_pairs
         if not os.path.exists(pairs):
             raise FileNotFoundError(f"{what}: no pairs file at {os.fspath(pairs)}; write one "
                                     f"with shapes.write_dataset")
-        source, pairs = os.fspath(pairs), read_pairs(pairs)
+        source, pairs = os.fspath(pairs), read_pairs(pairs, regions=regions)
     else:
         source, pairs = what, list(pairs)
     if not pairs:
         raise ValueError(f"{source}: no image-caption pairs; contrastive pre-training needs "
                          f"at least one")
+    n = 3 if regions else 2
     for k, p in enumerate(pairs):
-        if len(p) != 2 or not isinstance(p[1], str) or not p[1].strip():
-            raise ValueError(f"{source}: pair {k} is not (image, non-empty caption): {p!r}")
-    return pairs
+        if len(p) < n or not isinstance(p[1], str) or not p[1].strip():
+            want = "(image, non-empty caption, regions)" if regions \
+                else "(image, non-empty caption)"
+            raise ValueError(f"{source}: pair {k} is not {want}: {p!r}")
+    return [tuple(p[:n]) for p in pairs]
+
+
+def region_arrays(pairs, image_size: int, patch_size: int, phrase_index: dict,
+                  max_regions: int):
+    """(weights [n, max_regions, patches] float32, phrase ids [n, max_regions] int32, -1 for
+    none) of (image, caption, regions) triples. A region's weights are the fractions of its
+    box's area on each patch of the image as preprocessed (shortest edge resized to
+    `image_size`, centre crop), so they sum to 1."""
+    g = image_size // patch_size
+    weights = np.zeros((len(pairs), max_regions, g * g), np.float32)
+    ids = np.full((len(pairs), max_regions), -1, np.int32)
+    edges = np.arange(g + 1) * patch_size
+    for k, (image, _, regions) in enumerate(pairs):
+        if len(regions) > max_regions:
+            raise ValueError(f"pair {k}: {len(regions)} regions, more than max_regions "
+                             f"{max_regions}")
+        w, h = _image_size(image)
+        scale = image_size / min(w, h)
+        off_x, off_y = (round(w * scale) - image_size) // 2, (round(h * scale) - image_size) // 2
+        for r, (box, phrase) in enumerate(regions):
+            x0, y0, x1, y1 = (np.asarray(box, np.float64) * scale
+                              - [off_x, off_y, off_x, off_y]).clip(0, image_size)
+            ox = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None)
+            oy = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, None)
+            area = np.outer(oy, ox).reshape(-1)
+            if area.sum() <= 0:
+                raise ValueError(f"pair {k} ({image if isinstance(image, str) else 'array'}): "
+                                 f"region {r} box {tuple(box)} ({phrase!r}) has no area "
+                                 f"inside the {image_size}px image")
+            weights[k, r] = area / area.sum()
+            ids[k, r] = phrase_index[phrase]
+    return weights, ids
+
+
+def _phrase_length(phrases, tokenizer, max_length: int) -> int:
+    """Tokens per phrase row: the longest phrase and its EOS, at most `max_length`."""
+    return min(max_length, 1 + max(len(tokenizer.encode(p)) for p in phrases))
+
+
+def _image_size(image) -> tuple:
+    """(width, height) of a path, PIL image or [h, w, c] array."""
+    if isinstance(image, np.ndarray):
+        return image.shape[1], image.shape[0]
+    if isinstance(image, (str, os.PathLike)):
+        from mllm_jax.data.image import read_image
+        image = read_image(image)
+    return image.size
 
 
 def load_pixels(images, image_size: int) -> np.ndarray:
@@ -192,7 +302,9 @@ def init_params(model, seed: int, *args, overrides=None) -> dict:
     (compiling `model.init` costs more than a demo-sized training run can spare)."""
     overrides = {"logit_scale": LOGIT_SCALE_INIT, **(overrides or {})}
     rng = np.random.default_rng(seed)
-    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)["params"])
+    init = functools.partial(model.init, method="init_all") if hasattr(model, "init_all") \
+        else model.init
+    shapes = nn.meta.unbox(jax.eval_shape(init, jax.random.PRNGKey(0), *args)["params"])
     flat = flax.traverse_util.flatten_dict(shapes)
     out = {}
     for path, leaf in sorted(flat.items()):
@@ -227,6 +339,7 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
                          max_length: int = 24, steps: int = 500, batch_size: int = 64,
                          lr: float = 1e-3, weight_decay: float = 0.1,
                          warmup_ratio: float = 0.05, eval_batch: int = 64, seed: int = 0,
+                         region_weight: float = 0.0, region_layer: int = -1,
                          progress: Callable | None = None, log_every: int = 10
                          ) -> ContrastiveResult:
     """Trains the image and text towers on `train` pairs (a pairs_{split}.json path or a list
@@ -234,12 +347,18 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
     (a clip_vision model config) defaults to `vision_model_config(image size, patch_size)`.
     Accuracy is measured on `val` pairs when given, in chunks of `eval_batch`. `progress`
     is called as progress(step, loss) every `log_every` steps and at the last one.
+    `region_weight` > 0 adds the region-phrase loss with that weight; the pairs must then
+    carry regions (files from `shapes.write_dataset`, or (image, caption, [(box, phrase)])
+    triples) and `region_layer` picks the hidden states the regions pool.
     Deterministic for a seed."""
     if steps < 1 or batch_size < 2:
         raise ValueError(f"need steps >= 1 and batch_size >= 2, got {steps} and {batch_size}")
+    if region_weight < 0:
+        raise ValueError(f"region_weight must be >= 0, got {region_weight}")
+    regions = region_weight > 0
     tok = _tokenizer(tokenizer)
-    train_pairs = load_pairs(train, "train pairs")
-    val_pairs = load_pairs(val, "val pairs") if val is not None else None
+    train_pairs = load_pairs(train, "train pairs", regions)
+    val_pairs = load_pairs(val, "val pairs", regions) if val is not None else None
     if val_pairs is not None and len(val_pairs) < 2:
         raise ValueError(f"val pairs: retrieval accuracy needs at least 2 pairs, got "
                          f"{len(val_pairs)}")
@@ -260,22 +379,33 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
     batch_size = min(batch_size, len(train_pairs))
     order = batch_order(len(train_pairs), batch_size, steps, seed)
 
-    model = ContrastiveModel(vision_config, text_cfg, embed_dim)
+    region_data = None
+    if regions:
+        phrases = sorted({ph for p in train_pairs for _, ph in p[2]})
+        if not phrases:
+            raise ValueError("train pairs: region_weight > 0 but no pair has a region")
+        max_regions = max(len(p[2]) for p in train_pairs)
+        w, pid = region_arrays(train_pairs, v.image_size, v.patch_size,
+                               {ph: k for k, ph in enumerate(phrases)}, max_regions)
+        p_ids, p_eos = tokenize_captions(phrases, tok, _phrase_length(phrases, tok, max_length))
+        region_data = tuple(map(jnp.asarray, (w, pid, p_ids, p_eos)))
+
+    model = ContrastiveModel(vision_config, text_cfg, embed_dim, regions, region_layer)
     params = init_params(model, seed, pixels[:1], ids[:1], eos[:1])
     opt = dict(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, grad_clip=1.0,
                b2=0.98, eps=1e-6)
     key = (vision_config.to_json(), text_cfg.to_json(), embed_dim, tuple(sorted(opt.items())),
-           steps)
+           steps, float(region_weight), region_layer)
     if key not in _COMPILED:
         _COMPILED.clear()  # keeps one configuration's programs
-        _COMPILED[key] = _programs(model, params, opt, steps)
-    tx, train_step, enc = _COMPILED[key]
+        _COMPILED[key] = _programs(model, params, opt, steps, region_weight)
+    tx, train_step, enc, _ = _COMPILED[key]
     opt_state = tx.init(params)
 
     losses = []
     for step in range(steps):
         params, opt_state, loss = train_step(params, opt_state, pixels, ids, eos,
-                                             order[step])
+                                             order[step], region_data)
         losses.append(loss)
         if progress is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
             progress(step + 1, float(loss))
@@ -288,21 +418,25 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
                                      tok, max_length, eval_batch)
     metrics.update(train_accuracy=acc, train_chance=chance)
     if val_pairs is not None:
-        acc, chance = retrieval_accuracy(enc, load_pixels([p[0] for p in val_pairs], v.image_size),
-                                         [p[1] for p in val_pairs], tok, max_length, eval_batch)
+        val_pixels = load_pixels([p[0] for p in val_pairs], v.image_size)
+        acc, chance = retrieval_accuracy(enc, val_pixels, [p[1] for p in val_pairs], tok,
+                                         max_length, eval_batch)
         metrics.update(val_accuracy=acc, val_chance=chance)
+    if regions:
+        reg = functools.partial(_COMPILED[key][3], params)
+        metrics["train_region_accuracy"] = region_accuracy(
+            enc[1], reg, pixels[:train_n], train_pairs[:train_n], tok, max_length, v,
+            eval_batch)
+        if val_pairs is not None:
+            metrics["val_region_accuracy"] = region_accuracy(
+                enc[1], reg, val_pixels, val_pairs, tok, max_length, v, eval_batch)
     metrics["seconds"] = time.perf_counter() - start
     return ContrastiveResult(params["vision_tower"], vision_config, text_cfg, params, metrics)
 
 
 def _native_size(image) -> int:
     """The side of a square image (path, PIL image or array)."""
-    if isinstance(image, np.ndarray):
-        h, w = image.shape[:2]
-    else:
-        from mllm_jax.data.image import read_image
-        img = read_image(image) if isinstance(image, (str, os.PathLike)) else image
-        w, h = img.size
+    w, h = _image_size(image)
     if h != w:
         raise ValueError(f"image {image if isinstance(image, str) else ''} is {h}x{w}; give a "
                          f"vision_config whose image_size to resize to")
@@ -312,24 +446,61 @@ def _native_size(image) -> int:
 _COMPILED = {}  # configuration -> (optimizer, train step, encoders), reused by later calls
 
 
-def _programs(model, params, opt: dict, steps: int):
-    """The optimizer and the jitted train step and encoders of a configuration."""
+def _programs(model, params, opt: dict, steps: int, region_weight: float = 0.0):
+    """The optimizer, the jitted train step, the encoders (image, text) and the region
+    encoder (None without regions) of a configuration."""
     tx, _ = make_optimizer(ml_collections.ConfigDict(opt), params, steps)
 
     # The data are arguments, not constants: XLA would otherwise fold them into the program.
     @jax.jit
-    def train_step(params, opt_state, pixels, ids, eos, idx):
+    def train_step(params, opt_state, pixels, ids, eos, idx, region_data=None):
         def loss_fn(p):
-            return contrastive_loss(model.apply({"params": p}, pixels[idx], ids[idx], eos[idx]))
+            x = pixels[idx]
+            loss = contrastive_loss(model.apply({"params": p}, x, ids[idx], eos[idx]))
+            if region_data is not None:
+                w, pid, p_ids, p_eos = region_data
+                phrase = pid[idx].reshape(-1)
+                k = jnp.maximum(phrase, 0)
+                logits = model.apply({"params": p}, x, w[idx], p_ids[k], p_eos[k],
+                                     method="region_logits")
+                loss = loss + region_weight * region_loss(logits, phrase, phrase >= 0)
+            return loss
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         params["logit_scale"] = jnp.minimum(params["logit_scale"], LOGIT_SCALE_MAX)
+        if "region_logit_scale" in params:
+            params["region_logit_scale"] = jnp.minimum(params["region_logit_scale"],
+                                                       LOGIT_SCALE_MAX)
         return params, opt_state, loss
 
     img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
     txt = jax.jit(lambda p, i, e: model.apply({"params": p}, i, e, method="encode_text"))
-    return tx, train_step, (img, txt)
+    reg = jax.jit(lambda p, x, w: model.apply({"params": p}, x, w, method="encode_regions")) \
+        if model.regions else None
+    return tx, train_step, (img, txt), reg
+
+
+def region_accuracy(encode_text, encode_regions, pixels, pairs, tokenizer, max_length: int,
+                    vision, chunk: int = 64) -> float:
+    """Top-1 accuracy of naming each region of (image, caption, regions) `pairs` by the
+    nearest of the pairs' distinct phrases. `vision`: the vision section of the config."""
+    phrases = sorted({ph for p in pairs for _, ph in p[2]})
+    if not phrases:
+        return float("nan")
+    index = {ph: k for k, ph in enumerate(phrases)}
+    w, pid = region_arrays(pairs, vision.image_size, vision.patch_size, index,
+                           max(len(p[2]) for p in pairs))
+    ids, eos = tokenize_captions(phrases, tokenizer,
+                                 _phrase_length(phrases, tokenizer, max_length))
+    txt = np.concatenate([encode_text(jnp.asarray(ids[s:s + chunk]), jnp.asarray(eos[s:s + chunk]))
+                          for s in range(0, len(phrases), chunk)])
+    reg = np.concatenate([encode_regions(jnp.asarray(pixels[s:s + chunk]),
+                                         jnp.asarray(w[s:s + chunk]))
+                          for s in range(0, len(pairs), chunk)])
+    valid = pid >= 0
+    best = np.argmax(reg[valid] @ txt.T, axis=1)
+    return float(np.mean(best == pid[valid]))
 
 
 def retrieval_accuracy(encoders, pixels, captions, tokenizer, max_length: int, chunk: int = 64):
