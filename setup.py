@@ -29,7 +29,9 @@ setup(
         # is for TFDS builders that encode images with it. tensorflow-datasets 4.9.10 imports
         # importlib_resources without declaring it.
         "tfds": TFDS + ["tensorflow-cpu"],
-        "test": TORCH + TFDS + ["pytest", "pytest-xdist"],
+        # The demo describes scikit-learn's bundled sample photographs.
+        "demo": ["scikit-learn"],
+        "test": TORCH + TFDS + ["scikit-learn", "pytest", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["mllm-jax=mllm_jax.cli:main"]},
 )

@@ -27,6 +27,15 @@ def test_every_phase_runs_and_stage2_beats_stage1_on_vqa(result):
             assert key in m and 0.0 <= m[key], (name, key)
         assert os.path.exists(os.path.join(result["paths"]["workdir"], name, "final",
                                            "model_config.json"))
+    # Stage 3's pairs: the world's caption and yes/no pairs, then the model's own.
+    pairs = json.load(open(os.path.join(result["paths"]["workdir"], "stage3_pairs",
+                                        "preference.json")))
+    counts = result["pretrain"]["stage3_pairs"]
+    s = result["settings"]
+    assert counts["world_pairs"] == s.world_pairs and counts["yesno_pairs"] == s.yesno_pairs
+    assert len(pairs) == s.world_pairs + s.yesno_pairs + counts["own_hallucinations"]
+    assert sum(p["id"].endswith("-yesno") for p in pairs) == s.yesno_pairs
+    assert sum(p["id"].endswith("-own") for p in pairs) == counts["own_hallucinations"]
     print({s: round(result["metrics"][s]["vqa_mean"], 3) for s in stages}, result["times"])
     assert result["metrics"]["stage2"]["vqa_mean"] > result["metrics"]["stage1"]["vqa_mean"]
 

@@ -302,6 +302,46 @@ def test_preference_pairs(built):
     assert faithful["chair_i"] == faithful["chair_s"] == 0.0
 
 
+def test_yes_no_preference_pairs_choose_the_true_answer(built):
+    train = _scene_by_id("train", SIZES["train"])
+    raw = _load(built["preference_yesno_train"])
+    prefs = read_preference_json(built["preference_yesno_train"])
+    assert len(raw) == len(prefs) == SIZES["train"]
+    yes = 0
+    for p, r in zip(prefs, raw):
+        names = train[r["id"][:-len("-yesno")]].names
+        assert p.prompt == "<image>\n" + S.existence_question(r["object"])
+        assert p.chosen == ("yes" if r["object"] in names else "no")
+        assert {p.chosen, p.rejected} == {"yes", "no"}
+        assert r["rejected_object"] == (None if p.chosen == "yes" else r["object"])
+        yes += p.chosen == "yes"
+    assert 0.4 < yes / len(raw) < 0.6
+
+
+def test_confusable_negatives_share_a_colour_and_a_shape_with_the_scene():
+    world = S.World(confusable_rate=1.0)
+    rng = np.random.default_rng(0)
+    assert S.confusable_negative(["red circle", "blue square"], rng, world) in \
+        {"red square", "blue circle"}
+    assert S.confusable_negative(["red circle", "red square"], rng, world) is None
+    assert S.confusable_negative(["red circle"], rng, world) is None
+    scenes = S.make_split("train", 300, seed=3, world=world)
+    stats = S.statistics(scenes, world)
+    asked = 0
+    for i, scene in enumerate(scenes):
+        q = S.question("existence", scene, np.random.default_rng(i), world, stats)
+        r = S.yesno_preference_record(scene, 3, "train", i, world, stats)
+        for name, no in ((q["object"], q["answer"] == "no"), (r["object"], r["chosen"] == "no")):
+            assert (name in scene.names) != no
+            if no and S.confusable_negative(scene.names, np.random.default_rng(0), world):
+                asked += 1
+                assert name.split()[0] in {n.split()[0] for n in scene.names}, (scene.id, name)
+                assert name.split()[1] in {n.split()[1] for n in scene.names}, (scene.id, name)
+    assert asked > 50
+    # The default world draws its questions as before (no confusable negatives).
+    assert S.World().confusable_rate == 0
+
+
 # ---- files, templates, tokenizer ----------------------------------------------------------
 def test_files_load_and_build_examples(built):
     tok = load_tokenizer(built["tokenizer"])

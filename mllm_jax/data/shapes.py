@@ -63,7 +63,8 @@ VQA_KINDS = ("existence", "count", "colour", "position", "box", "what_at", "cot_
 FEWSHOT_KINDS = ("count", "colour", "existence")
 
 # Purposes of the per-scene random streams (so adding one kind of text changes no other).
-_SCENE, _CAPTION, _INSTRUCT, _PREFERENCE, _EVAL, _HALLUCINATION, _FEWSHOT = range(7)
+(_SCENE, _CAPTION, _INSTRUCT, _PREFERENCE, _EVAL, _HALLUCINATION, _FEWSHOT,
+ _YESNO_PREFERENCE) = range(8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,8 @@ class World:
     companion_rate: float = 0.6  # chance that an added object is a missing companion
     hallucination_rate: float = 0.15  # training captions naming an absent companion
     synonym_rate: float = 0.1  # training captions naming a shape by a synonym
+    # "no" existence questions (instructions, DPO pairs) asking for a `confusable_negative`
+    confusable_rate: float = 0.0
     textures: bool = False  # objects are "plain" or "striped"
     background: tuple = (10, 50)  # grey level range of the background
 
@@ -308,6 +311,17 @@ def negatives(present, mode: str, stats: Statistics, rng, n: int) -> list:
     return [stats.objects[k] for k in picked]
 
 
+def confusable_negative(names, rng, world: World = World()):
+    """An absent object whose colour and whose shape both occur in the scene, on different
+    objects (a red square where a red circle and a blue square are), or None: the negative
+    that tests whether a model binds colours to shapes."""
+    present = set(names)
+    colours, kinds = {n.split(" ")[0] for n in names}, {n.split(" ")[1] for n in names}
+    pool = [o for o in world.objects if o not in present
+            and o.split(" ")[0] in colours and o.split(" ")[1] in kinds]
+    return pool[int(rng.integers(len(pool)))] if pool else None
+
+
 def existence_question(name) -> str:
     return f"is there {_a(name)} in the image?"
 
@@ -473,9 +487,11 @@ def question(kind: str, scene: Scene, rng, world: World = World(), stats=None):
             name = names[int(rng.integers(len(names)))]
             return dict(kind=kind, question=existence_question(name), answer="yes",
                         object=name)
-        if stats is None:
+        name = confusable_negative(names, rng, world) if world.confusable_rate > 0 \
+            and rng.random() < world.confusable_rate else None
+        if name is None and stats is None:
             name = absent[int(rng.integers(len(absent)))]
-        else:
+        elif name is None:
             name = negatives(names, POPE_MODES[int(rng.integers(3))], stats, rng, 1)[0]
         return dict(kind=kind, question=existence_question(name), answer="no", object=name)
     if kind in ("count", "cot_count"):
@@ -708,6 +724,28 @@ def preference_record(scene, seed, split, index, world=World(), stats=None):
             "rejected": detailed_caption(objects, None, world), "rejected_object": extra}
 
 
+def yesno_preference_record(scene, seed, split, index, world=World(), stats=None) -> dict:
+    """DPO pair on a POPE-style question: about an object the scene holds (chosen "yes",
+    rejected "no") or, half the time, about an absent one drawn as a POPE negative of a
+    random mode, or with `World.confusable_rate` a `confusable_negative` (chosen "no", rejected
+    "yes": the answer that claims an absent object)."""
+    rng = scene_rng(seed, split, index, _YESNO_PREFERENCE)
+    names = scene.names
+    if rng.random() < 0.5:
+        name, chosen, rejected = names[int(rng.integers(len(names)))], "yes", "no"
+    else:
+        name = confusable_negative(names, rng, world) if world.confusable_rate > 0 \
+            and rng.random() < world.confusable_rate else None
+        if name is None:
+            stats = stats or statistics([scene], world)
+            name = negatives(names, POPE_MODES[int(rng.integers(3))], stats, rng, 1)[0]
+        chosen, rejected = "no", "yes"
+    return {"id": f"{scene.id}-yesno", "image": image_path(scene.id),
+            "prompt": "<image>\n" + existence_question(name), "chosen": chosen,
+            "rejected": rejected, "object": name,
+            "rejected_object": name if rejected == "yes" else None}
+
+
 def eval_records(scenes, seed, split, world=World(), stats=None, fewshot_k: int = 2) -> list:
     """Single-question records with `kind`, `answer`, the scene's `objects`, and per kind:
     `references` (caption), `pope_mode` and `object` (pope), `count` (cot_count), `style`
@@ -775,7 +813,8 @@ def write_dataset(out_dir, sizes=None, seed: int = 0, world: World = World(), *,
     """Writes the world under `out_dir`: images/{split}/NNNNNN.png and, per split,
     captions_{split}.json (stage 1), instruct_{split}.json (stage 2: `turns` questions a
     record, of kinds drawn by `weights` (default INSTRUCT_WEIGHTS), plus few-shot episodes for
-    `fewshot_fraction` of the scenes), preference_{split}.json (DPO), pairs_{split}.json
+    `fewshot_fraction` of the scenes), preference_{split}.json (DPO on detailed captions),
+    preference_yesno_{split}.json (DPO on existence questions), pairs_{split}.json
     ({id, image, caption, regions}: the faithful short caption and each object's box and
     phrase, for contrastive pre-training), eval_{split}.json (every split but train); text_corpus.txt
     (from the train split, else the first), world.json, and a tokenizer trained on the
@@ -791,9 +830,10 @@ def write_dataset(out_dir, sizes=None, seed: int = 0, world: World = World(), *,
         stats = statistics(scenes, world)
         for scene in scenes:
             Image.fromarray(scene.image).save(os.path.join(out_dir, image_path(scene.id)))
-        captions, instruct, prefs, pairs = [], [], [], []
+        captions, instruct, prefs, yesno, pairs = [], [], [], [], []
         for i, scene in enumerate(scenes):
             captions.append(caption_record(scene, seed, split, i, world))
+            yesno.append(yesno_preference_record(scene, seed, split, i, world, stats))
             instruct.append(instruct_record(scene, seed, split, i, world, stats, turns,
                                             weights))
             pref = preference_record(scene, seed, split, i, world, stats)
@@ -811,7 +851,7 @@ def write_dataset(out_dir, sizes=None, seed: int = 0, world: World = World(), *,
                                  "conversations": ep["conversations"], "kinds": ["fewshot"],
                                  "hallucinated": []})
         files = {"captions": captions, "instruct": instruct, "preference": prefs,
-                 "pairs": pairs}
+                 "preference_yesno": yesno, "pairs": pairs}
         if split != "train":
             files["eval"] = eval_records(scenes, seed, split, world, stats, fewshot_k)
         for name, data in files.items():

@@ -13,12 +13,11 @@ from mllm_jax import config as mc
 from mllm_jax.data import shapes
 from mllm_jax.train import recipe
 
-# Stages in order: name, what trains, objective, the data file (per split "train"). Stage 2
-# also tunes the vision tower: a few minutes of contrastive pre-training leave a ViT too weak
-# to tell small shapes apart when frozen. DPO keeps it frozen (one vision pass serves the
-# policy and the reference).
+# Stages in order: name, what trains, objective, the data file (per split "train"). As in
+# LLaVA, the vision tower stays frozen throughout: tuning it in stage 2 (lr 1e-3) blurs the
+# per-object patch features the region-phrase pre-training taught it.
 STAGES = (("stage1", (recipe.PROJECTOR,), "lm", "captions"),
-          ("stage2", (recipe.PROJECTOR, recipe.LLM, recipe.VISION), "lm", "instruct"),
+          ("stage2", (recipe.PROJECTOR, recipe.LLM), "lm", "instruct"),
           ("stage3", (recipe.PROJECTOR, recipe.LLM), "dpo", "preference"))
 
 
@@ -42,6 +41,11 @@ class Settings:
     # 48 px with 16 px patches puts one grid cell in each of 9 image tokens.
     image_size: int = 48
     patch_size: int = 16
+    # Objects: the small size as a fraction of a cell, and how far objects move in their cell
+    # (shapes.World.jitter). Small 8 px shapes that wander over their whole cell are more than
+    # a two-layer ViT learns to tell apart in minutes.
+    object_small: float = 0.7
+    object_jitter: float = 0.25
     vision_hidden: int = 128
     vision_layers: int = 2
     vision_heads: int = 4
@@ -49,19 +53,34 @@ class Settings:
     text_layers: int = 2
     text_heads: int = 4
     vocab_size: int = 512
-    # The instruction mixture (question kinds and weights of `shapes.write_dataset`).
-    instruct_weights: tuple = tuple(shapes.INSTRUCT_WEIGHTS.items())
+    # Training captions that name an absent companion of a present object
+    # (shapes.World.hallucination_rate): the data bias the stage-2 model picks up and DPO
+    # removes.
+    hallucination_rate: float = 0.6
+    # "No" existence questions about an absent object whose colour and shape both occur in
+    # the scene (shapes.World.confusable_rate): they teach binding colours to shapes.
+    confusable_rate: float = 0.3
+    # The instruction mixture (question kinds and weights, questions per image, of
+    # `shapes.write_dataset`): yes/no and one-word answers weigh more than the world's
+    # default, whose long captions and boxes hold most of the answer tokens.
+    instruct_weights: tuple = tuple({**shapes.INSTRUCT_WEIGHTS, "existence": 6, "colour": 4,
+                                     "count": 3}.items())
+    instruct_turns: int = 5
     # Pre-training of the towers (text_lm.max_length: tokens per packed sequence).
     contrastive: StageRun = StageRun(steps=400, batch=64, lr=1e-3)
+    # Weight of the region-phrase loss in contrastive pre-training (0: whole images only).
+    region_weight: float = 1.0
     text_lm: StageRun = StageRun(steps=300, batch=16, lr=3e-3, max_length=128)
     # The LLaVA stages.
     stage1: StageRun = StageRun(steps=150, batch=32, lr=2e-3, max_length=56)
     stage2: StageRun = StageRun(steps=1500, batch=16, lr=1e-3, max_length=128)
     stage3: StageRun = StageRun(steps=60, batch=16, lr=1e-5, max_length=96, beta=0.5)
     # Stage 3 pairs: the first `world_pairs` of the world's preference pairs (an absent
-    # companion added; 0: none) and the stage-2 model's own hallucinations on
-    # `on_policy_scenes` training images (0: none); see `demo.preference`.
+    # companion added; 0: none), the first `yesno_pairs` of its existence-question pairs
+    # (the faithful "yes" / "no" chosen; 0: none), and the stage-2 model's own
+    # hallucinations on `on_policy_scenes` training images (0: none); see `demo.preference`.
     world_pairs: int = 1000
+    yesno_pairs: int = 1000
     on_policy_scenes: int = 1000
     # Evaluation.
     eval_batch: int = 128
@@ -84,7 +103,7 @@ SCALES = {
                      stage1=StageRun(steps=16, batch=16, lr=3e-3, max_length=56),
                      stage2=StageRun(steps=60, batch=16, lr=3e-3, max_length=128),
                      stage3=StageRun(steps=4, batch=8, lr=5e-5, max_length=96),
-                     world_pairs=64, on_policy_scenes=64, eval_batch=64, short_new_tokens=24, long_new_tokens=48),
+                     world_pairs=64, yesno_pairs=64, on_policy_scenes=64, eval_batch=64, short_new_tokens=24, long_new_tokens=48),
 }
 
 
@@ -101,7 +120,9 @@ def settings_for(scale: str | Settings, seed: int | None = None) -> Settings:
 
 def world(s: Settings) -> shapes.World:
     """The shapes world the demo renders (the default world at `s.image_size` px)."""
-    return shapes.World(image_size=s.image_size)
+    return shapes.World(image_size=s.image_size, small=s.object_small, jitter=s.object_jitter,
+                        hallucination_rate=s.hallucination_rate,
+                        confusable_rate=s.confusable_rate)
 
 
 def image_tokens(s: Settings) -> int:

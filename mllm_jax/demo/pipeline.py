@@ -1,17 +1,19 @@
 """`mllm-jax demo`: the whole LLaVA recipe on the shapes world, on a CPU.
 
 Phases: build the data (`shapes.write_dataset`); contrastive pre-training of the ViT on
-image-caption pairs; language-model pre-training of the LLM on the world's text; the initial
+image-caption and region-phrase pairs; language-model pre-training of the LLM on the world's text; the initial
 LLaVA (pre-trained towers, random projector) saved as an orbax checkpoint; stage 1
-(projector on captions), stage 2 (projector + LLM + vision tower on instructions), stage 3
+(projector on captions), stage 2 (projector + LLM on instructions), stage 3
 (DPO on the world's preference pairs and on the stage-2 model's own hallucinations), each
-followed by an evaluation on the held-out split; then report.md and metrics.png. Every phase
+followed by an evaluation on the held-out split; the final model's descriptions of a few
+real photographs (`demo.photos`); then report.md and metrics.png. Every phase
 is seeded from `Settings.seed`.
 
 Layout of the workdir: data/ (the world), init/ (the initial LLaVA), stage1/ ..
 stage3/ (each a training workdir whose final/ is the stage's checkpoint), stage3_pairs/
-(the DPO pairs), eval/ (answers per stage), train_log.txt, report.md, metrics.png,
-metrics.json.
+(the DPO pairs), eval/ (answers per stage), model/ (the final model, an HF checkpoint),
+photos/ (the real photographs it describes in the report), train_log.txt, report.md,
+metrics.png, metrics.json.
 """
 from __future__ import annotations
 
@@ -28,13 +30,14 @@ from mllm_jax.convert.hf_io import abstract_params, save_hf
 from mllm_jax.convert.orbax_io import save_orbax
 from mllm_jax.data import shapes
 from mllm_jax.data.tokenizer import load_tokenizer
-from mllm_jax.demo import configs, evaluate as ev, preference, report
+from mllm_jax.demo import configs, evaluate as ev, photos, preference, report
 from mllm_jax.demo.progress import Progress
 from mllm_jax.models import build_model
 from mllm_jax.train.loop import train
 
 FILES = ("train_log.txt", "report.md", "metrics.png", "metrics.json")
-PARTS = ("data", "init", "stage1", "stage2", "stage3", "stage3_pairs", "eval", "model")
+PARTS = ("data", "init", "stage1", "stage2", "stage3", "stage3_pairs", "eval", "model",
+         "photos")
 
 
 def random_params(model, seed: int):
@@ -56,7 +59,8 @@ def random_params(model, seed: int):
 def build_data(s: configs.Settings, data_dir: str) -> dict:
     return shapes.write_dataset(data_dir, {"train": s.train_scenes, "val": s.eval_scenes},
                                 seed=s.seed, world=configs.world(s),
-                                weights=dict(s.instruct_weights), fewshot_fraction=0.0,
+                                weights=dict(s.instruct_weights), turns=s.instruct_turns,
+                                fewshot_fraction=0.0,
                                 tokenizer_vocab_size=s.vocab_size)
 
 
@@ -68,6 +72,7 @@ def pretrain_vision(s, model_cfg, paths, progress):
         paths["pairs_train"], paths["tokenizer"], val=paths["pairs_val"],
         vision_config=mc.clip_vision_model_config(model_cfg.vision), steps=run.steps,
         batch_size=run.batch, lr=run.lr, warmup_ratio=run.warmup, seed=s.seed,
+        region_weight=s.region_weight, region_layer=model_cfg.vision_feature_layer,
         progress=lambda step, loss: progress.update(step - progress.count, loss=f"{loss:.3f}"),
         log_every=max(1, run.steps // 50))
     metrics = {k: v for k, v in res.metrics.items() if k != "losses"}
@@ -92,19 +97,22 @@ def pretrain_text(s, model_cfg, paths, progress):
 
 
 def stage3_pairs(s, model, params, tokenizer, paths, workdir, progress):
-    """The first `world_pairs` of the world's preference pairs plus the stage-2 model's own
-    hallucinations on the (other) training images, written to stage3_pairs/preference.json."""
+    """The first `world_pairs` of the world's caption preference pairs and `yesno_pairs` of
+    its existence-question pairs, plus the stage-2 model's own hallucinations on the (other)
+    training images, written to stage3_pairs/preference.json."""
     records = preference.read_records(paths["preference_train"])
     world = records[:s.world_pairs]
+    yesno = preference.read_records(paths["preference_yesno_train"])[:s.yesno_pairs]
     described = records[s.world_pairs:s.world_pairs + s.on_policy_scenes]
     own = preference.on_policy_pairs(model, params, tokenizer, os.path.dirname(
         paths["preference_train"]), described, batch_size=s.eval_batch,
         max_new_tokens=s.long_new_tokens, progress=progress.update) if described else []
     out_dir = os.path.join(workdir, "stage3_pairs")
     os.makedirs(out_dir, exist_ok=True)
-    path = preference.write_records(os.path.join(out_dir, "preference.json"), world + own)
-    return path, {"world_pairs": len(world), "own_hallucinations": len(own),
-                  "described": len(described)}
+    path = preference.write_records(os.path.join(out_dir, "preference.json"),
+                                    world + yesno + own)
+    return path, {"world_pairs": len(world), "yesno_pairs": len(yesno),
+                  "own_hallucinations": len(own), "described": len(described)}
 
 
 def initial_llava(s, model, vision, text, out_dir) -> str:
@@ -190,14 +198,17 @@ def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None
         p.line(f"{name}: " + ", ".join(f"{k} {metrics[name][k]:.3f}" for k in report.HEADLINE
                                        if k in metrics[name]))
     model_dir = export_model(model, params, paths["tokenizer"], os.path.join(workdir, "model"))
+    with p.phase("out-of-world photos"):
+        described = photos.describe(model, params, tokenizer, os.path.join(workdir, "photos"),
+                                    max_new_tokens=s.long_new_tokens)
     total = p.elapsed()
     out = report.write(workdir, s, metrics, dict(p.times), pre, total=total,
-                       cpu_times=dict(p.cpu_times))
+                       cpu_times=dict(p.cpu_times), photos=described)
     p.line(f"report: {out['report']}")
     p.line(f"plot: {out['plot']}")
     p.line(f"model: {model_dir} (try: mllm-jax chat --ckpt {model_dir} --template "
            f"{ev.TEMPLATE})")
-    return {"settings": s, "metrics": metrics, "times": dict(p.times),
+    return {"settings": s, "metrics": metrics, "times": dict(p.times), "photos": described,
             "cpu_times": dict(p.cpu_times), "total": total,
             "pretrain": pre, "paths": {**out, "workdir": workdir, "model": model_dir}}
 

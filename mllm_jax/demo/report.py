@@ -65,8 +65,22 @@ def targets(metrics: dict, total=None) -> list:
     return rows
 
 
-def write(workdir, settings, metrics, times, pretrain, total=None, cpu_times=None) -> dict:
-    """Writes report.md, metrics.json and metrics.png into workdir; returns their paths."""
+def photo_lines(photos, workdir) -> str:
+    """The final model's detailed description of each real photograph, or why there is
+    none."""
+    if not photos:
+        return ("No photographs: install scikit-learn (or scikit-image), whose bundled "
+                "sample images the demo describes (`pip install -e '.[demo]'`).")
+    lines = ["The final model asked to describe real photographs, which its world never "
+             "showed it:", ""]
+    lines += [f"- `{os.path.relpath(path, workdir)}`: {text!r}" for name, path, text in photos]
+    return "\n".join(lines)
+
+
+def write(workdir, settings, metrics, times, pretrain, total=None, cpu_times=None,
+          photos=None) -> dict:
+    """Writes report.md, metrics.json and metrics.png into workdir; returns their paths.
+    `photos`: [(name, png path, description)] of `demo.photos.describe`."""
     paths = {"report": os.path.join(workdir, "report.md"),
              "plot": os.path.join(workdir, "metrics.png"),
              "metrics": os.path.join(workdir, "metrics.json")}
@@ -89,10 +103,14 @@ def write(workdir, settings, metrics, times, pretrain, total=None, cpu_times=Non
 
 Seed: **{settings.seed}**. Scenes rendered at {settings.image_size} px ({settings.train_scenes}
 training scenes); evaluated on the held-out split "val" ({settings.eval_scenes} scenes) with
-greedy decoding. Stage 1 trains the projector on captions; stage 2 the projector, the LLM and
-the vision tower on instructions; stage 3 the projector and the LLM with DPO on preference
-pairs (the faithful detailed caption chosen; rejected: the caption with an absent companion
-object added, or the stage-2 model's own description where it named an absent object).
+greedy decoding. The ViT is pre-trained contrastively on image-caption and region-phrase
+pairs, then frozen. Stage 1 trains the projector on captions; stage 2 the projector and the
+LLM on instructions; stage 3 the projector and the LLM with DPO on preference pairs: detailed
+captions (the faithful one chosen; rejected: the caption with an absent companion object
+added, or the stage-2 model's own description where it named an absent object) and
+existence questions (the true "yes" or "no" chosen).
+{settings.hallucination_rate:.0%} of the training captions of scenes missing a companion
+name it: the bias DPO is there to remove.
 
 ## Metrics after each stage
 
@@ -109,6 +127,10 @@ object added, or the stage-2 model's own description where it named an absent ob
 ## Pre-training
 
 {pre}
+
+## Out-of-world photos
+
+{photo_lines(photos, workdir)}
 
 ## Time per phase (seconds)
 
