@@ -239,3 +239,29 @@ def test_region_pairs_must_carry_regions(world, tmp_path):
         pretrain_contrastive(bare, tok, region_weight=1.0)
     with pytest.raises(ValueError, match="region_weight must be >= 0"):
         pretrain_contrastive(world["pairs_train"], tok, region_weight=-1.0)
+
+
+def test_region_logits_encode_each_distinct_phrase_once_or_per_region_alike(world):
+    """With few distinct phrases, each is encoded once and gathered per region; with many,
+    the phrases of the regions are gathered then encoded; the logits agree."""
+    from mllm_jax.pretrain.contrastive import ContrastiveModel, init_params, text_tower_config
+    tok = load_tokenizer(world["tokenizer"])
+    vcfg = vision_model_config(32, 8, hidden_size=32, num_layers=1)
+    model = ContrastiveModel(vcfg, text_tower_config(tok.vocab_size, 32, 1, max_length=8),
+                             32, regions=True)
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    ids = rng.integers(5, tok.vocab_size, size=(3, 8)).astype(np.int32)
+    eos = np.asarray([7, 5, 6], np.int32)
+    params = init_params(model, 0, pixels, ids[:1], eos[:1])
+    w = rng.random((2, 2, 16)).astype(np.float32)
+    w /= w.sum(-1, keepdims=True)
+    k = np.asarray([2, 0, 2, 1], np.int32)  # 3 distinct phrases for 4 regions
+    few = model.apply({"params": params}, pixels, w, ids, eos, k, method="region_logits")
+    many_ids = np.concatenate([ids, ids[:2]])  # 5 phrases > 4 regions
+    many_eos = np.concatenate([eos, eos[:2]])
+    many = model.apply({"params": params}, pixels, w, many_ids, many_eos, k,
+                       method="region_logits")
+    assert few.shape == (4, 4)
+    np.testing.assert_allclose(few, many, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(few[0] - few[1]).max()) > 1e-4  # different phrases differ

@@ -102,19 +102,20 @@ class ContrastiveModel(nn.Module):
             self.region_logit_scale = self.param(
                 "region_logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT), ())
 
-    def encode_image(self, pixel_values):
-        pooled = self.vision_tower(pixel_values)["pooler_output"]
-        return _l2_normalize(self.visual_projection(pooled))
+    def encode_image(self, pixel_values, vision_out=None):
+        out = self.vision_tower(pixel_values) if vision_out is None else vision_out
+        return _l2_normalize(self.visual_projection(out["pooler_output"]))
 
     def encode_text(self, input_ids, eos_index):
         h = self.text_model(self.text_model.embed(input_ids))
         pooled = jnp.take_along_axis(h, eos_index[:, None, None], axis=1)[:, 0]
         return _l2_normalize(self.text_projection(pooled))
 
-    def encode_regions(self, pixel_values, region_weights):
+    def encode_regions(self, pixel_values, region_weights, vision_out=None):
         """[b, regions, patches] weights (each row sums to 1, or 0 for no region) ->
         normalised region embeddings [b, regions, embed_dim]."""
-        hidden = self.vision_tower(pixel_values)["hidden_states"][self.region_layer]
+        out = self.vision_tower(pixel_values) if vision_out is None else vision_out
+        hidden = out["hidden_states"][self.region_layer]
         if self.vision_cfg.vision.use_class_token:
             hidden = hidden[:, 1:]
         return _l2_normalize(self.region_projection(
@@ -134,17 +135,36 @@ class ContrastiveModel(nn.Module):
         if self.regions:
             g = self.vision_cfg.vision.image_size // self.vision_cfg.vision.patch_size
             w = jnp.ones((pixel_values.shape[0], 1, g * g)) / (g * g)
-            out = out.sum() + self.region_logits(pixel_values, w, input_ids, eos_index).sum()
+            k = jnp.zeros((pixel_values.shape[0],), jnp.int32)
+            out = out.sum() + self.region_logits(pixel_values, w, input_ids, eos_index,
+                                                 k).sum()
         return out
 
-    def region_logits(self, pixel_values, region_weights, phrase_ids, phrase_eos):
-        """Region-to-phrase logits [b * regions, b * regions]; phrase k belongs to region k
-        of the flattened [b, regions]."""
-        reg = self.encode_regions(pixel_values, region_weights)
+    def region_logits(self, pixel_values, region_weights, phrase_ids, phrase_eos,
+                      phrase_index, vision_out=None):
+        """Region-to-phrase logits [b * regions, b * regions]: region k of the flattened
+        [b, regions] against the phrase of every region, phrase_ids[phrase_index[k]]. With
+        no more distinct phrases than regions, each distinct phrase is encoded once."""
+        reg = self.encode_regions(pixel_values, region_weights, vision_out)
         reg = reg.reshape(-1, reg.shape[-1])
-        txt = self.encode_text(phrase_ids, phrase_eos)
+        if phrase_ids.shape[0] <= phrase_index.shape[0]:
+            txt = self.encode_text(phrase_ids, phrase_eos)[phrase_index]
+        else:
+            txt = self.encode_text(phrase_ids[phrase_index], phrase_eos[phrase_index])
         scale = jnp.exp(jnp.minimum(self.region_logit_scale, LOGIT_SCALE_MAX))
         return scale * reg @ txt.T
+
+    def with_regions(self, pixel_values, input_ids, eos_index, region_weights, phrase_ids,
+                     phrase_eos, phrase_index):
+        """(image-to-text logits, region-to-phrase logits) from one pass of the vision
+        tower."""
+        out = self.vision_tower(pixel_values)
+        img = self.encode_image(pixel_values, out)
+        txt = self.encode_text(input_ids, eos_index)
+        scale = jnp.exp(jnp.minimum(self.logit_scale, LOGIT_SCALE_MAX))
+        return scale * img @ txt.T, self.region_logits(pixel_values, region_weights,
+                                                        phrase_ids, phrase_eos, phrase_index,
+                                                        out)
 
 
 def _l2_normalize(x):
@@ -456,15 +476,15 @@ def _programs(model, params, opt: dict, steps: int, region_weight: float = 0.0):
     def train_step(params, opt_state, pixels, ids, eos, idx, region_data=None):
         def loss_fn(p):
             x = pixels[idx]
-            loss = contrastive_loss(model.apply({"params": p}, x, ids[idx], eos[idx]))
-            if region_data is not None:
-                w, pid, p_ids, p_eos = region_data
-                phrase = pid[idx].reshape(-1)
-                k = jnp.maximum(phrase, 0)
-                logits = model.apply({"params": p}, x, w[idx], p_ids[k], p_eos[k],
-                                     method="region_logits")
-                loss = loss + region_weight * region_loss(logits, phrase, phrase >= 0)
-            return loss
+            if region_data is None:
+                return contrastive_loss(model.apply({"params": p}, x, ids[idx], eos[idx]))
+            w, pid, p_ids, p_eos = region_data
+            phrase = pid[idx].reshape(-1)
+            k = jnp.maximum(phrase, 0)
+            logits, reg_logits = model.apply({"params": p}, x, ids[idx], eos[idx], w[idx],
+                                             p_ids, p_eos, k, method="with_regions")
+            return contrastive_loss(logits) + region_weight * region_loss(
+                reg_logits, phrase, phrase >= 0)
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
