@@ -108,9 +108,9 @@ pairs, then frozen. Stage 1 trains the projector on captions; stage 2 the projec
 LLM on instructions; stage 3 the projector and the LLM with DPO on preference pairs: detailed
 captions (the faithful one chosen; rejected: the caption with an absent companion object
 added, or the stage-2 model's own description where it named an absent object) and
-existence questions (the true "yes" or "no" chosen).
-{settings.hallucination_rate:.0%} of the training captions of scenes missing a companion
-name it: the bias DPO is there to remove.
+existence questions (the true "yes" or "no" chosen). In {settings.hallucination_rate:.0%} of
+the training scenes that miss an object's usual companion, the captions name it anyway: the
+bias DPO is there to remove.
 
 ## Metrics after each stage
 

@@ -336,7 +336,7 @@ def init_params(model, seed: int, *args, overrides=None) -> dict:
             value = np.zeros(leaf.shape)
         else:
             value = 0.02 * rng.standard_normal(leaf.shape)
-        out[path] = jnp.asarray(value, leaf.dtype)
+        out[path] = jnp.asarray(np.asarray(value, leaf.dtype))
     return flax.traverse_util.unflatten_dict(out)
 
 
@@ -420,7 +420,7 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
         _COMPILED.clear()  # keeps one configuration's programs
         _COMPILED[key] = _programs(model, params, opt, steps, region_weight)
     tx, train_step, enc, _ = _COMPILED[key]
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)  # one program, not one per leaf shape
 
     losses = []
     for step in range(steps):
@@ -501,6 +501,22 @@ def _programs(model, params, opt: dict, steps: int, region_weight: float = 0.0):
     return tx, train_step, (img, txt), reg
 
 
+def encode_chunked(fn, arrays, chunk: int) -> np.ndarray:
+    """fn(*arrays) computed `chunk` rows at a time and concatenated; a short chunk is padded
+    to full size (and the padding dropped), so one compiled program serves every chunk of
+    every call."""
+    arrays = [np.asarray(a) for a in arrays]
+    n = len(arrays[0])
+    out = []
+    for s in range(0, n, chunk):
+        part = [a[s:s + chunk] for a in arrays]
+        short = chunk - len(part[0])
+        if short:
+            part = [np.concatenate([p, np.repeat(p[:1], short, axis=0)]) for p in part]
+        out.append(np.asarray(fn(*map(jnp.asarray, part)))[:chunk - short])
+    return np.concatenate(out)
+
+
 def region_accuracy(encode_text, encode_regions, pixels, pairs, tokenizer, max_length: int,
                     vision, chunk: int = 64) -> float:
     """Top-1 accuracy of naming each region of (image, caption, regions) `pairs` by the
@@ -513,11 +529,8 @@ def region_accuracy(encode_text, encode_regions, pixels, pairs, tokenizer, max_l
                            max(len(p[2]) for p in pairs))
     ids, eos = tokenize_captions(phrases, tokenizer,
                                  _phrase_length(phrases, tokenizer, max_length))
-    txt = np.concatenate([encode_text(jnp.asarray(ids[s:s + chunk]), jnp.asarray(eos[s:s + chunk]))
-                          for s in range(0, len(phrases), chunk)])
-    reg = np.concatenate([encode_regions(jnp.asarray(pixels[s:s + chunk]),
-                                         jnp.asarray(w[s:s + chunk]))
-                          for s in range(0, len(pairs), chunk)])
+    txt = encode_chunked(encode_text, (ids, eos), chunk)
+    reg = encode_chunked(encode_regions, (pixels, w), chunk)
     valid = pid >= 0
     best = np.argmax(reg[valid] @ txt.T, axis=1)
     return float(np.mean(best == pid[valid]))
@@ -533,10 +546,8 @@ def retrieval_accuracy(encoders, pixels, captions, tokenizer, max_length: int, c
         raise ValueError(f"retrieval accuracy needs at least 2 pairs, got {n}")
     enc_img, enc_txt = encoders
     ids, eos = tokenize_captions(captions, tokenizer, max_length)
-    img = np.concatenate([enc_img(jnp.asarray(pixels[s:s + chunk]))
-                          for s in range(0, n, chunk)])
-    txt = np.concatenate([enc_txt(jnp.asarray(ids[s:s + chunk]), jnp.asarray(eos[s:s + chunk]))
-                          for s in range(0, n, chunk)])
+    img = encode_chunked(enc_img, (pixels,), chunk)
+    txt = encode_chunked(enc_txt, (ids, eos), chunk)
     hits, chance = [], []
     for s in range(0, n, chunk):
         caps = captions[s:s + chunk]
