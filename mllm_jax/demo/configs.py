@@ -53,7 +53,7 @@ class Settings:
     text_layers: int = 2
     text_heads: int = 4
     vocab_size: int = 512
-    # Training captions that name an absent companion of a present object
+    # Share of training scenes whose captions name an absent companion of a present object
     # (shapes.World.hallucination_rate): the data bias the stage-2 model picks up and DPO
     # removes.
     hallucination_rate: float = 0.6
@@ -119,7 +119,8 @@ def settings_for(scale: str | Settings, seed: int | None = None) -> Settings:
 
 
 def world(s: Settings) -> shapes.World:
-    """The shapes world the demo renders (the default world at `s.image_size` px)."""
+    """The shapes world the demo renders: the default world at `s.image_size` px with the
+    settings' object sizes, jitter, companion bias and confusable negatives."""
     return shapes.World(image_size=s.image_size, small=s.object_small, jitter=s.object_jitter,
                         hallucination_rate=s.hallucination_rate,
                         confusable_rate=s.confusable_rate)
