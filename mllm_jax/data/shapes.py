@@ -322,6 +322,20 @@ def confusable_negative(names, rng, world: World = World()):
     return pool[int(rng.integers(len(pool)))] if pool else None
 
 
+def existence_negative(names, rng, world: World = World(), stats=None) -> str:
+    """The absent object a "no" existence question asks about: with `World.confusable_rate`
+    a `confusable_negative` (when the scene has one), else a POPE negative of a random mode
+    from `stats` (a uniformly drawn absent object without stats)."""
+    name = confusable_negative(names, rng, world) if world.confusable_rate > 0 \
+        and rng.random() < world.confusable_rate else None
+    if name is not None:
+        return name
+    if stats is None:
+        absent = [o for o in world.objects if o not in names]
+        return absent[int(rng.integers(len(absent)))]
+    return negatives(names, POPE_MODES[int(rng.integers(3))], stats, rng, 1)[0]
+
+
 def existence_question(name) -> str:
     return f"is there {_a(name)} in the image?"
 
@@ -487,12 +501,7 @@ def question(kind: str, scene: Scene, rng, world: World = World(), stats=None):
             name = names[int(rng.integers(len(names)))]
             return dict(kind=kind, question=existence_question(name), answer="yes",
                         object=name)
-        name = confusable_negative(names, rng, world) if world.confusable_rate > 0 \
-            and rng.random() < world.confusable_rate else None
-        if name is None and stats is None:
-            name = absent[int(rng.integers(len(absent)))]
-        elif name is None:
-            name = negatives(names, POPE_MODES[int(rng.integers(3))], stats, rng, 1)[0]
+        name = existence_negative(names, rng, world, stats)
         return dict(kind=kind, question=existence_question(name), answer="no", object=name)
     if kind in ("count", "cot_count"):
         present = sorted({o.shape for o in scene.objects})
@@ -726,19 +735,14 @@ def preference_record(scene, seed, split, index, world=World(), stats=None):
 
 def yesno_preference_record(scene, seed, split, index, world=World(), stats=None) -> dict:
     """DPO pair on a POPE-style question: about an object the scene holds (chosen "yes",
-    rejected "no") or, half the time, about an absent one drawn as a POPE negative of a
-    random mode, or with `World.confusable_rate` a `confusable_negative` (chosen "no", rejected
-    "yes": the answer that claims an absent object)."""
+    rejected "no") or, half the time, about an absent one from `existence_negative` (chosen
+    "no", rejected "yes": the answer that claims an absent object)."""
     rng = scene_rng(seed, split, index, _YESNO_PREFERENCE)
     names = scene.names
     if rng.random() < 0.5:
         name, chosen, rejected = names[int(rng.integers(len(names)))], "yes", "no"
     else:
-        name = confusable_negative(names, rng, world) if world.confusable_rate > 0 \
-            and rng.random() < world.confusable_rate else None
-        if name is None:
-            stats = stats or statistics([scene], world)
-            name = negatives(names, POPE_MODES[int(rng.integers(3))], stats, rng, 1)[0]
+        name = existence_negative(names, rng, world, stats or statistics([scene], world))
         chosen, rejected = "no", "yes"
     return {"id": f"{scene.id}-yesno", "image": image_path(scene.id),
             "prompt": "<image>\n" + existence_question(name), "chosen": chosen,

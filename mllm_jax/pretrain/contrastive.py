@@ -222,11 +222,12 @@ def load_pairs(pairs, what: str = "pairs", regions: bool = False) -> list:
 
 
 def region_arrays(pairs, image_size: int, patch_size: int, phrase_index: dict,
-                  max_regions: int):
+                  max_regions: int, sizes=None):
     """(weights [n, max_regions, patches] float32, phrase ids [n, max_regions] int32, -1 for
     none) of (image, caption, regions) triples. A region's weights are the fractions of its
     box's area on each patch of the image as preprocessed (shortest edge resized to
-    `image_size`, centre crop), so they sum to 1."""
+    `image_size`, centre crop), so they sum to 1. `sizes`: the images' (width, height), if
+    known (else each image is read for it)."""
     g = image_size // patch_size
     weights = np.zeros((len(pairs), max_regions, g * g), np.float32)
     ids = np.full((len(pairs), max_regions), -1, np.int32)
@@ -235,7 +236,7 @@ def region_arrays(pairs, image_size: int, patch_size: int, phrase_index: dict,
         if len(regions) > max_regions:
             raise ValueError(f"pair {k}: {len(regions)} regions, more than max_regions "
                              f"{max_regions}")
-        w, h = _image_size(image)
+        w, h = sizes[k] if sizes is not None else _image_size(image)
         scale = image_size / min(w, h)
         off_x, off_y = (round(w * scale) - image_size) // 2, (round(h * scale) - image_size) // 2
         for r, (box, phrase) in enumerate(regions):
@@ -270,17 +271,28 @@ def _image_size(image) -> tuple:
 
 def load_pixels(images, image_size: int) -> np.ndarray:
     """Images (paths, PIL images or uint8 arrays) -> CLIP-normalised float32 [n, s, s, 3]."""
-    out = []
+    return load_images(images, image_size)[0]
+
+
+def load_images(images, image_size: int) -> tuple:
+    """(pixels as `load_pixels` gives them, [(width, height)] of the images as read): each
+    image is read once."""
+    from PIL import Image
+
+    from mllm_jax.data.image import read_image
+    out, sizes = [], []
     for k, image in enumerate(images):
-        if isinstance(image, np.ndarray):
-            from PIL import Image
-            image = Image.fromarray(np.asarray(image, np.uint8))
         try:
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(np.asarray(image, np.uint8))
+            elif isinstance(image, (str, os.PathLike)):
+                image = read_image(image)
+            sizes.append(image.size)
             out.append(preprocess_image(image, image_size, CLIP_MEAN, CLIP_STD))
         except OSError as e:
-            raise ValueError(f"image {k} ({image if isinstance(image, str) else 'array'}) "
-                             f"cannot be read: {e}") from e
-    return np.stack(out).astype(np.float32)
+            name = images[k] if isinstance(images[k], (str, os.PathLike)) else "array"
+            raise ValueError(f"image {k} ({name}) cannot be read: {e}") from e
+    return np.stack(out).astype(np.float32), sizes
 
 
 def tokenize_captions(captions, tokenizer, max_length: int):
@@ -393,7 +405,8 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
                                  tokenizer=tok)
     start = time.perf_counter()
 
-    pixels = jnp.asarray(load_pixels([p[0] for p in train_pairs], v.image_size))
+    pixels, sizes = load_images([p[0] for p in train_pairs], v.image_size)
+    pixels = jnp.asarray(pixels)
     ids, eos = tokenize_captions([p[1] for p in train_pairs], tok, max_length)
     ids, eos = jnp.asarray(ids), jnp.asarray(eos)
     batch_size = min(batch_size, len(train_pairs))
@@ -406,7 +419,7 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
             raise ValueError("train pairs: region_weight > 0 but no pair has a region")
         max_regions = max(len(p[2]) for p in train_pairs)
         w, pid = region_arrays(train_pairs, v.image_size, v.patch_size,
-                               {ph: k for k, ph in enumerate(phrases)}, max_regions)
+                               {ph: k for k, ph in enumerate(phrases)}, max_regions, sizes)
         p_ids, p_eos = tokenize_captions(phrases, tok, _phrase_length(phrases, tok, max_length))
         region_data = tuple(map(jnp.asarray, (w, pid, p_ids, p_eos)))
 
@@ -438,7 +451,7 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
                                      tok, max_length, eval_batch)
     metrics.update(train_accuracy=acc, train_chance=chance)
     if val_pairs is not None:
-        val_pixels = load_pixels([p[0] for p in val_pairs], v.image_size)
+        val_pixels, val_sizes = load_images([p[0] for p in val_pairs], v.image_size)
         acc, chance = retrieval_accuracy(enc, val_pixels, [p[1] for p in val_pairs], tok,
                                          max_length, eval_batch)
         metrics.update(val_accuracy=acc, val_chance=chance)
@@ -446,10 +459,10 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
         reg = functools.partial(_COMPILED[key][3], params)
         metrics["train_region_accuracy"] = region_accuracy(
             enc[1], reg, pixels[:train_n], train_pairs[:train_n], tok, max_length, v,
-            eval_batch)
+            eval_batch, sizes[:train_n])
         if val_pairs is not None:
             metrics["val_region_accuracy"] = region_accuracy(
-                enc[1], reg, val_pixels, val_pairs, tok, max_length, v, eval_batch)
+                enc[1], reg, val_pixels, val_pairs, tok, max_length, v, eval_batch, val_sizes)
     metrics["seconds"] = time.perf_counter() - start
     return ContrastiveResult(params["vision_tower"], vision_config, text_cfg, params, metrics)
 
@@ -518,15 +531,16 @@ def encode_chunked(fn, arrays, chunk: int) -> np.ndarray:
 
 
 def region_accuracy(encode_text, encode_regions, pixels, pairs, tokenizer, max_length: int,
-                    vision, chunk: int = 64) -> float:
+                    vision, chunk: int = 64, sizes=None) -> float:
     """Top-1 accuracy of naming each region of (image, caption, regions) `pairs` by the
-    nearest of the pairs' distinct phrases. `vision`: the vision section of the config."""
+    nearest of the pairs' distinct phrases. `vision`: the vision section of the config;
+    `sizes`: the images' (width, height), if known."""
     phrases = sorted({ph for p in pairs for _, ph in p[2]})
     if not phrases:
         return float("nan")
     index = {ph: k for k, ph in enumerate(phrases)}
     w, pid = region_arrays(pairs, vision.image_size, vision.patch_size, index,
-                           max(len(p[2]) for p in pairs))
+                           max(len(p[2]) for p in pairs), sizes)
     ids, eos = tokenize_captions(phrases, tokenizer,
                                  _phrase_length(phrases, tokenizer, max_length))
     txt = encode_chunked(encode_text, (ids, eos), chunk)
