@@ -114,7 +114,8 @@ def build_parser():
                      "ScienceQA, COCO captions); results in lmms-eval's layout")
     from mllm_jax.eval import runner as eval_runner
     eval_runner.add_arguments(evaluate)
-    evaluate.set_defaults(func=eval_runner.main)
+    evaluate.set_defaults(
+        func=lambda args: eval_runner.main(eval_runner.EvalOptions.from_args(args)))
 
     presets = sub.add_parser("presets", help="list model presets with parameter counts")
     presets.set_defaults(func=_presets)

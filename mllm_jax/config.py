@@ -5,6 +5,7 @@ import ml_collections
 def vision_config(**overrides) -> ml_collections.ConfigDict:
     """A ViT encoder. Defaults are OpenAI CLIP ViT-L/14 at 224 px."""
     c = ml_collections.ConfigDict()
+    c.type = "clip"  # the encoder (models.registry.ENCODERS)
     c.hidden_size = 1024
     c.intermediate_size = 4096
     c.num_hidden_layers = 24
@@ -26,7 +27,7 @@ def vision_config(**overrides) -> ml_collections.ConfigDict:
 def text_config(**overrides) -> ml_collections.ConfigDict:
     """A decoder-only LLM (LLaMA / Mistral / Qwen2). Defaults are LLaMA-2-7B."""
     c = ml_collections.ConfigDict()
-    c.model_type = "llama"  # llama | mistral | qwen2
+    c.model_type = "llama"  # the decoder (models.registry.DECODERS): llama | mistral | qwen2
     c.vocab_size = 32000
     c.hidden_size = 4096
     c.intermediate_size = 11008
@@ -54,7 +55,7 @@ def text_config(**overrides) -> ml_collections.ConfigDict:
 
 def projector_config(**overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.type = "mlp2x_gelu"  # linear | mlp2x_gelu
+    c.type = "mlp2x_gelu"  # the connector (models.registry.CONNECTORS): linear | mlp2x_gelu
     c.bias = True
     c.hidden_act = "gelu"  # exact GELU, as torch's nn.GELU()
     c.update(overrides)
@@ -104,24 +105,31 @@ def llava_config(vision=None, text=None, projector=None, **overrides) -> ml_coll
     return c
 
 
-# Model config factories by `model_type`; `config_from_json` starts from these templates so
-# that typed fields (FieldReferences such as `rope_scaling`, `sliding_window`,
-# `vision_feature_layer`) keep their declared types instead of becoming what JSON parses to.
-MODEL_CONFIGS = {"llava": llava_config, "causal_lm": llm_config,
-                 "clip_vision": clip_vision_model_config}
+# Sections whose type field selects a registered part, whose config factory is then the
+# template for that section.
+_PARTS = (("vision", "type", "ENCODERS"), ("projector", "type", "CONNECTORS"),
+          ("text", "model_type", "DECODERS"))
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
     """The inverse of `cfg.to_json()` for model configs: a dict-valued field such as
-    `rope_scaling` comes back as a dict (not a ConfigDict), None stays None, lists stay lists."""
+    `rope_scaling` comes back as a dict (not a ConfigDict), None stays None, lists stay lists.
+
+    The registered family's config factory (and each part's) is the template, so typed
+    fields (FieldReferences such as `rope_scaling`, `sliding_window`, `vision_feature_layer`)
+    keep their declared types instead of becoming what JSON parses to, and fields added to a
+    family since the JSON was written take their defaults."""
     import json
 
+    from mllm_jax.models import registry
+
     data = json.loads(text)
-    model_type = data.get("model_type")
-    if model_type not in MODEL_CONFIGS:
-        raise ValueError(f"model config JSON has model_type {model_type!r}; known: "
-                         f"{sorted(MODEL_CONFIGS)}")
-    cfg = MODEL_CONFIGS[model_type]()
+    cfg = registry.MODELS.get(data.get("model_type")).config()
+    for section, field, table in _PARTS:
+        part = data.get(section)
+        if isinstance(part, dict) and section in cfg:
+            kind = part.get(field, cfg[section].get(field))
+            cfg[section] = getattr(registry, table).get(kind).config()
     _merge(cfg, data)
     return cfg
 

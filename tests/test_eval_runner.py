@@ -104,28 +104,25 @@ def pope_file(pictures):
     return path
 
 
-def _args(ckpt_dir, data, output, *extra):
-    parser = argparse.ArgumentParser()
-    runner.add_arguments(parser)
-    return parser.parse_args(["--ckpt", ckpt_dir, "--task", "pope", "--data", data,
-                              "--output", str(output), "--template", TEMPLATE,
-                              "--max-new-tokens", "3", "--batch-size", "2",
-                              *extra])
+def _options(ckpt_dir, data, output, **changes):
+    settings = dict(ckpt=ckpt_dir, task="pope", data=data, output=str(output),
+                    template=TEMPLATE, max_new_tokens=3, batch_size=2)
+    return runner.EvalOptions(**{**settings, **changes})
 
 
-def _run(args, loaded, monkeypatch):
+def _run(options, loaded, monkeypatch):
     if len(loaded) == 4:  # one device
         loaded = (*loaded, None)
     monkeypatch.setattr(runner, "load_runtime", lambda a: loaded)
-    assert runner.main(args) == 0
-    (model_dir,) = os.listdir(args.output)
-    files = sorted(os.listdir(os.path.join(args.output, model_dir)))
+    assert runner.main(options) == 0
+    (model_dir,) = os.listdir(options.output)
+    files = sorted(os.listdir(os.path.join(options.output, model_dir)))
     assert len(files) == 2 and files[0].endswith("_results.json"), files
     date = files[0][:-len("_results.json")]
     assert files[1] == f"{date}_samples_pope.jsonl"
-    with open(os.path.join(args.output, model_dir, files[0])) as f:
+    with open(os.path.join(options.output, model_dir, files[0])) as f:
         results = json.load(f)
-    with open(os.path.join(args.output, model_dir, files[1])) as f:
+    with open(os.path.join(options.output, model_dir, files[1])) as f:
         records = [json.loads(line) for line in f]
     assert results["date"] == date
     return model_dir, results, records
@@ -134,8 +131,8 @@ def _run(args, loaded, monkeypatch):
 def test_runner_writes_lmms_eval_layout_with_the_tasks_scores(  # noqa: F811
         ckpt, loaded, pope_file, tmp_path, monkeypatch, capsys):
     d, _ = ckpt
-    args = _args(d, pope_file, tmp_path / "out", "--limit", "3")
-    model_dir, results, records = _run(args, loaded, monkeypatch)
+    options = _options(d, pope_file, tmp_path / "out", limit=3)
+    model_dir, results, records = _run(options, loaded, monkeypatch)
     parent, name = os.path.split(os.path.normpath(ckpt[0]))
     assert model_dir == f"{os.path.basename(parent)}__{name}"  # the path's last two parts
     assert results["n-samples"] == {"pope": {"original": 4, "effective": 3}}
@@ -171,9 +168,8 @@ def test_runner_writes_lmms_eval_layout_with_the_tasks_scores(  # noqa: F811
 def test_fewshot_prompt_has_k_demonstrations_and_k_plus_1_images(  # noqa: F811
         ckpt, loaded, pope_file, tmp_path, monkeypatch):
     d, _ = ckpt
-    args = _args(d, pope_file, tmp_path / "out", "--limit", "2", "--num-fewshot", "2",
-                 "--seed", "5")
-    _, results, records = _run(args, loaded, monkeypatch)
+    options = _options(d, pope_file, tmp_path / "out", limit=2, num_fewshot=2, seed=5)
+    _, results, records = _run(options, loaded, monkeypatch)
     assert results["n-shot"] == {"pope": 2}
     pool = tasks.get_task("pope").load(pope_file)
     suffix = tasks.get_task("pope").prompt_suffix
@@ -209,9 +205,10 @@ def test_cot_asks_for_reasoning_and_scores_the_answer_after_it(  # noqa: F811
     monkeypatch.setattr(batching, "generate_all", fake_generate_all)
     parser = argparse.ArgumentParser()
     runner.add_arguments(parser)
-    args = parser.parse_args(["--ckpt", d, "--task", "pope", "--data", pope_file, "--output",
-                              str(tmp_path / "out"), "--template", TEMPLATE, "--cot"])
-    _, results, records = _run(args, loaded, monkeypatch)
+    options = runner.EvalOptions.from_args(parser.parse_args(
+        ["--ckpt", d, "--task", "pope", "--data", pope_file, "--output",
+         str(tmp_path / "out"), "--template", TEMPLATE, "--cot"]))
+    _, results, records = _run(options, loaded, monkeypatch)
     assert seen["max_new_tokens"] == runner.COT_MAX_NEW_TOKENS
     for messages in seen["messages"]:
         assert messages[0]["value"].endswith(runner.COT_INSTRUCTION)
@@ -229,7 +226,7 @@ def test_cot_asks_for_reasoning_and_scores_the_answer_after_it(  # noqa: F811
         f"<image>\n{QUESTIONS[0]}{runner.COT_INSTRUCTION}")
     assert conversation.images == [pool[2].images[0], pool[0].images[0]]
     # Tasks whose answer is the whole response keep their prompt under --cot.
-    assert not runner.uses_cot(args, tasks.get_task("coco_caption"))
+    assert not runner.uses_cot(options, tasks.get_task("coco_caption"))
 
 
 def test_bad_inputs_name_the_task_sample_and_file(ckpt, loaded, pope_file, tmp_path,  # noqa: F811
@@ -237,11 +234,11 @@ def test_bad_inputs_name_the_task_sample_and_file(ckpt, loaded, pope_file, tmp_p
     d, _ = ckpt
     monkeypatch.setattr(runner, "load_runtime", lambda a: (*loaded, None))
     with pytest.raises(ValueError, match="unknown eval task 'popee'"):
-        runner.evaluate(_args(d, pope_file, tmp_path, "--task", "popee"))
+        runner.evaluate(_options(d, pope_file, tmp_path, task="popee"))
     with pytest.raises(FileNotFoundError, match=r"task 'pope': data .*nowhere.json"):
-        runner.evaluate(_args(d, str(tmp_path / "nowhere.json"), tmp_path))
+        runner.evaluate(_options(d, str(tmp_path / "nowhere.json"), tmp_path))
     with pytest.raises(ValueError, match="2 path"):
-        runner.evaluate(_args(d, f"{pope_file},{pope_file}", tmp_path))
+        runner.evaluate(_options(d, f"{pope_file},{pope_file}", tmp_path))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     data = tmp_path / "coco_pope_random.json"
@@ -249,7 +246,25 @@ def test_bad_inputs_name_the_task_sample_and_file(ckpt, loaded, pope_file, tmp_p
                                 "label": "no"}) + "\n")
     with pytest.raises(ValueError, match=r"task 'pope': sample '7': cannot read image "
                                          r".*broken.png"):
-        runner.evaluate(_args(d, str(data), tmp_path))
+        runner.evaluate(_options(d, str(data), tmp_path))
+
+
+def test_bad_option_values_raise_naming_the_option(capsys):
+    with pytest.raises(ValueError, match=r"--batch-size must be >= 1, got 0 "
+                                         r"\(EvalOptions.batch_size\)"):
+        runner.EvalOptions(ckpt="ckpt", task="pope", data="pope.json", batch_size=0)
+    with pytest.raises(ValueError, match="--num-fewshot must be >= 0"):
+        runner.EvalOptions(ckpt="ckpt", task="pope", data="pope.json", num_fewshot=-1)
+    with pytest.raises(ValueError, match="--num-beams must be >= 1"):
+        runner.EvalOptions(ckpt="ckpt", task="pope", data="pope.json", num_beams=0)
+    with pytest.raises(ValueError, match="needs --ckpt"):
+        runner.EvalOptions(task="pope", data="pope.json")
+    with pytest.raises(TypeError, match="EvalOptions.from_args"):
+        runner.evaluate(argparse.Namespace(ckpt="ckpt", task="pope", data="pope.json"))
+    # On the command line the same check fails before anything is loaded.
+    assert main(["eval", "--ckpt", "ckpt", "--task", "pope", "--data", "pope.json",
+                 "--batch-size", "0"]) == 1
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -332,11 +347,10 @@ def test_mesh_decoding_gives_the_one_device_answers(ckpt, loaded, pope_file, tmp
     model, params, tok, image_cfg = loaded
     answers = {}
     for mesh_arg in (None, "data=-1,tensor=2"):
-        extra = ("--mesh", mesh_arg) if mesh_arg else ()
-        args = _args(d, pope_file, tmp_path / str(mesh_arg), "--batch-size", "4", *extra)
-        mesh = runner.parse_mesh(args.mesh)
+        options = _options(d, pope_file, tmp_path / str(mesh_arg), batch_size=4, mesh=mesh_arg)
+        mesh = runner.parse_mesh(options.mesh)
         placed = params if mesh is None else place_on_mesh(model, params, mesh, None, None)[0]
-        _, results, records = _run(args, (model, placed, tok, image_cfg, mesh), monkeypatch)
+        _, results, records = _run(options, (model, placed, tok, image_cfg, mesh), monkeypatch)
         answers[mesh_arg] = [r["filtered_resps"] for r in records]
     assert dict(runner.parse_mesh("data=-1,tensor=2").shape) == {"data": 4, "fsdp": 1,
                                                                   "tensor": 2}
@@ -367,9 +381,9 @@ def test_tfds_copy_scores_like_the_original_files(ckpt, loaded, pope_file, tmp_p
         assert (a.doc_id, a.sample_id, a.question, a.target, a.meta) == \
             (b.doc_id, b.sample_id, b.question, b.target, b.meta)
         assert [open(p, "rb").read() for p in a.images] == b.images
-    _, want, want_records = _run(_args(d, data, tmp_path / "a"), loaded, monkeypatch)
+    _, want, want_records = _run(_options(d, data, tmp_path / "a"), loaded, monkeypatch)
     shutil.rmtree(root)  # the copy must not need the original files
-    _, got, got_records = _run(_args(d, copy_dir, tmp_path / "b"), loaded, monkeypatch)
+    _, got, got_records = _run(_options(d, copy_dir, tmp_path / "b"), loaded, monkeypatch)
     assert got["results"] == want["results"]
     assert [r["resps"] for r in got_records] == [r["resps"] for r in want_records]
     with pytest.raises(ValueError, match="copy of task 'pope'"):

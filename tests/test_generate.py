@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper,
 import hf_factories as hf  # tests/ is on sys.path (pytest rootdir insertion)
 import mllm_jax
 from mllm_jax.infer import generate as gen
+from mllm_jax.infer import sampling
 
 SCAN = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 VOCAB = hf.TEXT_DEFAULTS["vocab_size"]
@@ -204,8 +205,8 @@ def test_warpers_match_hf(temperature, top_k, top_p):
             ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []):
         scores = warper(None, scores)
     ref = scores.numpy()
-    ours = np.asarray(gen.warp_logits(jnp.asarray(logits), temperature=temperature,
-                                      top_k=top_k, top_p=top_p))
+    ours = np.asarray(sampling.warp_logits(jnp.asarray(logits), temperature=temperature,
+                                           top_k=top_k, top_p=top_p))
     np.testing.assert_array_equal(np.isfinite(ref) & (ref > -1e30), ours > -1e30)
     kept = ours > -1e30
     np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
@@ -214,12 +215,12 @@ def test_warpers_match_hf(temperature, top_k, top_p):
 # ---- cost of a decode step -------------------------------------------------------------------
 
 def _decode_flops(model, params, batch, max_len, index):
-    cache = gen.init_cache(model, batch, max_len)
+    cache = model.init_cache(batch, max_len)
     cache["index"] = jnp.int32(index)
-    step = jax.jit(functools.partial(gen.decode_step, model))
-    compiled = step.lower(params, cache, jnp.zeros((batch,), jnp.int32),
+    step = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method="decode_step"))
+    compiled = step.lower(params, jnp.zeros((batch,), jnp.int32),
                           jnp.full((batch,), index, jnp.int32),
-                          jnp.ones((batch, max_len), jnp.int32)).compile()
+                          jnp.ones((batch, max_len), jnp.int32), cache).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
@@ -349,7 +350,7 @@ def test_sharded_decoding_equals_one_device(llava, beams):
     q = placed["language_model"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.addressable_shards[0].data.size == q.size // 4  # fsdp x tensor
     with jax.set_mesh(mesh), sharding.activation_rules_context():
-        cache = jax.jit(lambda: gen.init_cache(model, 4, 64))()
+        cache = jax.jit(lambda: model.init_cache(4, 64))()
     layers, _, kv_heads, _, head_dim = cache["k"].shape
     assert cache["k"].addressable_shards[0].data.shape == (layers, 1, kv_heads // 2, 64,
                                                            head_dim)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from mllm_jax import config as mc
-from mllm_jax.data import shapes as S
 from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax.demo import shapes as S
 from mllm_jax.models import CausalLM, Llava, VisionModel
 from mllm_jax.pretrain import pretrain_contrastive, pretrain_lm
 from mllm_jax.pretrain.contrastive import region_arrays, region_loss, vision_model_config

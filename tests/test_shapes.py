@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllm_jax.data import shapes as S
 from mllm_jax.data import templates as T
 from mllm_jax.data.llava_json import read_llava_json, read_preference_json
 from mllm_jax.data.pipeline import check_conversation
 from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax.demo import shapes as S
 
 WORLD = S.World()
 SIZES = {"train": 400, "val": 60}
@@ -92,7 +92,7 @@ def test_objects_are_drawn_in_their_boxes(world):
             is_obj = ~np.all(patch == s.background, axis=1)
             assert is_obj.mean() > 0.3, (s.id, o)
             # The box lies inside its grid cell.
-            edges = S._edges(world)
+            edges = S.cell_edges(world)
             r, c = o.cell
             assert edges[c] <= x0 < x1 <= edges[c + 1] and edges[r] <= y0 < y1 <= edges[r + 1]
             covered[y0:y1, x0:x1] = True
@@ -109,7 +109,7 @@ def test_jitter_bounds_where_objects_sit_in_their_cell(jitter):
     for s in S.make_split("val", 200, seed=2, world=world):
         for o in s.objects:
             x0, y0, x1, _ = o.bbox
-            edges = S._edges(world)
+            edges = S.cell_edges(world)
             free = edges[o.cell[1] + 1] - edges[o.cell[1]] - (x1 - x0)
             offsets.setdefault(free, set()).add(x0 - edges[o.cell[1]])
             offsets[free].add(y0 - edges[o.cell[0]])
@@ -427,7 +427,7 @@ def test_tokenizer_vocabulary_too_large(tmp_path):
 # ---- TFDS and out-of-world images ---------------------------------------------------------
 def test_tfds_builder_round_trips(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    from mllm_jax.data import shapes_tfds
+    from mllm_jax.demo import shapes_tfds
 
     sizes = {"train": 6, "val": 4}
     builder = shapes_tfds.make_builder(sizes, seed=2, data_dir=tmp_path)

@@ -16,7 +16,7 @@ import numpy as np
 
 from mllm_jax.convert import hf_config, hf_keys
 from mllm_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
-from mllm_jax.models import build_model
+from mllm_jax.models import build_model, registry
 
 
 class CheckpointMismatchError(ValueError):
@@ -26,14 +26,8 @@ class CheckpointMismatchError(ValueError):
 def abstract_params(model, boxed=False):
     """Parameter shapes/dtypes of `model` (no allocation), unboxed from logical metadata
     (boxed=True keeps the `nn.Partitioned` boxes, for `sharding.param_shardings`)."""
-    cfg = model.cfg
-    rng = jax.random.PRNGKey(0)
-    if cfg.model_type == "clip_vision":
-        v = cfg.vision
-        args = (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32),)
-    else:
-        args = (jnp.zeros((1, 1), jnp.int32),)
-    variables = jax.eval_shape(model.init, rng, *args)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                               *registry.init_inputs(model.cfg))
     return variables["params"] if boxed else nn.meta.unbox(variables["params"])
 
 
@@ -51,8 +45,9 @@ def _expected(model):
     return out, flat
 
 
-def _match_keys(reader, model_type, expected, tied):
+def _match_keys(reader, cfg, expected):
     """{hf key: checkpoint key}; raises naming every missing, unexpected or misshapen key."""
+    model_type = cfg.model_type
     found, problems = {}, []
     for key in reader.keys():
         if any(re.search(p, key) for p in hf_keys.IGNORED_KEYS):
@@ -61,11 +56,7 @@ def _match_keys(reader, model_type, expected, tied):
         if canon in found:
             problems.append(f"both {found[canon]!r} and {key!r} map to {canon!r}")
         found[canon] = key
-    skip = []
-    if model_type == "clip_vision":
-        skip += hf_keys.CLIP_TEXT_KEYS
-    if tied:  # HF ties lm_head to embed_tokens and ignores a stored copy.
-        skip += [r"(^|\.)lm_head\.weight$"]
+    skip = registry.family(cfg).unused_keys(cfg)
     missing = sorted(k for k in expected if k not in found)
     unexpected = sorted(k for k in found if k not in expected
                         and not any(re.search(p, k) for p in skip))
@@ -117,8 +108,7 @@ def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, **overrides)
     cfg.param_dtype = dtype.name
     model = build_model(cfg)
     expected, flat = _expected(model)
-    tied = cfg.get("text") is not None and cfg.text.tie_word_embeddings
-    keymap = _match_keys(reader, cfg.model_type, expected, tied)
+    keymap = _match_keys(reader, cfg, expected)
 
     by_path = {}
     for hf_key, (p, layer, _) in expected.items():

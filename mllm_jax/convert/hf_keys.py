@@ -6,31 +6,16 @@ axis) are handled by unstacking to the `layers_{i}` view first.
 """
 import re
 
-# Checkpoint key spellings other than the canonical (published-checkpoint) one, per model.
-# Applied in order to every key found on disk.
-KEY_ALIASES = {
-    "llava": [
-        (r"^model\.language_model\.", "language_model.model."),
-        (r"^lm_head\.", "language_model.lm_head."),
-        (r"^model\.vision_tower\.", "vision_tower."),
-        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
-        (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
-    ],
-    "clip_vision": [(r"^(?!vision_model\.)(?!text_model\.)(?=(embeddings|encoder|pre_layrnorm|"
-                     r"post_layernorm)\.)", "vision_model.")],
-    "causal_lm": [],
-}
+from mllm_jax.models import registry
+
 # Buffers some checkpoints carry that are not parameters; always skipped.
 IGNORED_KEYS = [r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$"]
-# Parts of a full CLIP (text + vision) checkpoint that a vision-only model does not use.
-CLIP_TEXT_KEYS = [r"^text_model\.", r"^text_projection\.", r"^visual_projection\.",
-                  r"^logit_scale$"]
-
 LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
 
 
 def canonical_key(key: str, model_type: str) -> str:
-    for pattern, repl in KEY_ALIASES[model_type]:
+    """The published-checkpoint spelling of a key, by the family's `key_aliases`."""
+    for pattern, repl in registry.MODELS.get(model_type).key_aliases:
         key = re.sub(pattern, repl, key)
     return key
 

@@ -10,7 +10,7 @@ import dataclasses
 import ml_collections
 
 from mllm_jax import config as mc
-from mllm_jax.data import shapes
+from mllm_jax.demo import shapes
 from mllm_jax.train import recipe
 
 # Stages in order: name, what trains, objective, the data file (per split "train"). As in

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from mllm_jax.data import image as image_lib
-from mllm_jax.data import shapes
+from mllm_jax.demo import shapes
 from mllm_jax.eval.caption import cider_d
 from mllm_jax.eval.pope import pope_metrics
 from mllm_jax.infer.batching import Conversation, generate_all

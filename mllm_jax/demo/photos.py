@@ -8,7 +8,7 @@ import os
 
 from PIL import Image
 
-from mllm_jax.data import shapes
+from mllm_jax.demo import shapes
 from mllm_jax.demo.evaluate import TEMPLATE, image_config
 from mllm_jax.infer.batching import Conversation, generate_all
 

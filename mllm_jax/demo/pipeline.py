@@ -28,9 +28,8 @@ import numpy as np
 from mllm_jax import config as mc
 from mllm_jax.convert.hf_io import abstract_params, save_hf
 from mllm_jax.convert.orbax_io import save_orbax
-from mllm_jax.data import shapes
 from mllm_jax.data.tokenizer import load_tokenizer
-from mllm_jax.demo import configs, evaluate as ev, photos, preference, report
+from mllm_jax.demo import configs, evaluate as ev, photos, preference, report, shapes
 from mllm_jax.demo.progress import Progress
 from mllm_jax.models import build_model
 from mllm_jax.train.loop import train

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from mllm_jax.data import shapes
+from mllm_jax.demo import shapes
 from mllm_jax.infer.batching import Conversation, generate_all
 from mllm_jax.demo.evaluate import TEMPLATE, image_config
 

@@ -8,7 +8,7 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mllm_jax.data import shapes
+from mllm_jax.demo import shapes
 
 HEADLINE = ("vqa_mean", "vqa_existence", "vqa_count", "vqa_colour", "pope_random_f1",
             "pope_popular_f1", "pope_adversarial_f1", "chair_i", "chair_s", "cider")

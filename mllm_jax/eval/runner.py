@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -37,6 +38,7 @@ COT_INSTRUCTION = ("\nFirst explain your reasoning step by step, then give the f
                    "after 'Answer:'.")
 COT_MAX_NEW_TOKENS = 512
 FILTER = "none"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -60,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N samples per task")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--template", default="vicuna_v1", help="conversation template")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="parameter dtype (default: as stored)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=f"default: the task's (with --cot, {COT_MAX_NEW_TOKENS})")
@@ -87,17 +89,140 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the per-sample JSONL (written by default)")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+    """The settings of one `mllm-jax eval` run, one field per command-line option (the
+    option's name with "_" for "-"; `log_samples` is --no-log-samples inverted), with the
+    command line's defaults. Keyword-only; `task` and `data` are required, and `ckpt` is
+    unless `copy_to` is given:
+
+        runner.evaluate(runner.EvalOptions(ckpt="ckpts/llava", task="pope",
+                                           data="coco_pope_random.json"))
+
+    `EvalOptions.from_args` builds one from the parsed command line. Values that cannot
+    be right (a batch size below 1, a negative --num-fewshot, ...) raise ValueError here,
+    before anything is loaded.
+    """
+
+    "What to evaluate: the checkpoint, the task(s), their data and how much of it."
+    ckpt: str | None = None
+    """HF checkpoint directory with its tokenizer; required unless `copy_to`."""
+    task: str
+    """A task name, or a comma list of them (pope, vqav2, gqa, mme, chair, ...)."""
+    data: str
+    """Each task's annotation file or TFDS copy, comma separated, one per task."""
+    image_root: str | None = None
+    """Directory the data's image paths are relative to (one, or a comma list per task)."""
+    limit: int | None = None
+    """Evaluate only the first N samples of each task (None: all)."""
+
+    "Where results go."
+    output: str = "eval_results"
+    """Results directory; files are written under `<output>/<model name>/`."""
+    log_samples: bool = True
+    """Write the per-sample JSONL next to the results JSON."""
+    copy_to: str | None = None
+    """Write a TFDS copy of each task's samples under this directory instead of
+    evaluating (no checkpoint needed)."""
+
+    "How prompts are built."
+    template: str = "vicuna_v1"
+    """Conversation template the prompts are rendered with."""
+    num_fewshot: int = 0
+    """In-context demonstrations per prompt, drawn from the same data."""
+    cot: bool = False
+    """Ask for reasoning, then the answer after 'Answer:' (tasks read from the end)."""
+    seed: int = 0
+    """Seeds the few-shot draws and sampling."""
+
+    "How answers are generated."
+    max_new_tokens: int | None = None
+    """Answer length cap (None: the task's own, or COT_MAX_NEW_TOKENS with `cot`)."""
+    num_beams: int = 1
+    """Beam search with this many beams when > 1."""
+    length_penalty: float = 1.0
+    """Beam search's length penalty exponent."""
+    temperature: float = 0.0
+    """0: greedy; otherwise sample at this temperature."""
+    top_k: int = 0
+    """Sampling: keep the k most likely tokens (0: off)."""
+    top_p: float = 1.0
+    """Sampling: nucleus mass (1.0: off)."""
+    stop: tuple[str, ...] | None = None
+    """Stop strings: each ends an answer and is cut from it (a list or one string is
+    taken too, and stored as a tuple)."""
+
+    "How the model runs."
+    batch_size: int = 8
+    """Prompts decoded together."""
+    dtype: str | None = None
+    """Parameter dtype, one of DTYPES (None: as stored)."""
+    mesh: str | None = None
+    """Device mesh to decode on, "AXIS=SIZE,..." (e.g. data=-1); None: one device."""
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif self.stop is not None:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not self.ckpt and not self.copy_to:
+            raise ValueError("mllm-jax eval needs --ckpt (or --copy-to to copy the data only)")
+        _check(self.limit is None or self.limit >= 1, "--limit", self.limit, ">= 1",
+               "leave it unset to evaluate every sample")
+        _check(self.num_fewshot >= 0, "--num-fewshot", self.num_fewshot, ">= 0",
+               "use 0 for prompts without demonstrations")
+        _check(self.batch_size >= 1, "--batch-size", self.batch_size, ">= 1",
+               "give the number of prompts to decode together")
+        _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "--max-new-tokens",
+               self.max_new_tokens, ">= 1", "leave it unset for the task's own length")
+        _check(self.num_beams >= 1, "--num-beams", self.num_beams, ">= 1",
+               "use 1 for no beam search")
+        _check(self.temperature >= 0, "--temperature", self.temperature, ">= 0",
+               "use 0 for greedy decoding")
+        _check(self.top_k >= 0, "--top-k", self.top_k, ">= 0", "use 0 to turn it off")
+        _check(0 <= self.top_p <= 1, "--top-p", self.top_p, "in [0, 1]",
+               "use 1.0 to turn it off")
+        _check(self.dtype is None or self.dtype in DTYPES, "--dtype", self.dtype,
+               f"one of {', '.join(DTYPES)}", "leave it unset to keep the stored dtype")
+        _check(all(self.stop or ()), "--stop", self.stop, "non-empty strings",
+               "drop the empty stop string")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "EvalOptions":
+        """The options of a parsed `mllm-jax eval` command line (`add_arguments`'s parser);
+        attributes it does not have keep their defaults, others (command, func) are
+        ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _check(ok: bool, flag: str, value, rule: str, hint: str) -> None:
+    if not ok:
+        field = flag.lstrip("-").replace("-", "_")
+        raise ValueError(f"{flag} must be {rule}, got {value!r} (EvalOptions.{field}); {hint}")
+
+
+def _as_options(options) -> EvalOptions:
+    if isinstance(options, EvalOptions):
+        return options
+    if isinstance(options, argparse.Namespace):
+        raise TypeError("pass an EvalOptions, not an argparse Namespace: build it with "
+                        "EvalOptions.from_args(args)")
+    raise TypeError(f"expected an EvalOptions, got {type(options).__name__}")
+
+
 def _split(text):
     return [t.strip() for t in text.split(",")] if text else []
 
 
-def task_inputs(args) -> list[tuple[str, str, str | None]]:
+def task_inputs(options: EvalOptions) -> list[tuple[str, str, str | None]]:
     """(task name, data path, image root) per task of --task / --data / --image-root."""
-    names, data, roots = _split(args.task), _split(args.data), _split(args.image_root)
+    names, data, roots = (_split(options.task), _split(options.data),
+                          _split(options.image_root))
     if not names:
         raise ValueError("--task names no task")
     if len(set(names)) != len(names):
-        raise ValueError(f"--task names a task twice: {args.task}")
+        raise ValueError(f"--task names a task twice: {options.task}")
     if len(data) != len(names):
         raise ValueError(f"--data has {len(data)} path(s) for {len(names)} task(s) "
                          f"({', '.join(names)}); give one path per task, comma separated")
@@ -108,20 +233,20 @@ def task_inputs(args) -> list[tuple[str, str, str | None]]:
     return list(zip(names, data, roots))
 
 
-def generation_kwargs(args, task) -> dict:
+def generation_kwargs(options: EvalOptions, task) -> dict:
     """`generate` keywords for a task (JSON-serializable; the sampling key is added later)."""
-    if args.max_new_tokens is not None:
-        max_new = args.max_new_tokens
+    if options.max_new_tokens is not None:
+        max_new = options.max_new_tokens
     else:
-        max_new = COT_MAX_NEW_TOKENS if uses_cot(args, task) else task.max_new_tokens
+        max_new = COT_MAX_NEW_TOKENS if uses_cot(options, task) else task.max_new_tokens
     gen = {"max_new_tokens": int(max_new)}
-    if args.temperature > 0:
-        gen.update(do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p)
-    if args.num_beams != 1 or args.length_penalty != 1.0:
-        gen.update(num_beams=args.num_beams, length_penalty=args.length_penalty)
-    if getattr(args, "stop", None):
-        gen["stop_strings"] = list(args.stop)
+    if options.temperature > 0:
+        gen.update(do_sample=True, temperature=options.temperature, top_k=options.top_k,
+                   top_p=options.top_p)
+    if options.num_beams != 1 or options.length_penalty != 1.0:
+        gen.update(num_beams=options.num_beams, length_penalty=options.length_penalty)
+    if options.stop:
+        gen["stop_strings"] = list(options.stop)
     return gen
 
 
@@ -140,8 +265,8 @@ def parse_mesh(text):
     return sharding.make_mesh(sharding.mesh_config(**sizes))
 
 
-def uses_cot(args, task) -> bool:
-    return bool(args.cot and task.answer_from_end)
+def uses_cot(options: EvalOptions, task) -> bool:
+    return bool(options.cot and task.answer_from_end)
 
 
 # ---- prompts -----------------------------------------------------------------------------
@@ -284,7 +409,7 @@ def load_task_samples(name, data, image_root):
         raise ValueError(f"task {name!r}: {e}") from e
 
 
-def run_task(runtime, args, name, data, image_root):
+def run_task(runtime, options: EvalOptions, name, data, image_root):
     """(results entry, records, info) for one task."""
     from tqdm import tqdm
 
@@ -294,32 +419,32 @@ def run_task(runtime, args, name, data, image_root):
     task, pool = load_task_samples(name, data, image_root)
     if not pool:
         raise ValueError(f"task {name!r}: no samples in {data!r}")
-    n_eval = len(pool) if args.limit is None else min(args.limit, len(pool))
+    n_eval = len(pool) if options.limit is None else min(options.limit, len(pool))
     samples = pool[:n_eval]
-    demos = [fewshot_indices(len(pool), i, args.num_fewshot, args.seed)
-             if args.num_fewshot else [] for i in range(n_eval)]
+    demos = [fewshot_indices(len(pool), i, options.num_fewshot, options.seed)
+             if options.num_fewshot else [] for i in range(n_eval)]
     check_images(name, [pool[i] for i in sorted(set(range(n_eval)).union(*demos))])
-    cot = uses_cot(args, task)
+    cot = uses_cot(options, task)
     suffix = COT_INSTRUCTION if cot else task.prompt_suffix
     conversations = [build_conversation(task, pool, i, suffix=suffix, demos=demos[i], cot=cot)
                      for i in range(n_eval)]
-    gen = generation_kwargs(args, task)
+    gen = generation_kwargs(options, task)
     sampling = {} if mesh is None else {"mesh": mesh}
     if gen.get("do_sample"):
         import jax
-        sampling["rng"] = jax.random.fold_in(jax.random.PRNGKey(args.seed), _stable(name))
+        sampling["rng"] = jax.random.fold_in(jax.random.PRNGKey(options.seed), _stable(name))
     with tqdm(total=n_eval, desc=name, file=sys.stderr) as bar:
         try:
             responses = batching.generate_all(model, params, tokenizer, image_cfg,
-                                              conversations, args.template,
-                                              batch_size=args.batch_size,
+                                              conversations, options.template,
+                                              batch_size=options.batch_size,
                                               progress=bar.update, **sampling, **gen)
         except ValueError as e:
             raise ValueError(f"task {name!r}: {e}") from e
     filtered = [task.extract_answer(r) if cot else r for r in responses]
     processed = [task.process_result(s, f) for s, f in zip(samples, filtered)]
     metrics = task.aggregate(processed, samples)
-    records = [sample_record(s, render_text(c.messages, args.template, tokenizer,
+    records = [sample_record(s, render_text(c.messages, options.template, tokenizer,
                                             generation=True),
                              c.images, gen, r, f, p)
                for s, c, r, f, p in zip(samples, conversations, responses, filtered, processed)]
@@ -332,57 +457,57 @@ def _stable(name: str) -> int:
     return int(_sha256(name)[:8], 16)
 
 
-def task_config(name, data, image_root, info, args) -> dict:
+def task_config(name, data, image_root, info, options: EvalOptions) -> dict:
     task = info["task"]
     return {"task": name, "output_type": task.output_type, "dataset_path": data,
-            "image_root": image_root, "num_fewshot": args.num_fewshot,
-            "fewshot_seed": args.seed, "prompt_suffix": info["suffix"], "cot": info["cot"],
-            "answer_from_end": task.answer_from_end, "template": args.template,
+            "image_root": image_root, "num_fewshot": options.num_fewshot,
+            "fewshot_seed": options.seed, "prompt_suffix": info["suffix"], "cot": info["cot"],
+            "answer_from_end": task.answer_from_end, "template": options.template,
             "generation_kwargs": info["gen"]}
 
 
 # ---- the run -----------------------------------------------------------------------------
 
-def load_runtime(args):
+def load_runtime(options: EvalOptions):
     """(model, params, tokenizer, image preprocessing config, mesh or None) of the
     checkpoint; with a mesh, the parameters are sharded on it once."""
     from mllm_jax.convert import load_hf
     from mllm_jax.data.tokenizer import load_tokenizer
     from mllm_jax.infer.generate import place_on_mesh
     from mllm_jax.infer.prompting import image_config_for
-    mesh = parse_mesh(args.mesh)
-    model, params = load_hf(args.ckpt, dtype=args.dtype)
+    mesh = parse_mesh(options.mesh)
+    model, params = load_hf(options.ckpt, dtype=options.dtype)
     if mesh is not None:
         params = place_on_mesh(model, params, mesh, None, None)[0]
+    args = options  # the image_cfg line below reads args.ckpt
     image_cfg = image_config_for(model, args.ckpt) if model.cfg.model_type == "llava" else None
-    return model, params, load_tokenizer(args.ckpt), image_cfg, mesh
+    return model, params, load_tokenizer(options.ckpt), image_cfg, mesh
 
 
-def evaluate(args, runtime=None) -> dict:
-    """Runs every task; returns the results dict (and its "samples" per task)."""
+def evaluate(options: EvalOptions, runtime=None) -> dict:
+    """Runs every task of `options`; returns the results dict (and its "samples" per task).
+    `runtime`: load_runtime's tuple, when the checkpoint is already loaded."""
     import jax
-    inputs = task_inputs(args)
-    if args.num_fewshot < 0:
-        raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    options = _as_options(options)
+    inputs = task_inputs(options)
     start = time.perf_counter()
-    runtime = runtime or load_runtime(args)
+    runtime = runtime or load_runtime(options)
     results, samples, configs, versions, n_shot, hib, n_samples = {}, {}, {}, {}, {}, {}, {}
     for name, data, root in inputs:
-        entry, records, info = run_task(runtime, args, name, data, root)
+        entry, records, info = run_task(runtime, options, name, data, root)
         task = info["task"]
         results[name], samples[name] = entry, records
-        configs[name] = task_config(name, data, root, info, args)
+        configs[name] = task_config(name, data, root, info, options)
         versions[name] = getattr(task, "version", "N/A")
-        n_shot[name] = args.num_fewshot
+        n_shot[name] = options.num_fewshot
         declared = getattr(task, "higher_is_better", None) or {}
         hib[name] = {k.split(",")[0]: declared.get(k.split(",")[0]) for k in entry
                      if k != "alias" and "_stderr," not in k}
         n_samples[name] = {"original": info["original"], "effective": info["effective"]}
-    model_name = os.path.abspath(args.ckpt)
-    gen_cli = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                             "num_beams", "length_penalty")}
+    model_name = os.path.abspath(options.ckpt)
+    gen_cli = {"max_new_tokens": options.max_new_tokens, "temperature": options.temperature,
+               "top_k": options.top_k, "top_p": options.top_p,
+               "num_beams": options.num_beams, "length_penalty": options.length_penalty}
     end = time.perf_counter()
     return {
         "results": results,
@@ -393,14 +518,16 @@ def evaluate(args, runtime=None) -> dict:
         "higher_is_better": dict(sorted(hib.items())),
         "n-samples": n_samples,
         "config": {"model": "mllm_jax", "model_args": f"pretrained={model_name}",
-                   "checkpoint": model_name, "template": args.template,
-                   "model_backend": "mllm_jax.infer.generate", "batch_size": args.batch_size,
-                   "batch_sizes": [], "device": jax.default_backend(), "limit": args.limit,
-                   "gen_kwargs": gen_cli, "num_fewshot": args.num_fewshot, "cot": args.cot,
-                   "random_seed": args.seed, "fewshot_seed": args.seed,
-                   "dtype": args.dtype, "mesh": args.mesh},
+                   "checkpoint": model_name, "template": options.template,
+                   "model_backend": "mllm_jax.infer.generate",
+                   "batch_size": options.batch_size, "batch_sizes": [],
+                   "device": jax.default_backend(), "limit": options.limit,
+                   "gen_kwargs": gen_cli, "num_fewshot": options.num_fewshot,
+                   "cot": options.cot, "random_seed": options.seed,
+                   "fewshot_seed": options.seed, "dtype": options.dtype,
+                   "mesh": options.mesh},
         "model_name": model_name,
-        "model_name_sanitized": sanitize_model_name(args.ckpt),
+        "model_name_sanitized": sanitize_model_name(options.ckpt),
         "start_time": start, "end_time": end,
         "total_evaluation_time_seconds": str(end - start),
         "samples": samples,
@@ -456,33 +583,33 @@ def make_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_copies(args) -> int:
+def write_copies(options: EvalOptions) -> int:
     """--copy-to: each task's samples (all of them, or --limit) as a TFDS copy."""
     from mllm_jax.eval import tfds_copy
-    for name, data, root in task_inputs(args):
+    for name, data, root in task_inputs(options):
         task, samples = load_task_samples(name, data, root)
-        samples = samples if args.limit is None else samples[:args.limit]
+        samples = samples if options.limit is None else samples[:options.limit]
         check_images(name, samples)
-        path = tfds_copy.write_copy(task, samples, args.copy_to)
+        path = tfds_copy.write_copy(task, samples, options.copy_to)
         print(f"{name}: {len(samples)} samples copied to {path} (pass it as --data)")
     return 0
 
 
-def main(args) -> int:
-    """Runs `mllm-jax eval`; prints the table and the paths written."""
-    if args.copy_to:
-        return write_copies(args)
-    if not args.ckpt:
-        raise ValueError("mllm-jax eval needs --ckpt (or --copy-to to copy the data only)")
+def main(options: EvalOptions) -> int:
+    """Runs `mllm-jax eval` (`EvalOptions.from_args` of its command line); prints the table
+    and the paths written."""
+    options = _as_options(options)
+    if options.copy_to:
+        return write_copies(options)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
-    results = evaluate(args)
+    results = evaluate(options)
     import jax
     if jax.process_index() != 0:  # every process holds the same results; one writes them
         return 0
-    written = write_outputs(results, args.output, date, args.log_samples)
+    written = write_outputs(results, options.output, date, options.log_samples)
     print(f"mllm_jax ({results['config']['model_args']}), gen_kwargs: "
-          f"({results['config']['gen_kwargs']}), limit: {args.limit}, num_fewshot: "
-          f"{args.num_fewshot}, batch_size: {args.batch_size}")
+          f"({results['config']['gen_kwargs']}), limit: {options.limit}, num_fewshot: "
+          f"{options.num_fewshot}, batch_size: {options.batch_size}")
     print(make_table(results))
     for path in written:
         print(f"wrote {path}")

@@ -1,16 +1,22 @@
-"""Linen modules: encoders, decoders, connectors, and the composed MLLM."""
-import ml_collections
+"""Linen modules: encoders, connectors, decoders, and the composed MLLMs, with the registry
+that builds them from configs (`build_model`) and answers what the rest of the package asks
+of a model (`tokens_per_image`, `is_multimodal`, ...).
 
+Importing this package registers the built-in families: encoders `clip`; connectors
+`linear`, `mlp2x_gelu`; decoders `llama`, `mistral`, `qwen2`; models `llava`, `causal_lm`,
+`clip_vision`. A new family is a module plus a `registry.register_*` call.
+"""
+from mllm_jax.models import connectors, decoders, encoders  # noqa: F401  (registrations)
 from mllm_jax.models.llava import Llava
 from mllm_jax.models.llm import CausalLM
+from mllm_jax.models.registry import (ConnectorSpec, DecoderSpec, EncoderSpec, ModelFamily,
+                                      UnsupportedModelError, build_model, generates,
+                                      image_token_id, init_inputs, is_multimodal,
+                                      register_connector, register_decoder,
+                                      register_encoder, register_model, tokens_per_image)
 from mllm_jax.models.vit import VisionModel
 
-MODEL_TYPES = {"llava": Llava, "causal_lm": CausalLM, "clip_vision": VisionModel}
-
-
-def build_model(cfg: ml_collections.ConfigDict):
-    """A Linen module for a model config (see `mllm_jax.presets`)."""
-    model_type = cfg.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {model_type!r}; known: {sorted(MODEL_TYPES)}")
-    return MODEL_TYPES[model_type](cfg)
+__all__ = ["build_model", "tokens_per_image", "is_multimodal", "image_token_id", "generates",
+           "init_inputs", "register_encoder", "register_connector", "register_decoder",
+           "register_model", "EncoderSpec", "ConnectorSpec", "DecoderSpec", "ModelFamily",
+           "UnsupportedModelError", "Llava", "CausalLM", "VisionModel"]

@@ -40,12 +40,30 @@ def init_kv_cache(batch, max_len, kv_heads, head_dim, dtype):
 
 
 def write_kv_cache(cache, k, v):
-    """Writes k, v [b, s, kv_heads, d] at slots index..index+s-1; advances the index."""
+    """Writes k, v [b, s, kv_heads, d] at slots index..index+s-1.
+
+    A cache with a `layer` entry holds every layer's keys/values stacked on a leading axis
+    ([layers, b, kv_heads, len, d], a scanned decoder's carry): only the new slots of that
+    layer are written, in place, so a decode step never copies the whole cache. The index
+    is advanced by the decoder once per call, not here."""
     i = cache["index"]
     zero = jnp.zeros((), jnp.int32)
-    put = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
-        c, x.transpose(0, 2, 1, 3).astype(c.dtype), (zero, zero, i, zero))
-    return {"k": put(cache["k"], k), "v": put(cache["v"], v), "index": i + k.shape[1]}
+    layer = cache.get("layer")
+    start = (zero, zero, i, zero) if layer is None else (layer, zero, zero, i, zero)
+
+    def put(c, x):
+        x = x.transpose(0, 2, 1, 3).astype(c.dtype)
+        return jax.lax.dynamic_update_slice(c, x if layer is None else x[None], start)
+    return {**cache, "k": put(cache["k"], k), "v": put(cache["v"], v)}
+
+
+def cached_kv(cache):
+    """The keys and values [b, kv_heads, len, d] of the cache's layer."""
+    layer = cache.get("layer")
+    if layer is None:
+        return cache["k"], cache["v"]
+    return (jax.lax.dynamic_index_in_dim(cache["k"], layer, keepdims=False),
+            jax.lax.dynamic_index_in_dim(cache["v"], layer, keepdims=False))
 
 
 def cached_attention(q, k, v, mask, scale: float):

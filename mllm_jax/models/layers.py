@@ -127,3 +127,10 @@ class Embed(nn.Module):
     def attend(self, x):
         """Logits against the embedding matrix (tied output head)."""
         return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
+def plain_dict(value):
+    """A config value (ConfigDict, dict or None) as a plain dict (or None)."""
+    if value is None:
+        return None
+    return value.to_dict() if hasattr(value, "to_dict") else dict(value)

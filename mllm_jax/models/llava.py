@@ -1,7 +1,9 @@
-"""The composed LLaVA model: vision tower -> projector -> features placed at the image-token
-positions of the text embeddings -> LLM. Paths mirror HF's on-disk layout:
-`vision_tower/vision_model/...`, `multi_modal_projector/...`, `language_model/model/...`,
-`language_model/lm_head`.
+"""The composed LLaVA model (`model_type` llava): encoder -> connector -> features placed at
+the image-token positions of the text embeddings -> LLM. The encoder is
+`ENCODERS[cfg.vision.type]`, the connector `CONNECTORS[cfg.projector.type]`, the LLM a
+`CausalLM` over `DECODERS[cfg.text.model_type]`, so a LLaVA-style model with another tower or
+connector is a config change. Paths mirror HF's on-disk layout: `vision_tower/...`,
+`multi_modal_projector/...`, `language_model/model/...`, `language_model/lm_head`.
 """
 from typing import Any
 
@@ -10,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_jax.models.layers import dtype_of
-from mllm_jax.models.llm import ACT_AXES, CausalLM
-from mllm_jax.models.projector import MLPProjector
-from mllm_jax.models.vit import VisionModel, select_features
+from mllm_jax import config as mc
+from mllm_jax.models.decoders.llama import ACT_AXES
+from mllm_jax.models.llm import CausalLM
+from mllm_jax.models.registry import (CONNECTORS, DECODERS, ENCODERS, ModelFamily,
+                                      UnsupportedModelError, register_model)
 
 
 def merge_image_features(embeds, input_ids, image_features, image_token_index):
@@ -59,25 +62,20 @@ class Llava(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.vision_tower = VisionModel(c)
-        self.multi_modal_projector = MLPProjector(
-            c.projector, c.text.hidden_size, dtype_of(c.dtype), dtype_of(c.param_dtype))
+        self.vision_tower = ENCODERS.get(c.vision.type).module(c)
+        self.multi_modal_projector = CONNECTORS.get(c.projector.type).module(c)
         self.language_model = CausalLM(c)
 
     def vision_features(self, pixel_values):
-        """Selected vision-tower features, before the projector: [n_images, tokens, d_vis]."""
-        c = self.cfg
-        out = self.vision_tower(pixel_values)
-        return select_features(out["hidden_states"], _layers(c.vision_feature_layer),
-                               keep_cls=c.vision_feature_select_strategy == "full",
-                               has_cls=c.vision.use_class_token)
+        """Encoder features, before the connector: [n_images, tokens, d_vis]."""
+        return self.vision_tower(pixel_values)
 
     def project(self, vision_features):
         return self.multi_modal_projector(vision_features)
 
     def image_features(self, pixel_values):
-        """[n_images, h, w, 3] -> projected features [n_images, tokens, text hidden];
-        [b, max_images, h, w, 3] -> [b, max_images, tokens, text hidden]."""
+        """[n_images, h, w, c] -> projected features [n_images, tokens, text hidden];
+        [b, max_images, h, w, c] -> [b, max_images, tokens, text hidden]."""
         if pixel_values.ndim == 5:
             b, m = pixel_values.shape[:2]
             feats = self.image_features(pixel_values.reshape(b * m, *pixel_values.shape[2:]))
@@ -90,10 +88,7 @@ class Llava(nn.Module):
         embeds = nn.with_logical_constraint(self.language_model.embed(input_ids), ACT_AXES)
         if image_features is None and pixel_values is None:
             if self.is_initializing():
-                c = self.cfg
-                self.image_features(jnp.zeros(
-                    (1, c.vision.image_size, c.vision.image_size, c.vision.num_channels),
-                    jnp.float32))  # creates the vision and projector parameters
+                self.image_features(_blank_image(self.cfg))  # creates the tower's parameters
             return embeds
         feats = image_features if image_features is not None else self.image_features(
             pixel_values)
@@ -124,6 +119,138 @@ class Llava(nn.Module):
                                segment_ids=segment_ids, position_ids=position_ids)
         return self.logits_from_hidden(h)
 
+    # ---- decoding: images enter at prefill; the cache is the LLM's ----------------------
 
-def _layers(value):
-    return value if isinstance(value, int) else tuple(value)
+    @nn.nowrap
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        return CausalLM(self.cfg).init_cache(batch, max_len)
+
+    @nn.nowrap
+    def reorder_cache(self, cache, rows) -> dict:
+        return CausalLM(self.cfg).reorder_cache(cache, rows)
+
+    def prefill(self, input_ids, attention_mask, cache, pixel_values=None):
+        """As `CausalLM.prefill`, with the images merged into the prompt embeddings."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.language_model.prefill(None, attention_mask, cache, inputs_embeds=embeds)
+
+    def decode_step(self, tokens, positions, kv_mask, cache):
+        return self.language_model.decode_step(tokens, positions, kv_mask, cache)
+
+
+def _blank_image(c):
+    return jnp.zeros((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels),
+                     jnp.float32)
+
+
+def tokens_per_image(cfg, image_size=None) -> int:
+    """The encoder's tokens per image, through the connector."""
+    tokens = ENCODERS.get(cfg.vision.type).tokens_per_image(cfg, image_size)
+    return CONNECTORS.get(cfg.projector.type).tokens_out(cfg, tokens)
+
+
+# ---- HF LlavaConfig --------------------------------------------------------------------------
+
+# LlavaConfig's default vision tower (CLIP ViT-L/14-336) when config.json gives none.
+LLAVA_VISION_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                             num_attention_heads=16, image_size=336, patch_size=14)
+
+
+def llava_from_hf(hf: dict, where: str = "config.json"):
+    text_hf = hf.get("text_config") or {}
+    text = DECODERS.get(text_hf.get("model_type", "llama")).from_hf(
+        text_hf, where + " text_config")
+    # LlavaConfig uses its ViT-L/14-336 defaults only when vision_config is absent; a
+    # given (even partial or empty) vision_config is completed with CLIPVisionConfig's.
+    vision_hf = hf.get("vision_config")
+    vision = ENCODERS.get("clip").from_hf(
+        vision_hf or {}, where + " vision_config",
+        defaults=LLAVA_VISION_DEFAULTS if vision_hf is None else None)
+    layer = hf.get("vision_feature_layer", -2)
+    cfg = mc.llava_config(
+        vision=vision, text=text,
+        projector=mc.projector_config(type="mlp2x_gelu",
+                                      bias=bool(hf.get("multimodal_projector_bias", True)),
+                                      hidden_act=hf.get("projector_hidden_act", "gelu")),
+        image_token_index=hf.get("image_token_index", hf.get("image_token_id", 32000)),
+        vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
+        image_seq_length=hf.get("image_seq_length", 576),
+    )
+    cfg.vision_feature_layer = layer if isinstance(layer, int) else list(layer)
+    # LlavaForConditionalGeneration ties on the top-level flag, which LlavaConfig sets when
+    # either it or text_config's flag is true.
+    cfg.text.tie_word_embeddings = bool(hf.get("tie_word_embeddings", False)
+                                        or cfg.text.tie_word_embeddings)
+    return cfg
+
+
+def llava_to_hf(cfg) -> dict:
+    if cfg.projector.type != "mlp2x_gelu":
+        raise UnsupportedModelError(
+            f"projector type {cfg.projector.type!r} has no HF LlavaForConditionalGeneration "
+            "equivalent (it has mlp2x_gelu only)")
+    encoder = ENCODERS.get(cfg.vision.type)
+    if encoder.to_hf is None:
+        raise UnsupportedModelError(
+            f"encoder {cfg.vision.type!r} has no HF vision_config mapping; save_hf cannot "
+            "write this model (save_orbax can)")
+    layer = cfg.vision_feature_layer
+    return {
+        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+        "vision_config": encoder.to_hf(cfg.vision),
+        "text_config": DECODERS.get(cfg.text.model_type).to_hf(cfg.text),
+        "image_token_index": cfg.image_token_index,
+        "projector_hidden_act": cfg.projector.get("hidden_act", "gelu"),
+        "multimodal_projector_bias": cfg.projector.bias,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "vision_feature_layer": layer if isinstance(layer, int) else list(layer),
+        "image_seq_length": cfg.image_seq_length,
+        "tie_word_embeddings": cfg.text.tie_word_embeddings,
+    }
+
+
+# Checkpoint key spellings of recent transformers versions (in-memory names saved as is).
+KEY_ALIASES = (
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
+)
+
+
+def _unused_keys(cfg) -> list:
+    return [r"(^|\.)lm_head\.weight$"] if cfg.text.tie_word_embeddings else []
+
+
+def train_flops(cfg, batch, seq, images_per_sample, trainable) -> float:
+    """Each part counts its forward pass once, its activation gradients once more when
+    anything upstream of it is trained, and its weight gradients once more when it is
+    trained itself: a frozen encoder is counted forward-only; a frozen LLM under a trained
+    connector forward plus activation gradients. Parts without a FLOP count add nothing."""
+    trained = {"vision": "vision_tower" in trainable,
+               "projector": "multi_modal_projector" in trainable,
+               "llm": "language_model" in trainable}
+    total, upstream = 0.0, False
+    if images_per_sample:
+        n_img = batch * images_per_sample
+        encoder = ENCODERS.get(cfg.vision.type)
+        connector = CONNECTORS.get(cfg.projector.type)
+        vis = (encoder.flops(cfg) if encoder.flops else 0.0) * n_img
+        total += vis * (3 if trained["vision"] else 1)
+        upstream = trained["vision"]
+        if connector.flops and encoder.feature_size:
+            tokens = encoder.tokens_per_image(cfg, None)
+            proj = connector.flops(cfg, tokens, encoder.feature_size(cfg)) * n_img
+            total += proj * (1 + int(upstream) + int(trained["projector"]))
+        upstream = upstream or trained["projector"]
+    txt = DECODERS.get(cfg.text.model_type).flops(cfg.text, seq) * batch
+    return total + txt * (1 + int(upstream) + int(trained["llm"]))
+
+
+register_model("llava", ModelFamily(
+    module=Llava, config=mc.llava_config,
+    init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
+    tokens_per_image=tokens_per_image,
+    reads_hf=lambda t: t == "llava", from_hf=llava_from_hf, to_hf=llava_to_hf,
+    key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops))

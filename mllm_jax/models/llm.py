@@ -1,148 +1,44 @@
-"""Decoder-only LLMs of the LLaMA family: LLaMA-1/2/3, Vicuna, Mistral, Qwen2.
+"""A decoder-only LLM on its own (`model_type` causal_lm): `LlamaForCausalLM` and friends.
 
-Parameter paths mirror HF: `model/embed_tokens`, `model/layers_{i}/self_attn/q_proj`, ...,
-`model/norm`, `lm_head` (absent when embeddings are tied).
+Parameter paths mirror HF: `model/embed_tokens`, `model/layers_{i}/...`, `model/norm`,
+`lm_head` (absent when embeddings are tied). The model decodes itself: `init_cache`,
+`prefill` and `decode_step` are what `infer/` loops over.
 """
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mllm_jax.models import attention, rope
-from mllm_jax.models.layers import Dense, Embed, RMSNorm, activation, dtype_of
-from mllm_jax.models.stack import LayerStack
-
-ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
-
-
-class LlamaAttention(nn.Module):
-    cfg: Any  # text config
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x, mask, cos, sin, cache=None):
-        """With `cache` (see `write_kv_cache`), the new keys/values are written into it, the
-        queries attend over the whole cache (mask: [b|1, 1, s, cache_len]) and
-        (output, updated cache) is returned. `cache["prefill"]` (a Python bool: the cache
-        is empty and x is the whole prompt) attends within the prompt only."""
-        c = self.cfg
-        b, s, _ = x.shape
-        hd = c.head_dim
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = Dense(c.num_attention_heads * hd, ("embed", "heads"), c.qkv_bias, name="q_proj", **kw)(x)
-        k = Dense(c.num_key_value_heads * hd, ("embed", "kv"), c.qkv_bias, name="k_proj", **kw)(x)
-        v = Dense(c.num_key_value_heads * hd, ("embed", "kv"), c.qkv_bias, name="v_proj", **kw)(x)
-        q = q.reshape(b, s, c.num_attention_heads, hd)
-        k = k.reshape(b, s, c.num_key_value_heads, hd)
-        v = v.reshape(b, s, c.num_key_value_heads, hd)
-        q = rope.apply_rope(q, cos, sin)
-        k = rope.apply_rope(k, cos, sin)
-        if cache is None:
-            out = attention.causal_self_attention(q, k, v, mask, scale=hd ** -0.5)
-        else:
-            prefill = cache.get("prefill", False)
-            cache = attention.write_kv_cache(cache, k, v)
-            if prefill:  # the prompt fills slots 0..s-1: causal attention within it
-                out = attention.causal_self_attention(q, k, v, mask[..., :s], scale=hd ** -0.5)
-            else:
-                out = attention.cached_attention(q, cache["k"], cache["v"], mask,
-                                                 scale=hd ** -0.5)
-        out = out.reshape(b, s, c.num_attention_heads * hd)
-        out = Dense(c.hidden_size, ("heads", "embed"), c.o_bias, name="o_proj", **kw)(out)
-        return out if cache is None else (out, cache)
+from mllm_jax import config as mc
+from mllm_jax.models.decoders.llama import LlamaModel  # noqa: F401  (public name)
+from mllm_jax.models.layers import Dense, dtype_of
+from mllm_jax.models.registry import DECODERS, ModelFamily, register_model
 
 
-class LlamaMLP(nn.Module):
-    cfg: Any
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.cfg
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = Dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="gate_proj", **kw)(x)
-        up = Dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="up_proj", **kw)(x)
-        h = activation(c.hidden_act)(gate) * up
-        return Dense(c.hidden_size, ("mlp", "embed"), c.mlp_bias, name="down_proj", **kw)(h)
+def prefill_positions(attention_mask):
+    """RoPE positions of a left-padded prompt: the cumulative count of real tokens (0 on
+    padding), as HF `generate` computes them."""
+    positions = jnp.cumsum(attention_mask, axis=1) - 1
+    return jnp.where(attention_mask == 0, 0, positions).astype(jnp.int32)
 
 
-class LlamaDecoderLayer(nn.Module):
-    cfg: Any
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x, mask, cos, sin, cache=None):
-        """Returns x, or (x, updated cache) when a KV cache is given (see LlamaAttention)."""
-        c = self.cfg
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        a = LlamaAttention(c, name="self_attn", **kw)(h, mask, cos, sin, cache)
-        if cache is not None:
-            a, cache = a
-        x = x + a
-        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        x = x + LlamaMLP(c, name="mlp", **kw)(h)
-        x = nn.with_logical_constraint(x, ACT_AXES)
-        return x if cache is None else (x, cache)
-
-
-class LlamaModel(nn.Module):
-    """Embeddings, decoder layers and the final norm; returns the last hidden states."""
-
-    cfg: Any  # text config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-
-    def setup(self):
-        c = self.cfg
-        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
-        self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.inv_freq = rope.inverse_frequencies(
-            c.head_dim, c.rope_theta, _plain(c.rope_scaling))
-        self.stack = LayerStack(
-            LlamaDecoderLayer, dict(cfg=c, dtype=self.dtype, param_dtype=self.param_dtype),
-            c.num_hidden_layers, num_args=3, scan=self.scan_layers,
-            remat_policy=self.remat_policy)
-        nn.share_scope(self, self.stack)
-
-    def embed(self, input_ids):
-        return self.embed_tokens(input_ids)
-
-    def __call__(self, inputs_embeds, attention_mask=None, segment_ids=None, position_ids=None):
-        c = self.cfg
-        b, s, _ = inputs_embeds.shape
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
-        cos, sin = rope.rope_cos_sin(position_ids, self.inv_freq, self.dtype)
-        mask = attention.make_attention_mask(
-            s, causal=True, attention_mask=attention_mask, segment_ids=segment_ids,
-            sliding_window=c.get("sliding_window"))
-        x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ACT_AXES)
-        x, _ = self.stack(x, mask, cos, sin)
-        return self.norm(x)
-
-
-def _plain(value):
-    if value is None:
-        return None
-    return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+def cache_kv_mask(attention_mask, max_len: int):
+    """[b, max_len]: the prompt's mask, then 1 for every slot generation will write."""
+    b, s = attention_mask.shape
+    return jnp.concatenate([attention_mask.astype(jnp.int32),
+                            jnp.ones((b, max_len - s), jnp.int32)], axis=1)
 
 
 class CausalLM(nn.Module):
-    """`LlamaForCausalLM` and friends: logits [batch, seq, vocab]."""
+    """Logits [batch, seq, vocab]; the decoder is `DECODERS[cfg.text.model_type]`."""
 
     cfg: Any  # model config with a `text` section
 
     def setup(self):
         c = self.cfg
-        self.model = LlamaModel(c.text, dtype_of(c.dtype), dtype_of(c.param_dtype),
-                                c.scan_layers, c.remat_policy)
+        decoder = DECODERS.get(c.text.model_type)
+        self.model = decoder.module(c.text, dtype_of(c.dtype), dtype_of(c.param_dtype),
+                                    c.scan_layers, c.remat_policy)
         if not c.text.tie_word_embeddings:
             self.lm_head = Dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False,
                                  dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
@@ -182,3 +78,69 @@ class CausalLM(nn.Module):
                                inputs_embeds=inputs_embeds, segment_ids=segment_ids,
                                position_ids=position_ids)
         return self.logits_from_hidden(h)
+
+    # ---- decoding: the cache is the decoder's; see `infer.generate` for the loop ----------
+
+    @nn.nowrap
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """An empty KV cache for `batch` sequences of up to `max_len` tokens."""
+        c = self.cfg
+        return DECODERS.get(c.text.model_type).init_cache(c.text, batch, max_len,
+                                                          dtype_of(c.dtype), c.scan_layers)
+
+    @nn.nowrap
+    def reorder_cache(self, cache, rows) -> dict:
+        """The cache with its batch rows gathered by `rows` (beam search)."""
+        c = self.cfg
+        return DECODERS.get(c.text.model_type).reorder_cache(cache, rows, c.scan_layers)
+
+    def prefill(self, input_ids, attention_mask, cache, pixel_values=None, *,
+                inputs_embeds=None):
+        """Fills the first prompt_len slots of an empty cache with a LEFT-padded prompt.
+        Returns (float32 logits of the last prompt slot [b, vocab], cache, RoPE positions of
+        the last prompt token [b])."""
+        if pixel_values is not None:
+            raise ValueError("this is a text-only model; pixel_values must be None")
+        embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        positions = prefill_positions(attention_mask)
+        max_len = cache["k"][0].shape[-2]
+        h, cache = self.model(embeds, position_ids=positions, cache=cache,
+                              kv_mask=cache_kv_mask(attention_mask, max_len), prefill=True)
+        return self.logits_from_hidden(h[:, -1]).astype(jnp.float32), cache, positions[:, -1]
+
+    def decode_step(self, tokens, positions, kv_mask, cache):
+        """One token per sample: tokens [b] at RoPE positions [b], written at the cache
+        index; kv_mask [b, max_len] (`cache_kv_mask`). Returns (float32 logits [b, vocab],
+        cache). Its cost is constant in the tokens already generated except for the
+        attention read over the cache slots."""
+        h, cache = self.model(self.embed(tokens[:, None]), position_ids=positions[:, None],
+                              cache=cache, kv_mask=kv_mask)
+        return self.logits_from_hidden(h[:, 0]).astype(jnp.float32), cache
+
+
+def _from_hf(hf: dict, where: str = "config.json"):
+    decoder = DECODERS.get(hf.get("model_type"))
+    return mc.llm_config(decoder.from_hf(hf, where))
+
+
+def _to_hf(cfg) -> dict:
+    return DECODERS.get(cfg.text.model_type).to_hf(cfg.text)
+
+
+def _unused_keys(cfg) -> list:
+    # HF ties lm_head to embed_tokens and ignores a stored copy.
+    return [r"(^|\.)lm_head\.weight$"] if cfg.text.tie_word_embeddings else []
+
+
+def _train_flops(cfg, batch, seq, images_per_sample, trainable) -> float:
+    """The forward pass, plus the weight gradients when anything is trained."""
+    del images_per_sample
+    text = DECODERS.get(cfg.text.model_type).flops(cfg.text, seq) * batch
+    return text * (1 + int(bool(trainable)))
+
+
+register_model("causal_lm", ModelFamily(
+    module=CausalLM, config=mc.llm_config,
+    init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
+    reads_hf=lambda t: t in DECODERS and DECODERS.get(t).from_hf is not None, from_hf=_from_hf, to_hf=_to_hf,
+    unused_keys=_unused_keys, train_flops=_train_flops))

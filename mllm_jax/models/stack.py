@@ -8,6 +8,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 REMAT_POLICIES = {
     "none": None,
@@ -27,23 +28,34 @@ def _remat(block_cls, policy_name: str):
 
 class _ScanBody(nn.Module):
     """`block(x, *args) -> x` in the `(carry, y)` form of `nn.scan`; y is the block output
-    when `collect` is set, so callers can pick intermediate layers."""
+    when `collect` is set, so callers can pick intermediate layers. With `cached`, the carry
+    is (x, cache): the whole stacked KV cache with the current `layer` index, which each
+    block updates in place (see `attention.write_kv_cache`)."""
 
     block_cls: Any
     block_kwargs: Any
     collect: bool
+    cached: bool = False
+    prefill: bool = False
 
     def setup(self):
         self.block = self.block_cls(**self.block_kwargs)
         nn.share_scope(self, self.block)
 
-    def __call__(self, x, *args):
-        x = self.block(x, *args)
+    def __call__(self, carry, *args):
+        if self.cached:
+            x, cache = carry
+            x, cache = self.block(x, *args, cache=cache, prefill=self.prefill)
+            return (x, {**cache, "layer": cache["layer"] + 1}), None
+        x = self.block(carry, *args)
         return x, (x if self.collect else None)
 
 
 class LayerStack(nn.Module):
-    """Returns (x, [output of each layer] if collect else None)."""
+    """Returns (x, [output of each layer] if collect else None); with a KV `cache`
+    (the decoder's: per-layer lists when unrolled, stacked on a leading layer axis when
+    scanned; see `models.llm.init_cache`) returns (x, updated cache). The blocks take
+    `cache=` and `prefill=` keywords and return (x, cache) when given a cache."""
 
     block_cls: Any
     block_kwargs: Any
@@ -54,13 +66,23 @@ class LayerStack(nn.Module):
     collect: bool = False
 
     @nn.compact
-    def __call__(self, x, *args):
-        block_cls = _remat(self.block_cls, self.remat_policy)
+    def __call__(self, x, *args, cache=None, prefill=False):
+        # Rematerialization only pays in a backward pass; decoding with a cache has none.
+        block_cls = _remat(self.block_cls, self.remat_policy if cache is None else "none")
         if not self.scan:
-            outs = []
+            outs, ks, vs = [], [], []
             for i in range(self.num_layers):
-                x = block_cls(**self.block_kwargs, name=f"layers_{i}")(x, *args)
-                outs.append(x)
+                block = block_cls(**self.block_kwargs, name=f"layers_{i}")
+                if cache is None:
+                    x = block(x, *args)
+                    outs.append(x)
+                    continue
+                layer = {"k": cache["k"][i], "v": cache["v"][i], "index": cache["index"]}
+                x, layer = block(x, *args, cache=layer, prefill=prefill)
+                ks.append(layer["k"])
+                vs.append(layer["v"])
+            if cache is not None:
+                return x, {**cache, "k": ks, "v": vs}
             return x, (outs if self.collect else None)
         scanned = nn.scan(
             _ScanBody,
@@ -70,5 +92,12 @@ class LayerStack(nn.Module):
             length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
+        if cache is not None:
+            carry = (x, {**cache, "layer": jnp.zeros((), jnp.int32)})
+            (x, cache), _ = scanned(block_cls, self.block_kwargs, False, True, prefill,
+                                    name="layers")(carry, *args)
+            cache = dict(cache)
+            del cache["layer"]
+            return x, cache
         x, ys = scanned(block_cls, self.block_kwargs, self.collect, name="layers")(x, *args)
         return x, ([ys[i] for i in range(self.num_layers)] if self.collect else None)

@@ -202,7 +202,7 @@ def load_pairs(pairs, what: str = "pairs", regions: bool = False) -> list:
     """(image, caption) pairs from a pairs_{split}.json path or a list of pairs; with
     `regions`, (image, caption, [(box, phrase), ...]) triples."""
     if isinstance(pairs, (str, os.PathLike)):
-        from mllm_jax.data.shapes import read_pairs
+        from mllm_jax.demo.files import read_pairs
         if not os.path.exists(pairs):
             raise FileNotFoundError(f"{what}: no pairs file at {os.fspath(pairs)}; write one "
                                     f"with shapes.write_dataset")

@@ -4,8 +4,8 @@ One example per scene: the PNG bytes, the objects (name, shape, colour, size, po
 box, texture), the captions (faithful short and detailed captions, and the training caption,
 which may name a hallucinated companion), the instruction questions of the scene (kind,
 question, answer) and its POPE items (mode, question, answer). Splits, sizes and seed come
-from the config; examples equal what `shapes.make_split` and the record functions of
-`shapes` produce for the same seed.
+from the config; examples equal what `scenes.make_split` and the record functions of
+`records` produce for the same seed.
 
     builder = make_builder({"train": 1000, "val": 100}, seed=0, data_dir="tfds_dir")
     builder.download_and_prepare()
@@ -20,8 +20,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mllm_jax.data import shapes
 from mllm_jax.data.tfds_builders import ImageBytes, TfdsRecord, _column, _text
+from mllm_jax.demo.captions import CAPTION_PROMPT, detailed_caption, short_caption
+from mllm_jax.demo.questions import conversation, pope_questions, statistics
+from mllm_jax.demo.records import caption_record, instruct_record
+from mllm_jax.demo.scenes import STREAM_EVAL, World, image_path, make_split, scene_rng
 
 VERSION = "1.0.0"
 RECORD_KINDS = ("captions", "instruct")
@@ -30,12 +33,12 @@ RECORD_KINDS = ("captions", "instruct")
 class ShapesConfig(tfds.core.BuilderConfig):
     """Split sizes, seed and world of a build; the name defaults to "seed{seed}"."""
 
-    def __init__(self, *, sizes=None, seed: int = 0, world: shapes.World | None = None,
+    def __init__(self, *, sizes=None, seed: int = 0, world: World | None = None,
                  turns: int = 3, name=None, **kwargs):
         super().__init__(name=name or f"seed{seed}", version=VERSION, **kwargs)
         self.sizes = dict(sizes or {"train": 1000, "val": 100, "test": 100})
         self.seed = int(seed)
-        self.world = world or shapes.World()
+        self.world = world or World()
         self.turns = int(turns)
 
 
@@ -88,23 +91,22 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split, n):
         cfg, world = self.builder_config, self.builder_config.world
-        scenes = shapes.make_split(split, n, cfg.seed, world)
-        stats = shapes.statistics(scenes, world)
+        scenes = make_split(split, n, cfg.seed, world)
+        stats = statistics(scenes, world)
         for i, scene in enumerate(scenes):
-            caption = shapes.caption_record(scene, cfg.seed, split, i, world)
-            instruct = shapes.instruct_record(scene, cfg.seed, split, i, world, stats, cfg.turns)
+            caption = caption_record(scene, cfg.seed, split, i, world)
+            instruct = instruct_record(scene, cfg.seed, split, i, world, stats, cfg.turns)
             conv = instruct["conversations"]
-            pope = shapes.pope_questions(scene, stats, shapes.scene_rng(cfg.seed, split, i,
-                                                                   shapes._EVAL))
+            pope = pope_questions(scene, stats, scene_rng(cfg.seed, split, i, STREAM_EVAL))
             yield i, {
-                "id": scene.id, "index": i, "image_path": shapes.image_path(scene.id),
+                "id": scene.id, "index": i, "image_path": image_path(scene.id),
                 "image": _png(scene.image),
                 "objects": [{"name": o.name, "shape": o.shape, "colour": o.colour,
                              "size": o.size, "position": world.cell_name(o.cell),
                              "texture": o.texture, "bbox": np.asarray(o.bbox, np.int32)}
                             for o in scene.objects],
-                "caption": shapes.short_caption(scene.objects, None, world),
-                "detailed_caption": shapes.detailed_caption(scene.objects, None, world),
+                "caption": short_caption(scene.objects, None, world),
+                "detailed_caption": detailed_caption(scene.objects, None, world),
                 "training_caption": caption["conversations"][1]["value"],
                 "hallucinated": caption["hallucinated"],
                 "questions": [{"kind": k, "question": q["value"].replace("<image>\n", ""),
@@ -163,8 +165,8 @@ def pipeline_records(source, split: str = "train", kind: str = "instruct"):
         raise ValueError(f"unknown record kind {kind!r}; one of {RECORD_KINDS}")
     for ex in examples(source, split):
         if kind == "captions":
-            pairs = [(shapes.CAPTION_PROMPT, ex["training_caption"])]
+            pairs = [(CAPTION_PROMPT, ex["training_caption"])]
         else:
             pairs = [(q["question"], q["answer"]) for q in ex["questions"]]
         yield TfdsRecord(id=ex["id"], images=(ImageBytes(ex["image_path"], ex["image"]),),
-                         conversations=shapes.conversation(pairs), index=ex["index"])
+                         conversations=conversation(pairs), index=ex["index"])

@@ -1,0 +1,199 @@
+"""Registries of model parts: encoders, connectors, decoders, and the composed models.
+
+A family is a module plus a registration. The registration says everything the rest of the
+package needs to know about it: how to build it from a config, its default config, how its
+config maps from and to HF's `config.json`, how its checkpoint keys are spelled, how many
+tokens an image becomes, and how many FLOPs it costs. Nothing outside a family's own module
+tests its name; code asks the registry (`tokens_per_image(cfg)`, `is_multimodal(cfg)`, ...).
+
+    registry.register_encoder("patch_mean", EncoderSpec(module=..., config=..., ...))
+    cfg.vision.type = "patch_mean"; model = registry.build_model(cfg)
+
+Fields that select a part: `model_type` (composed model), `vision.type` (encoder),
+`projector.type` (connector), `text.model_type` (decoder).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Optional
+
+import ml_collections
+
+
+class UnsupportedModelError(ValueError):
+    """A config (ours or HF's) names a model, part or setting that is not available."""
+
+
+class Registry:
+    """Named entries of one kind; `field` is the config field that selects one."""
+
+    def __init__(self, kind: str, field: str):
+        self.kind, self.field = kind, field
+        self._entries: dict[str, Any] = {}
+
+    def register(self, name: str, entry, *, replace: bool = False):
+        if not replace and name in self._entries and self._entries[name] is not entry:
+            raise ValueError(f"{self.kind} {name!r} is already registered; pass replace=True "
+                             "to replace it")
+        self._entries[name] = entry
+        return entry
+
+    def get(self, name: str):
+        if name not in self._entries:
+            near = difflib.get_close_matches(str(name), self.names(), n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise UnsupportedModelError(
+                f"unknown {self.kind} {name!r} ({self.field}){hint} Registered: "
+                f"{', '.join(self.names())}. A new one is registered with "
+                f"mllm_jax.models.registry.register_{self.kind}.")
+        return self._entries[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def items(self):
+        return sorted(self._entries.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """A modality encoder. `module(cfg)` (cfg: the composed model config, the encoder's own
+    fields under `cfg.vision`) is a Linen module mapping NHWC pixels [n, h, w, c] to features
+    [n, tokens, d]. Its config must have `type`, `image_size` and `num_channels`."""
+
+    module: Callable[[Any], Any]
+    config: Callable[..., ml_collections.ConfigDict]
+    tokens_per_image: Callable[[Any], int]  # (composed cfg) -> features per image
+    flops: Optional[Callable[[Any], float]] = None  # (composed cfg) -> forward FLOPs / image
+    feature_size: Optional[Callable[[Any], int]] = None  # (composed cfg) -> d of features
+    from_hf: Optional[Callable[..., ml_collections.ConfigDict]] = None  # (hf dict, where)
+    to_hf: Optional[Callable[[Any], dict]] = None  # (vision cfg) -> HF vision_config
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorSpec:
+    """A connector from encoder features to the LLM's embeddings. `module(cfg)` maps
+    [n, tokens_in, d_enc] to [n, tokens_out, d_llm]."""
+
+    module: Callable[[Any], Any]
+    config: Callable[..., ml_collections.ConfigDict]
+    tokens_out: Callable[[Any, int], int] = lambda cfg, tokens_in: tokens_in
+    # (cfg, tokens_in, feature size in) -> forward FLOPs per image
+    flops: Optional[Callable[[Any, int, int], float]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+    """A decoder-only LLM stack. `module(text_cfg, dtype, param_dtype, scan_layers,
+    remat_policy)` has `embed(ids)` and `__call__(embeds, attention_mask, segment_ids,
+    position_ids, *, cache=None, kv_mask=None, prefill=False)`; `init_cache(text_cfg, batch,
+    max_len, dtype, scan_layers)` is its empty KV cache."""
+
+    module: Callable[..., Any]
+    config: Callable[..., ml_collections.ConfigDict]
+    init_cache: Callable[..., dict]
+    reorder_cache: Callable[..., dict]  # (cache, rows, scan_layers): batch rows gathered
+    flops: Optional[Callable[[Any, int], float]] = None  # (text cfg, seq) -> forward FLOPs
+    from_hf: Optional[Callable[..., ml_collections.ConfigDict]] = None
+    to_hf: Optional[Callable[[Any], dict]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """A composed model. `module(cfg)` is the Linen module `build_model` returns."""
+
+    module: Callable[[Any], Any]
+    config: Callable[..., ml_collections.ConfigDict]
+    init_inputs: Callable[[Any], tuple]  # (cfg) -> positional arguments for module.init
+    # (cfg, image_size (h, w) or None) -> image tokens per image; None: the model takes no
+    # images with its text.
+    tokens_per_image: Optional[Callable[[Any], int]] = None
+    # (cfg) -> the token id whose positions receive image features.
+    image_token_id: Callable[[Any], Optional[int]] = lambda cfg: cfg.get("image_token_index")
+    generates: bool = True  # has init_cache / prefill / decode_step
+    # (HF config.json model_type) -> whether this family reads such checkpoints.
+    reads_hf: Callable[[str], bool] = lambda hf_model_type: False
+    from_hf: Optional[Callable[..., ml_collections.ConfigDict]] = None  # (hf dict, where)
+    to_hf: Optional[Callable[[Any], dict]] = None
+    # Checkpoint key spellings other than the canonical one: [(regex, replacement), ...].
+    key_aliases: tuple = ()
+    # (cfg) -> regexes of checkpoint keys that the model does not use (skipped on load).
+    unused_keys: Callable[[Any], list] = lambda cfg: []
+    # (cfg, batch, seq, images_per_sample, trainable parameter tree) -> model FLOPs per
+    # training step (matmuls, 2 per multiply-add; see `train.flops`).
+    train_flops: Optional[Callable[..., float]] = None
+
+
+ENCODERS = Registry("encoder", "vision.type")
+CONNECTORS = Registry("connector", "projector.type")
+DECODERS = Registry("decoder", "text.model_type")
+MODELS = Registry("model", "model_type")
+
+
+def register_encoder(name: str, spec: EncoderSpec, **kw) -> EncoderSpec:
+    return ENCODERS.register(name, spec, **kw)
+
+
+def register_connector(name: str, spec: ConnectorSpec, **kw) -> ConnectorSpec:
+    return CONNECTORS.register(name, spec, **kw)
+
+
+def register_decoder(name: str, spec: DecoderSpec, **kw) -> DecoderSpec:
+    return DECODERS.register(name, spec, **kw)
+
+
+def register_model(name: str, family: ModelFamily, **kw) -> ModelFamily:
+    return MODELS.register(name, family, **kw)
+
+
+def family(cfg) -> ModelFamily:
+    return MODELS.get(cfg.get("model_type"))
+
+
+def family_for_hf(hf_model_type: str) -> tuple[str, ModelFamily]:
+    """(name, family) of the model family that reads HF checkpoints of this model_type."""
+    for name, fam in MODELS.items():
+        if fam.from_hf is not None and fam.reads_hf(hf_model_type):
+            return name, fam
+    readable = [n for n, f in MODELS.items() if f.from_hf is not None]
+    raise UnsupportedModelError(
+        f"HF model_type {hf_model_type!r} is not supported; the registered families read: "
+        f"{', '.join(readable)} (see each family's reads_hf)")
+
+
+def build_model(cfg: ml_collections.ConfigDict):
+    """A Linen module for a model config (see `mllm_jax.presets`)."""
+    return family(cfg).module(cfg)
+
+
+def is_multimodal(cfg) -> bool:
+    """Whether the model takes images together with its text (image tokens in input_ids)."""
+    return family(cfg).tokens_per_image is not None
+
+
+def tokens_per_image(cfg, image_size=None) -> int:
+    """How many image-token positions one image fills in `input_ids` (`image_size` (h, w):
+    default the configured resolution): the one answer that the model, the data pipeline,
+    generation, synthetic batches and the FLOP counter all use."""
+    fn = family(cfg).tokens_per_image
+    if fn is None:
+        raise UnsupportedModelError(f"model_type {cfg.model_type!r} takes no images")
+    return int(fn(cfg, image_size))
+
+
+def image_token_id(cfg):
+    """The id of the image placeholder tokens (None for a model that takes no images)."""
+    return family(cfg).image_token_id(cfg) if is_multimodal(cfg) else None
+
+
+def generates(cfg) -> bool:
+    return family(cfg).generates
+
+
+def init_inputs(cfg) -> tuple:
+    """Arguments with which `module.init` creates every parameter (shapes only matter)."""
+    return family(cfg).init_inputs(cfg)
