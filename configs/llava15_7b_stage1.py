@@ -11,7 +11,7 @@ def get_config():
     c = recipe.llava15("llava-1.5-7b")
     c.stage.name = "stage1"
     c.stage.trainable = [recipe.PROJECTOR]
-    c.optim.lr = 1e-3
+    c.train.lr = 1e-3
     c.train.global_batch_size = 256
     c.train.num_steps = 2181
     return c

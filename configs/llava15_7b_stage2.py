@@ -11,7 +11,7 @@ def get_config():
     c = recipe.llava15("llava-1.5-7b")
     c.stage.name = "stage2"
     c.stage.trainable = [recipe.PROJECTOR, recipe.LLM]
-    c.optim.lr = 2e-5
+    c.train.lr = 2e-5
     c.train.global_batch_size = 128
     c.train.num_steps = 5197
     return c

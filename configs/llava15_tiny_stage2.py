@@ -6,7 +6,7 @@ def get_config():
     c = recipe.base("tiny-llava")
     c.stage.name = "stage2"
     c.stage.trainable = [recipe.PROJECTOR, recipe.LLM]
-    c.optim.lr = 2e-5
+    c.train.lr = 2e-5
     c.train.update(global_batch_size=8, num_steps=6, log_every=2, checkpoint_every=2)
     c.data.text_len = 16
     return c

@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, FileExistsError, CheckpointMismatchError,
             UnsupportedModelError, KeyError, ValueError) as e:
         # Problems with the user's files: the message says what is wrong; no traceback.
-        print(f"mllm-jax {args.command}: error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # no repr quotes
+        print(f"mllm-jax {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -15,7 +15,8 @@ from mllm_jax.convert import load_hf
 from mllm_jax.data.templates import build_prompt
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.infer.generate import generate
-from mllm_jax.infer.prompting import image_config_for, tokens_per_image
+from mllm_jax.infer.prompting import image_config_for
+from mllm_jax.models import tokens_per_image
 from mllm_jax.data import image as image_lib
 from test_templates import make_hf
 

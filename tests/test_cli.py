@@ -360,7 +360,7 @@ def test_train_runs_a_recipe_with_dotted_overrides(tmp_path, capsys):
     cfg = os.path.join(REPO, "configs", "llava15_tiny_stage1.py")
     assert main(["train", "--config", cfg, "--workdir", str(workdir),
                  "--config.train.num_steps=2", "--config.train.log_every", "1",
-                 "--config.optim.lr=2e-3"]) == 0
+                 "--config.train.lr=2e-3"]) == 0
     out = capsys.readouterr().out
     assert "step 1/2" in out and "step 2/2" in out
     assert "finished 2 steps" in out

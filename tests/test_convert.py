@@ -22,6 +22,9 @@ import mllm_jax
 from mllm_jax.convert import hf_config, hf_keys, safetensors_io
 from mllm_jax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsFile
 from mllm_jax.models import rope
+from mllm_jax.models import llava as llava_family
+from mllm_jax.models.decoders import llama as llama_decoder
+from mllm_jax.models.encoders import clip as clip_encoder
 
 # ---- tiny HF checkpoints -------------------------------------------------------------------
 
@@ -560,19 +563,19 @@ def compare_configs(theirs_a, theirs_b):
 @pytest.mark.parametrize("model_type", sorted(TEXT_CONFIGS))
 def test_text_defaults_are_transformers_defaults(model_type):
     theirs = TEXT_CONFIGS[model_type]()
-    for k, v in hf_config.TEXT_DEFAULTS[model_type].items():
+    for k, v in llama_decoder.TEXT_DEFAULTS[model_type].items():
         want = _hf_rope(theirs)[0] if k == "rope_theta" else getattr(theirs, k, None)
         assert v == want, (k, v, want)
     # And a config.json with nothing but the model type parses to transformers' defaults.
-    assert_text_matches(hf_config.text_from_hf({"model_type": model_type}), theirs)
+    assert_text_matches(llama_decoder.text_from_hf({"model_type": model_type}), theirs)
 
 
 def test_vision_defaults_are_transformers_defaults():
     theirs = transformers.CLIPVisionConfig()
-    assert hf_config.VISION_DEFAULTS == {k: getattr(theirs, k) for k in hf_config.VISION_DEFAULTS}
-    assert_vision_matches(hf_config.vision_from_hf({}), theirs)
+    assert clip_encoder.VISION_DEFAULTS == {k: getattr(theirs, k) for k in clip_encoder.VISION_DEFAULTS}
+    assert_vision_matches(clip_encoder.vision_from_hf({}), theirs)
     llava_vision = transformers.LlavaConfig().vision_config
-    for k, v in hf_config.LLAVA_VISION_DEFAULTS.items():
+    for k, v in llava_family.LLAVA_VISION_DEFAULTS.items():
         assert v == getattr(llava_vision, k), k
     assert_llava_matches(hf_config.from_hf({"model_type": "llava"}), transformers.LlavaConfig())
 
@@ -700,7 +703,7 @@ ROPE_CASES = {
 def test_rope_fields_v4_and_v5_parse(name):
     d = {"model_type": "llama", "max_position_embeddings": 131072, **ROPE_CASES[name]}
     theirs = transformers.LlamaConfig(**json.loads(json.dumps(d)))
-    ours = hf_config.text_from_hf(d)
+    ours = llama_decoder.text_from_hf(d)
     theta, params = _hf_rope(theirs)
     assert ours.rope_theta == theta
     if params["rope_type"] == "default":
@@ -710,6 +713,6 @@ def test_rope_fields_v4_and_v5_parse(name):
             params["rope_type"]
     assert_text_matches(ours, theirs)
     # What we write back (v4 spelling) transformers reads as the same rope.
-    again = transformers.LlamaConfig(**hf_config.text_to_hf(ours))
+    again = transformers.LlamaConfig(**llama_decoder.text_to_hf(ours))
     assert _hf_rope(again)[0] == theta
     np.testing.assert_array_equal(_hf_inv_freq(again), _hf_inv_freq(theirs))

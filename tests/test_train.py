@@ -33,7 +33,7 @@ def _config(recipe, mesh=MESH_222, lr=1e-4, **train):
     """
     c = recipe.get_config()
     c.mesh.update(**mesh)
-    c.optim.update(lr=lr, warmup_ratio=0.0)
+    c.train.update(lr=lr, warmup_ratio=0.0)
     c.train.update(num_steps=3, export_final=False, checkpoint_every=1000, log_every=1000,
                    async_checkpointing=False)
     c.train.update(**train)
@@ -166,7 +166,7 @@ def test_stage1_step_computes_no_frozen_weight_gradients(stage1_trainer, init_pa
     # The matmul model: stage 1 = vision fwd + projector fwd/wgrad + LLM fwd/dgrad;
     # stage 2 adds the LLM's weight gradients (another LLM forward's worth).
     expected = [flops_lib.train_step_flops(c.model, c.train.global_batch_size, data.seq_len,
-                                           1, loop.trained_parts(c, t.state.params))
+                                           1, t.state.params)
                 for c, t in ((cfg1, t1), (cfg2, t2))]
     ratio, expected_ratio = f1 / f2, expected[0] / expected[1]
     print(f"step FLOPs stage1 {f1:.4g} stage2 {f2:.4g} ratio {ratio:.3f} "

@@ -31,7 +31,7 @@ def llava_json_config(json_path, tokenizer_dir, num_steps, **data):
     c.model.text.vocab_size = 1024
     assert tok.image_token_id < 1024
     c.model.image_token_index = tok.image_token_id
-    c.optim.update(lr=1e-3, warmup_ratio=0.0)
+    c.train.update(lr=1e-3, warmup_ratio=0.0)
     c.train.update(global_batch_size=8, num_steps=num_steps, log_every=1, checkpoint_every=2,
                    async_checkpointing=False, export_final=False)
     c.data.update(source="llava_json", json=str(json_path), tokenizer=tokenizer_dir,

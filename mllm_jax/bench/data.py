@@ -63,6 +63,8 @@ def run(samples=64, batch=16, workers=2, image_size=336, max_length=2048, tokeni
     from mllm_jax.data.llava_json import read_llava_json
     from mllm_jax.data.pipeline import LlavaPipeline
     from mllm_jax.data.tokenizer import load_tokenizer
+    from mllm_jax.models import registry
+    from mllm_jax import presets
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         names = _make_images(tmp, samples, rng)
@@ -81,7 +83,9 @@ def run(samples=64, batch=16, workers=2, image_size=336, max_length=2048, tokeni
         cfg = ImageProcessorConfig(mode="pad", size={"shortest_edge": image_size},
                                    crop_size=image_size, image_mean=CLIP_MEAN,
                                    image_std=CLIP_STD)
-        tokens_per_image = (image_size // 14) ** 2
+        model_cfg = presets.get("llava-1.5-7b")  # a CLIP ViT-L/14 tower at image_size
+        model_cfg.vision.image_size = image_size
+        tokens_per_image = registry.tokens_per_image(model_cfg)
         pipe = LlavaPipeline(read_llava_json(path), load_tokenizer(tok_dir), cfg, "vicuna_v1",
                              global_batch_size=batch, max_length=max_length, max_images=1,
                              image_tokens_per_image=tokens_per_image, seed=seed,

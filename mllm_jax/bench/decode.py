@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mllm_jax.models import registry
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -52,17 +54,18 @@ def main(args) -> int:
 # ---- model and prompts -----------------------------------------------------------------------
 
 def build(preset: str, dtype: str = "float32", seed: int = 0):
-    """The preset as a LLaVA model with random (seeded) parameters in `dtype`."""
+    """The preset (a model that takes images) with random (seeded) parameters in `dtype`."""
     import flax.linen as nn
 
     from mllm_jax import build_model, presets
     cfg = presets.get(preset)
-    if cfg.model_type != "llava":
-        raise ValueError(f"bench decode needs a llava preset; {preset!r} is {cfg.model_type!r}")
+    if not (registry.is_multimodal(cfg) and registry.generates(cfg)):
+        raise ValueError(f"bench decode needs a preset that generates from images; {preset!r} "
+                         f"is {cfg.model_type!r}")
     cfg.dtype = cfg.param_dtype = dtype
     model = build_model(cfg)
-    ids = jnp.zeros((1, 1), jnp.int32)
-    params = jax.jit(lambda k: nn.meta.unbox(model.init(k, ids)["params"]))(
+    inputs = registry.init_inputs(cfg)
+    params = jax.jit(lambda k: nn.meta.unbox(model.init(k, *inputs)["params"]))(
         jax.random.PRNGKey(seed))
     return model, params
 
@@ -75,14 +78,15 @@ def prompts(cfg, batch: int, text_len: int, seed: int = 0):
                          f"{text_len}")
     rs = np.random.RandomState(seed)
     t = cfg.text
-    special = {t.bos_token_id, t.eos_token_id, t.get("pad_token_id"), cfg.image_token_index}
+    image_id = registry.image_token_id(cfg)
+    special = {t.bos_token_id, t.eos_token_id, t.get("pad_token_id"), image_id}
     allowed = np.array([i for i in range(3, t.vocab_size) if i not in special])
     before = (text_len - 1) // 2
     rows = []
     for _ in range(batch):
         text = rs.choice(allowed, text_len - 1)
         rows.append(np.concatenate([[t.bos_token_id], text[:before],
-                                    np.full(cfg.image_seq_length, cfg.image_token_index),
+                                    np.full(registry.tokens_per_image(cfg), image_id),
                                     text[before:]]))
     v = cfg.vision
     pixels = rs.standard_normal((batch, v.image_size, v.image_size, v.num_channels))
@@ -90,15 +94,17 @@ def prompts(cfg, batch: int, text_len: int, seed: int = 0):
 
 
 def torch_model(model, params, dtype: str = "float32"):
-    """transformers' LlavaForConditionalGeneration holding `params` (written by `save_hf`)."""
+    """The transformers class named by the exported config's `architectures` (for LLaVA
+    `LlavaForConditionalGeneration`) holding `params` (written by `save_hf`)."""
     import torch
     import transformers
 
     from mllm_jax import save_hf
+    from mllm_jax.convert import hf_config
+    cls = getattr(transformers, hf_config.to_hf(model.cfg)["architectures"][0])
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(model, params, tmp)
-        ref = transformers.LlavaForConditionalGeneration.from_pretrained(
-            tmp, dtype=getattr(torch, dtype))
+        ref = cls.from_pretrained(tmp, dtype=getattr(torch, dtype))
     return ref.eval()
 
 
@@ -199,7 +205,7 @@ def run(preset="llava-bench-small", batches=(1, 8), new_tokens=64, prompt_text_l
     model, params = build(preset, dtype, seed)
     out = {"preset": preset, "dtype": dtype, "batches": list(batches),
            "new_tokens": new_tokens, "prompt_text_len": prompt_text_len,
-           "image_tokens": int(model.cfg.image_seq_length), "repeats": repeats,
+           "image_tokens": registry.tokens_per_image(model.cfg), "repeats": repeats,
            "threads": threads, "jax_version": jax.__version__,
            "jax_backend": jax.default_backend(),
            "load_avg_1m_start": round(os.getloadavg()[0], 2)}

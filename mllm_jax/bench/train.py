@@ -26,7 +26,7 @@ def bench_config(preset="llava-bench-small", stage=2, batch=4, text_len=256, dty
     c.model.dtype = dtype
     c.train.global_batch_size = batch
     c.train.num_steps = 1000
-    c.optim.warmup_ratio = 0.0
+    c.train.warmup_ratio = 0.0
     c.mesh.update(data=1, fsdp=1, tensor=1)
     c.data.text_len = text_len - 1  # the BOS token counts as text
     return c

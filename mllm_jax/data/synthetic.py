@@ -7,6 +7,7 @@ cycles through n batches (a model must be able to overfit them: a sanity check).
 """
 import numpy as np
 
+from mllm_jax.models import registry
 from mllm_jax.train.losses import IGNORE_INDEX
 
 
@@ -21,12 +22,13 @@ class SyntheticSource:
         self.global_batch_size = global_batch_size
         self.text_len = text_len
         self.seed = seed
-        self.images = images_per_sample if model_cfg.model_type == "llava" else 0
+        self.images = images_per_sample if registry.is_multimodal(model_cfg) else 0
         self.objective = objective
         self.nan_batches = set(int(i) for i in nan_batches)  # by batch index, not content
         self.distinct_batches = int(distinct_batches or 0)
         if self.nan_batches and not self.images:
-            raise ValueError("nan_batches needs image inputs (a llava model) to inject NaNs")
+            raise ValueError("nan_batches needs image inputs (a model that takes images) to "
+                             "inject NaNs")
         self.local = slice(process_index * global_batch_size // process_count,
                            (process_index + 1) * global_batch_size // process_count)
         self.next_index = 0
@@ -54,17 +56,13 @@ class SyntheticSource:
         return 1 + self.images * self._image_tokens() + self.text_len
 
     def _image_tokens(self) -> int:
-        c = self.cfg
-        if not self.images:
-            return 0
-        n = (c.vision.image_size // c.vision.patch_size) ** 2
-        return n + (1 if c.vision_feature_select_strategy == "full" else 0)
+        return registry.tokens_per_image(self.cfg) if self.images else 0
 
     def _sequence(self, rng, b):
         """Token ids, attention mask and labels for b samples: BOS, image tokens, a prompt,
         then an answer (the only part with loss), then padding."""
         t = self.cfg.text
-        image_index = self.cfg.get("image_token_index", -1)
+        image_index = registry.image_token_id(self.cfg) if self.images else -1
         s = self.seq_len
         ids = rng.integers(3, t.vocab_size - 1, size=(b, s))
         ids[ids == image_index] = 3

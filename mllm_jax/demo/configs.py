@@ -162,7 +162,7 @@ def stage_config(s: Settings, name: str, model: ml_collections.ConfigDict, data_
     c.stage.update(name=name, trainable=list(trainable), objective=objective)
     if objective == "dpo":
         c.stage.objective_kwargs = {"beta": run.beta}
-    c.optim.update(lr=run.lr, warmup_ratio=run.warmup, weight_decay=0.0)
+    c.train.update(lr=run.lr, warmup_ratio=run.warmup, weight_decay=0.0)
     c.train.update(global_batch_size=run.batch, num_steps=run.steps, seed=s.seed,
                    log_every=max(1, run.steps // 10), checkpoint_every=run.steps + 1,
                    keep_checkpoints=1, async_checkpointing=False, export_final=True)

@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from mllm_jax.models import registry
+
 COT_INSTRUCTION = ("\nFirst explain your reasoning step by step, then give the final answer "
                    "after 'Answer:'.")
 COT_MAX_NEW_TOKENS = 512
@@ -479,8 +481,8 @@ def load_runtime(options: EvalOptions):
     model, params = load_hf(options.ckpt, dtype=options.dtype)
     if mesh is not None:
         params = place_on_mesh(model, params, mesh, None, None)[0]
-    args = options  # the image_cfg line below reads args.ckpt
-    image_cfg = image_config_for(model, args.ckpt) if model.cfg.model_type == "llava" else None
+    image_cfg = (image_config_for(model, options.ckpt) if registry.is_multimodal(model.cfg)
+                 else None)
     return model, params, load_tokenizer(options.ckpt), image_cfg, mesh
 
 

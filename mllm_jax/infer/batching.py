@@ -22,6 +22,7 @@ import numpy as np
 from mllm_jax.data import image as image_lib
 from mllm_jax.data.templates import IMAGE_PLACEHOLDER, build_prompt
 from mllm_jax.infer.generate import generate
+from mllm_jax.models import registry
 
 
 def image_config_for(model, checkpoint_dir):
@@ -32,12 +33,6 @@ def image_config_for(model, checkpoint_dir):
     size = model.cfg.vision.image_size
     return image_lib.ImageProcessorConfig(mode="crop", size={"shortest_edge": size},
                                           crop_size=size)
-
-
-def tokens_per_image(cfg) -> int:
-    grid = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
-    return grid + (1 if cfg.vision_feature_select_strategy == "full" else 0)
-
 
 
 @dataclasses.dataclass
@@ -74,10 +69,6 @@ def read_image(image):
     return image_lib.read_image(image)
 
 
-def _is_multimodal(model) -> bool:
-    return model.cfg.model_type == "llava"
-
-
 def encode_prompt(model, tokenizer, conversation: Conversation, template, *,
                   system=None) -> np.ndarray:
     """int32 prompt ids (image placeholders expanded to the model's image tokens)."""
@@ -85,13 +76,14 @@ def encode_prompt(model, tokenizer, conversation: Conversation, template, *,
     if count != len(conversation.images):
         raise ValueError(f"sample {conversation.sample_id!r}: {count} {IMAGE_PLACEHOLDER} "
                          f"placeholders but {len(conversation.images)} images")
-    if count and not _is_multimodal(model):
+    multimodal = registry.is_multimodal(model.cfg)
+    if count and not multimodal:
         raise ValueError(f"sample {conversation.sample_id!r} has images, but the checkpoint "
                          f"has no vision tower")
-    multimodal = _is_multimodal(model)
     return build_prompt(conversation.messages, template, tokenizer,
-                        image_tokens_per_image=tokens_per_image(model.cfg) if multimodal else 0,
-                        image_token_id=model.cfg.image_token_index if multimodal else None,
+                        image_tokens_per_image=(registry.tokens_per_image(model.cfg)
+                                                if multimodal else 0),
+                        image_token_id=registry.image_token_id(model.cfg),
                         system=system, sample_id=conversation.sample_id)
 
 

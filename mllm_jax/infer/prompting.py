@@ -2,7 +2,8 @@
 image processor and template of the checkpoint, then `generate`."""
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.infer import batching
-from mllm_jax.infer.batching import image_config_for, tokens_per_image  # noqa: F401
+from mllm_jax.infer.batching import image_config_for
+from mllm_jax.models import registry
 
 
 class Session:
@@ -15,7 +16,7 @@ class Session:
         self.tokenizer = load_tokenizer(checkpoint_dir)
         self.template, self.system = template, system
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
-        self.multimodal = model.cfg.model_type == "llava"
+        self.multimodal = registry.is_multimodal(model.cfg)
         self.image_cfg = image_config_for(model, checkpoint_dir) if self.multimodal else None
         self.turns, self.images = [], []
 

@@ -252,5 +252,5 @@ register_model("llava", ModelFamily(
     module=Llava, config=mc.llava_config,
     init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
     tokens_per_image=tokens_per_image,
-    reads_hf=lambda t: t == "llava", from_hf=llava_from_hf, to_hf=llava_to_hf,
+    hf_model_types=lambda: ("llava",), from_hf=llava_from_hf, to_hf=llava_to_hf,
     key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops))

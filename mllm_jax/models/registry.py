@@ -115,8 +115,8 @@ class ModelFamily:
     # (cfg) -> the token id whose positions receive image features.
     image_token_id: Callable[[Any], Optional[int]] = lambda cfg: cfg.get("image_token_index")
     generates: bool = True  # has init_cache / prefill / decode_step
-    # (HF config.json model_type) -> whether this family reads such checkpoints.
-    reads_hf: Callable[[str], bool] = lambda hf_model_type: False
+    # () -> the HF config.json model_type values whose checkpoints this family reads.
+    hf_model_types: Callable[[], tuple] = tuple
     from_hf: Optional[Callable[..., ml_collections.ConfigDict]] = None  # (hf dict, where)
     to_hf: Optional[Callable[[Any], dict]] = None
     # Checkpoint key spellings other than the canonical one: [(regex, replacement), ...].
@@ -156,13 +156,15 @@ def family(cfg) -> ModelFamily:
 
 def family_for_hf(hf_model_type: str) -> tuple[str, ModelFamily]:
     """(name, family) of the model family that reads HF checkpoints of this model_type."""
+    readable = {}
     for name, fam in MODELS.items():
-        if fam.from_hf is not None and fam.reads_hf(hf_model_type):
-            return name, fam
-    readable = [n for n, f in MODELS.items() if f.from_hf is not None]
+        if fam.from_hf is not None:
+            readable[name] = tuple(fam.hf_model_types())
+            if hf_model_type in readable[name]:
+                return name, fam
+    listing = "; ".join(f"{', '.join(types)} (as {name})" for name, types in readable.items())
     raise UnsupportedModelError(
-        f"HF model_type {hf_model_type!r} is not supported; the registered families read: "
-        f"{', '.join(readable)} (see each family's reads_hf)")
+        f"HF model_type {hf_model_type!r} is not supported; supported: {listing}")
 
 
 def build_model(cfg: ml_collections.ConfigDict):

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -19,12 +20,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mllm_jax import sharding
-from mllm_jax.models import build_model
+from mllm_jax.data.sources import make_data
+from mllm_jax.models import build_model, registry
 from mllm_jax.train import flops as flops_lib
 from mllm_jax.train import partition, step as step_lib
+from mllm_jax.train.objectives import Objective, make_objective
 from mllm_jax.train.optimizer import make_optimizer
-
-OBJECTIVES = {"lm": step_lib.lm_objective, "dpo": step_lib.dpo_objective}
 
 
 class TrainingStopped(RuntimeError):
@@ -44,13 +45,9 @@ def maybe_initialize_distributed(cfg):
     jax.distributed.initialize(**kw)
 
 
-def _dummy_inputs(mcfg):
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return (ids,)
-
-
 def abstract_boxed_params(model, mcfg, seed):
-    return jax.eval_shape(model.init, jax.random.PRNGKey(seed), *_dummy_inputs(mcfg))["params"]
+    return jax.eval_shape(model.init, jax.random.PRNGKey(seed),
+                          *registry.init_inputs(mcfg))["params"]
 
 
 def initial_params(cfg, model, boxed, shardings):
@@ -66,9 +63,10 @@ def initial_params(cfg, model, boxed, shardings):
         from mllm_jax.convert.orbax_io import load_orbax
         _, params = load_orbax(init.orbax_checkpoint, shardings=flat_sh)
         return params
-    init_fn = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, *_dummy_inputs(cfg.model))
-                                                ["params"]), out_shardings=flat_sh)
-    return init_fn(jax.random.PRNGKey(init.get("seed", 0)))
+    inputs = registry.init_inputs(cfg.model)
+    init_fn = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, *inputs)["params"]),
+                      out_shardings=flat_sh)
+    return init_fn(jax.random.PRNGKey(init.seed))
 
 
 def _flat_select(tree, reference):
@@ -81,112 +79,11 @@ def _flat_select(tree, reference):
 
 def state_shardings(tx, boxed_trainable, mesh, rules, rng):
     """Shardings of the TrainState: optimizer moments inherit their parameter's axes."""
-    abstract = jax.eval_shape(lambda: step_lib.init_state(boxed_trainable, tx, rng))
+    abstract = jax.eval_shape(lambda r: step_lib.init_state(boxed_trainable, tx, r), rng)
     specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), rules)
     sh = jax.tree_util.tree_map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     return sh
-
-
-def trained_parts(cfg, trainable):
-    keys = set(trainable)
-    return {"vision": "vision_tower" in keys, "projector": "multi_modal_projector" in keys,
-            "llm": "language_model" in keys or "model" in keys or "lm_head" in keys}
-
-
-def make_data(cfg, process_index, process_count, workdir=None):
-    """This process's batch iterator (with get_state/set_state) for `cfg.data.source`:
-    `synthetic` (deterministic random batches), `llava_json` (a LLaVA-format JSON file and an
-    image folder, through `data.pipeline.LlavaPipeline`) or `tfds` (a prepared
-    `data.tfds_builders` dataset directory, `data.tfds_dir`, images read from memory).
-
-    With stage.objective "dpo" the JSON file (or TFDS dataset) holds preference pairs
-    {id, image, prompt, chosen, rejected} and the pipeline yields the DPO batch keys.
-    A non-empty `data.mixture` ([{"json" or "tfds_dir", "image_root", "weight"}, ...]) mixes
-    several such sources with `data.pipeline.MixturePipeline` (seeded by data.seed)."""
-    d = cfg.data
-    if d.source == "synthetic":
-        from mllm_jax.data.synthetic import SyntheticSource
-        return SyntheticSource(cfg.model, cfg.train.global_batch_size, d.text_len,
-                               seed=d.get("seed", 0), images_per_sample=d.get("images", 1),
-                               objective=cfg.stage.objective,
-                               nan_batches=tuple(d.get("nan_batches") or ()),
-                               distinct_batches=d.get("distinct_batches", 0),
-                               process_index=process_index, process_count=process_count)
-    if d.source in ("llava_json", "tfds"):
-        return _llava_json_pipeline(cfg, process_index, process_count, workdir)
-    raise ValueError(f"unknown data.source {d.source!r} (available: synthetic, llava_json, "
-                     f"tfds)")
-
-
-def _records(source, spec, objective):
-    """The records of one data source: spec has "json" (+ "image_root") or "tfds_dir"."""
-    if source == "tfds" or spec.get("tfds_dir"):
-        from mllm_jax.data.tfds_builders import PreferenceRecord, records_from_tfds
-        if not spec.get("tfds_dir"):
-            raise ValueError("data.source=tfds needs data.tfds_dir (a prepared dataset "
-                             "directory)")
-        records = list(records_from_tfds(spec["tfds_dir"]))
-        prefs = sum(isinstance(r, PreferenceRecord) for r in records)
-        if records and (objective == "dpo") != (prefs == len(records)):
-            raise ValueError(f"{spec['tfds_dir']}: stage.objective={objective} needs "
-                             f"{'preference' if objective == 'dpo' else 'conversation'} "
-                             f"records")
-        return records
-    if not spec.get("json"):
-        raise ValueError(f"data.source={source} needs data.json (a path)")
-    from mllm_jax.data.llava_json import read_llava_json, read_preference_json
-    read = read_preference_json if objective == "dpo" else read_llava_json
-    return read(spec["json"], spec.get("image_root") or None)
-
-
-def _llava_json_pipeline(cfg, process_index, process_count, workdir):
-    from mllm_jax.data import image as image_lib
-    from mllm_jax.data.pipeline import LlavaPipeline, MixturePipeline
-    from mllm_jax.data.tokenizer import load_tokenizer
-    d, m = cfg.data, cfg.model
-    objective = cfg.stage.objective
-    if objective not in ("lm", "dpo"):
-        raise ValueError(f"data.source={d.source} feeds the lm and dpo objectives, not "
-                         f"{objective!r}")
-    if not d.get("tokenizer"):
-        raise ValueError(f"data.source={d.source} needs data.tokenizer (a path)")
-    if d.get("processor"):
-        image_cfg = image_lib.load_image_processor_config(d.processor,
-                                                          mode=d.get("image_mode") or None)
-    else:  # the model's own resolution with CLIP's mean/std
-        v = m.vision
-        image_cfg = image_lib.ImageProcessorConfig(
-            mode=d.get("image_mode") or "crop", size={"shortest_edge": v.image_size},
-            crop_size=v.image_size)
-    grid = (m.vision.image_size // m.vision.patch_size) ** 2
-    tokens = grid + (1 if m.vision_feature_select_strategy == "full" else 0)
-    tokenizer = load_tokenizer(d.tokenizer)
-    mixture = [dict(s) for s in (d.get("mixture") or [])]
-
-    def pipeline(records, seed, **kw):
-        return LlavaPipeline(
-            records, tokenizer, image_cfg, d.get("template") or "vicuna_v1",
-            max_length=d.max_length, max_images=d.get("images", 1),
-            image_tokens_per_image=tokens, image_token_id=m.image_token_index, seed=seed,
-            process_index=process_index, process_count=process_count,
-            num_workers=d.get("workers", 4), workdir=workdir, mode=objective, **kw)
-
-    seed = d.get("seed", 0)
-    if mixture:
-        # Each source its own order (seed + k) and report file (data_report.source{k}.*).
-        sources = [(pipeline(_records(d.source, spec, objective), seed + k,
-                             report_name=f"data_report.source{k}"),
-                    float(spec.get("weight", 1.0))) for k, spec in enumerate(mixture)]
-        pipe = MixturePipeline(sources, global_batch_size=cfg.train.global_batch_size,
-                               seed=seed)
-    else:
-        spec = {"json": d.get("json"), "image_root": d.get("image_root"),
-                "tfds_dir": d.get("tfds_dir") if d.source == "tfds" else ""}
-        pipe = pipeline(_records(d.source, spec, objective), seed,
-                        global_batch_size=cfg.train.global_batch_size)
-    pipe.seq_len = d.max_length
-    return pipe
 
 
 class _StopFlag:
@@ -226,22 +123,31 @@ def _shardings_of(tree):
     return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves carrying the given shardings."""
+    return jax.tree_util.tree_map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
+
+
 @dataclasses.dataclass
 class Trainer:
-    """What `train` builds before its first step: mesh, model, optimizer, the trainable
-    state and the frozen trees (placed on the mesh), and the step function. Tests and
-    benchmarks drive it directly to inspect, lower or time a step without the loop."""
+    """What `train` builds before its first step: mesh, model, objective, optimizer, the
+    trainable state and the frozen trees (placed on the mesh, or, from
+    `build_trainer(abstract=True)`, `jax.ShapeDtypeStruct`s carrying their shardings), and
+    the step function. Tests and benchmarks drive it directly to inspect, lower, compile or
+    time a step without the loop."""
 
     cfg: Any
     mesh: jax.sharding.Mesh
     rules: Any
     model: nn.Module
+    objective: Objective
     tx: Any  # optax.GradientTransformation
     schedules: dict  # lr group -> schedule
     state: step_lib.TrainState | None
     state_shardings: Any
     frozen: Any  # frozen parameters (no gradient, no optimizer state)
-    frozen_extra: Any  # e.g. {"ref": reference parameters} for DPO
+    frozen_extra: Any  # the objective's frozen trees, e.g. {"ref": ...} for DPO
     step_fn: Callable  # step(state, frozen, frozen_extra, batch) -> (state, metrics)
 
     def context(self, tracing=False):
@@ -257,13 +163,21 @@ class Trainer:
         return stack
 
     def batch_shardings(self, local_batch) -> dict:
-        return {k: sharding.batch_sharding(self.mesh, np.ndim(v)) for k, v in local_batch.items()}
+        return {k: sharding.batch_sharding(self.mesh, len(np.shape(v)))
+                for k, v in local_batch.items()}
 
     def global_batch(self, local_batch) -> dict:
         """This process's rows of a batch -> global arrays sharded over (data, fsdp)."""
         sh = self.batch_shardings(local_batch)
         return {k: jax.make_array_from_process_local_data(sh[k], v)
                 for k, v in local_batch.items()}
+
+    def abstract_batch(self, global_batch) -> dict:
+        """ShapeDtypeStructs (with their shardings) of a global batch shaped like
+        `global_batch` (arrays or ShapeDtypeStructs), for lowering a step."""
+        sh = self.batch_shardings(global_batch)
+        return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sh[k])
+                for k, v in global_batch.items()}
 
     def jit_step(self, local_batch):
         """The jitted step for batches shaped like `local_batch`; it donates the state."""
@@ -278,54 +192,73 @@ class Trainer:
                        donate_argnums=(0,))
 
 
-def build_trainer(cfg, *, devices=None, params=None) -> Trainer:
-    """Mesh -> model -> parameters -> trainable/frozen split -> optimizer -> state.
+def build_trainer(cfg, *, devices=None, params=None, abstract=False) -> Trainer:
+    """Mesh -> model -> parameters -> trainable/frozen split -> objective -> optimizer ->
+    state.
 
-    devices: the devices to build the mesh from (default: all of them, `jax.devices()`).
+    devices: the devices to build the mesh from (default: all of them, `jax.devices()`);
+      with `abstract=True` any devices, attached or not (e.g. a TPU topology's).
     params: a full parameter tree to start from instead of the one `cfg.init` names.
+    abstract: build everything from shapes and shardings alone, placing nothing on a
+      device: state, frozen trees and the objective's extras are `jax.ShapeDtypeStruct`s
+      with their shardings, so a step can be lowered and compiled ahead of time
+      (`trainer.jit_step(batch).lower(trainer.state, ...)`).
     """
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = sharding.rules_from(cfg)
     model = build_model(cfg.model)
     tc = cfg.train
-    total_steps = int(tc.num_steps)
-    objective_name = cfg.stage.objective
-    if objective_name not in OBJECTIVES:
-        raise ValueError(f"unknown stage.objective {objective_name!r}; known: {list(OBJECTIVES)}")
+    objective = make_objective(cfg.stage, tc.loss_chunk)
+    frozen_dtype = jnp.dtype(cfg.stage.frozen_dtype) if cfg.stage.frozen_dtype else None
+    # The RNG of the state; in the abstract trainer only its shape (nothing is placed).
+    rng = (jax.eval_shape(jax.random.PRNGKey, tc.seed) if abstract
+           else jax.random.PRNGKey(tc.seed))
 
     with mesh, sharding.activation_rules_context(rules):
-        boxed = abstract_boxed_params(model, cfg.model, cfg.init.get("seed", 0))
+        boxed = abstract_boxed_params(model, cfg.model, cfg.init.seed)
         param_sh = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-        if params is None:
+        if abstract:
+            params = _abstract(nn.meta.unbox(boxed), param_sh)
+        elif params is None:
             params = initial_params(cfg, model, boxed, param_sh)
         else:
             params = jax.device_put(params, param_sh)
         trainable, frozen = partition.split(params, cfg.stage.trainable)
-        if objective_name == "dpo" and "vision_tower" in trainable:
-            raise ValueError("DPO shares one vision-tower pass between policy and reference; "
-                             "keep vision_tower frozen in stage.trainable")
-        frozen_dtype = jnp.dtype(cfg.stage.frozen_dtype) if cfg.stage.get("frozen_dtype") else None
-        frozen = partition.cast_floating(frozen, frozen_dtype)
-        frozen_extra = {}
-        if objective_name == "dpo":
-            frozen_extra["ref"] = partition.cast_floating(params, frozen_dtype)
-        del params
+        objective.check(partition.paths(trainable))
         trainable_boxed = _flat_select(boxed, trainable)
-        tx, schedules = make_optimizer(cfg.optim, nn.meta.unbox(trainable_boxed), total_steps)
-        rng = jax.random.PRNGKey(tc.get("seed", 0))
+        tx, schedules = make_optimizer(tc, nn.meta.unbox(trainable_boxed), int(tc.num_steps))
         st_sh = state_shardings(tx, trainable_boxed, mesh, rules, rng)
-        trainable = jax.device_put(trainable, st_sh.params)
-        state = jax.jit(lambda p: step_lib.init_state(p, tx, rng), out_shardings=st_sh)(trainable)
+        if abstract:
+            frozen = _abstract(jax.eval_shape(partial(partition.cast_floating,
+                                                      dtype=frozen_dtype), frozen),
+                               _shardings_of(frozen))
+            extra = jax.eval_shape(lambda p: objective.setup(p, frozen_dtype), params)
+            frozen_extra = _abstract(extra, _extra_shardings(extra, param_sh, mesh))
+            state = _abstract(jax.eval_shape(lambda p, r: step_lib.init_state(p, tx, r),
+                                             trainable, rng), st_sh)
+        else:
+            frozen = partition.cast_floating(frozen, frozen_dtype)
+            frozen_extra = objective.setup(params, frozen_dtype)
+            del params
+            trainable = jax.device_put(trainable, st_sh.params)
+            state = jax.jit(lambda p: step_lib.init_state(p, tx, rng),
+                            out_shardings=st_sh)(trainable)
         del trainable
 
-    objective = OBJECTIVES[objective_name]
-    okw = dict(cfg.stage.get("objective_kwargs") or {})
-    okw.setdefault("chunk_size", tc.get("loss_chunk", 2048))
-    obj = lambda m, p, b, e: objective(m, p, b, e, **okw)  # noqa: E731
-    step_fn = step_lib.make_train_step(model, obj, tx, tc.get("micro_batches", 1))
-    return Trainer(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedules=schedules,
-                   state=state, state_shardings=st_sh, frozen=frozen,
+    step_fn = step_lib.make_train_step(model, objective.loss, tx, tc.micro_batches)
+    return Trainer(cfg=cfg, mesh=mesh, rules=rules, model=model, objective=objective, tx=tx,
+                   schedules=schedules, state=state, state_shardings=st_sh, frozen=frozen,
                    frozen_extra=frozen_extra, step_fn=step_fn)
+
+
+def _extra_shardings(extra, param_sh, mesh):
+    """A frozen extra's leaf is sharded like the parameter at the end of its path (DPO's
+    `ref/...` like the parameters), or replicated."""
+    import flax
+    flat_sh = flax.traverse_util.flatten_dict(param_sh)
+    flat = flax.traverse_util.flatten_dict(extra) if extra else {}
+    out = {k: flat_sh.get(k[1:], sharding.replicated(mesh)) for k in flat}
+    return flax.traverse_util.unflatten_dict(out) if out else {}
 
 
 def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
@@ -348,19 +281,19 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
     total_steps = int(tc.num_steps)
 
     with trainer.context():
-        data = make_data(cfg, jax.process_index(), jax.process_count(), workdir)
+        data = make_data(cfg, jax.process_index(), jax.process_count(), workdir,
+                         trainer.objective)
         ckpt_dir = os.path.join(workdir, "checkpoints")
         mngr = ocp.CheckpointManager(
             ckpt_dir,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=tc.get("keep_checkpoints", 3),
-                save_interval_steps=tc.get("checkpoint_every", 100),
-                enable_async_checkpointing=tc.get("async_checkpointing", True)))
+                max_to_keep=tc.keep_checkpoints,
+                save_interval_steps=tc.checkpoint_every,
+                enable_async_checkpointing=tc.async_checkpointing))
         start = 0
         latest = mngr.latest_step()
         if latest is not None:
-            abstract_state = jax.tree_util.tree_map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, st_sh)
+            abstract_state = _abstract(state, st_sh)
             restored = mngr.restore(latest, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
             state = restored["state"]
@@ -373,13 +306,12 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
         tb = _tensorboard(workdir) if jax.process_index() == 0 else None
         flops_step = flops_lib.train_step_flops(
             cfg.model, tc.global_batch_size, getattr(data, "seq_len", 0),
-            cfg.data.get("images", 1) if cfg.model.model_type == "llava" else 0,
-            trained_parts(cfg, state.params))
+            cfg.data.images, state.params)
         summary = {"start_step": start, "losses": [], "nan_skipped": 0}
         t_last, steps_since = time.time(), 0
         tokens_since = 0
-        max_streak = tc.get("max_nan_streak", 5)
-        every = tc.get("checkpoint_every", 100)
+        max_streak = tc.max_nan_streak
+        every = tc.checkpoint_every
         with _StopFlag() as stop:
             for i in range(start, total_steps):
                 local = next(data)
@@ -409,7 +341,7 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
                     raise TrainingStopped(
                         f"{streak} steps in a row had a non-finite loss or gradient (at step "
                         f"{step_no}); stopping. {where}")
-                if step_no % tc.get("log_every", 10) == 0 or step_no == total_steps:
+                if step_no % tc.log_every == 0 or step_no == total_steps:
                     dt = time.time() - t_last
                     tok_s = tokens_since * jax.process_count() / max(dt, 1e-9)
                     lr = float(schedules["default"](step_no))
@@ -448,7 +380,7 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
                     data=ocp.args.JsonSave(data.get_state())), force=True)
             mngr.wait_until_finished()
         final = partition.merge(state.params, frozen)
-        if cfg.train.get("export_final", True):
+        if tc.export_final:
             from mllm_jax.convert.orbax_io import save_orbax
             # overwrite: a run restarted after it finished (e.g. preempted between this
             # export and exiting) resumes at the last step and exports the same parameters.

@@ -51,15 +51,15 @@ def make_optimizer(cfg, params, total_steps: int):
 
     def adamw(lr):
         return optax.adamw(
-            schedule(lr, total_steps, cfg.get("warmup_ratio", 0.0)),
-            b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
-            weight_decay=cfg.get("weight_decay", 0.0), mask=mask)
+            schedule(lr, total_steps, cfg.warmup_ratio),
+            b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+            weight_decay=cfg.weight_decay, mask=mask)
 
     used = set(jax.tree_util.tree_leaves(labels))
     tx = optax.multi_transform({name: adamw(lr) for name, lr in lrs.items() if name in used},
                                labels)
-    clip = cfg.get("grad_clip", 1.0)
+    clip = cfg.grad_clip
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-    return tx, {name: schedule(lr, total_steps, cfg.get("warmup_ratio", 0.0))
+    return tx, {name: schedule(lr, total_steps, cfg.warmup_ratio)
                 for name, lr in lrs.items()}

@@ -30,6 +30,11 @@ def split(params, patterns):
     return (flax.traverse_util.unflatten_dict(train), flax.traverse_util.unflatten_dict(frozen))
 
 
+def paths(tree) -> list[str]:
+    """The '/'-joined paths of a tree's leaves."""
+    return [path_str(k) for k in flax.traverse_util.flatten_dict(tree)]
+
+
 def merge(trainable, frozen):
     flat = dict(flax.traverse_util.flatten_dict(frozen))
     flat.update(flax.traverse_util.flatten_dict(trainable))

@@ -1,6 +1,9 @@
 """The training config layout and the parameter regexes of the LLaVA stages.
 
-A recipe (`configs/*.py`) is `base(preset)` plus its own overrides."""
+A recipe (`configs/*.py`) is `base(preset)` plus its own overrides. `base` is the one home
+of every training default; the config it returns is locked, so a recipe or an override that
+names a field that does not exist is an error (`train.config_file`), not a silent new key.
+Model configs (`model`) stay open: families differ in their fields."""
 import ml_collections
 
 from mllm_jax import presets, sharding
@@ -19,17 +22,16 @@ def base(preset: str) -> ml_collections.ConfigDict:
     c.stage = ml_collections.ConfigDict({
         "name": "stage1",
         "trainable": [PROJECTOR],
-        "objective": "lm",  # lm | dpo
+        "objective": "lm",  # a registered objective (train.objectives): lm | dpo
         "objective_kwargs": {},  # e.g. {"beta": 0.1} for dpo
         "frozen_dtype": "",  # e.g. "bfloat16": frozen towers stored in bf16
     })
-    c.optim = ml_collections.ConfigDict({
-        "lr": 1e-3, "warmup_ratio": 0.03, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999,
-        "eps": 1e-8, "grad_clip": 1.0,
-        "lr_groups": [],  # [[name, regex, lr], ...], e.g. [["projector", PROJECTOR, 2e-5]]
-    })
     c.train = ml_collections.ConfigDict({
         "global_batch_size": 256, "micro_batches": 1, "num_steps": 2181, "seed": 0,
+        # AdamW with linear warmup + cosine decay; lr_groups: [[name, regex, lr], ...],
+        # e.g. [["projector", PROJECTOR, 2e-5]]
+        "lr": 1e-3, "warmup_ratio": 0.03, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999,
+        "eps": 1e-8, "grad_clip": 1.0, "lr_groups": [],
         "loss_chunk": 2048,  # tokens per output-projection chunk
         "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 3,
         "async_checkpointing": True, "max_nan_streak": 5, "export_final": True,
@@ -53,6 +55,13 @@ def base(preset: str) -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict({
         "enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0,
         "cpu_collectives": "", "local_device_ids": []})
+    return lock(c)
+
+
+def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Locks every section but the model's (see the module docstring)."""
+    c.lock()
+    c.model.unlock()
     return c
 
 

@@ -120,7 +120,7 @@ def _blank_image(cfg):
 
 register_model("clip_vision", ModelFamily(
     module=VisionModel, config=mc.clip_vision_model_config, init_inputs=_blank_image,
-    generates=False, reads_hf=lambda t: t in ("clip_vision_model", "clip"),
+    generates=False, hf_model_types=lambda: ("clip_vision_model", "clip"),
     from_hf=lambda hf, where="config.json": mc.clip_vision_model_config(
         vision_from_hf(hf, where)),
     to_hf=lambda cfg: {**vision_to_hf(cfg.vision), "architectures": ["CLIPVisionModel"]},
