@@ -11,13 +11,18 @@ setup(
     packages=find_packages(include=["mllm_jax", "mllm_jax.*"]),
     package_data={"mllm_jax": ["assets/*"]},
     python_requires=">=3.10",
+    # Floors are the APIs used: jax.set_mesh (jax 0.7.1), jax.sharding.use_abstract_mesh,
+    # the flax Linen of that jax, optax.tree, orbax's args API, ml_collections' locking.
+    # Tested with jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8.
     install_requires=[
-        "jax>=0.4.30",
-        "flax>=0.8.5",
-        "optax",
-        "orbax-checkpoint",
-        "ml_collections",
+        "jax>=0.7.1",
+        "flax>=0.11.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "ml_collections>=1.0",
         "sentencepiece",
+        "tokenizers",  # HF tokenizer.json files (data/tokenizer.py)
+        "tqdm",  # progress bars (eval, demo)
         "numpy",
         "pillow",
         "safetensors",
@@ -31,7 +36,7 @@ setup(
         "tfds": TFDS + ["tensorflow-cpu"],
         # The demo describes scikit-learn's bundled sample photographs.
         "demo": ["scikit-learn"],
-        "test": TORCH + TFDS + ["scikit-learn", "pytest", "pytest-xdist"],
+        "test": TORCH + TFDS + ["scikit-learn", "pytest", "pytest-xdist", "ruff"],
     },
     entry_points={"console_scripts": ["mllm-jax=mllm_jax.cli:main"]},
 )

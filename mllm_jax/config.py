@@ -38,7 +38,8 @@ def text_config(**overrides) -> ml_collections.ConfigDict:
     c.hidden_act = "silu"
     c.rms_norm_eps = 1e-5
     c.rope_theta = 10000.0
-    # None, or a dict as in HF's `rope_scaling` (rope_type linear | llama3 | dynamic is not supported).
+    # None, or a dict as in HF's `rope_scaling` (rope_type linear | llama3; dynamic is not
+    # supported).
     c.rope_scaling = ml_collections.FieldReference(None, field_type=dict)
     c.max_position_embeddings = 4096
     c.qkv_bias = False  # Qwen2: True

@@ -1,5 +1,6 @@
 """The `mllm-jax` command and orbax checkpoints: HF -> orbax -> HF conversions are bitwise
 round trips that transformers loads; the demo runs offline; unavailable commands say so."""
+import argparse
 import glob
 import json
 import os
@@ -282,7 +283,7 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10 ** 9
     assert parse_size("500MiB") == 500 * 2 ** 20
     assert parse_size("1234") == 1234
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         parse_size("5 parsecs")
 
 

@@ -572,7 +572,8 @@ def test_text_defaults_are_transformers_defaults(model_type):
 
 def test_vision_defaults_are_transformers_defaults():
     theirs = transformers.CLIPVisionConfig()
-    assert clip_encoder.VISION_DEFAULTS == {k: getattr(theirs, k) for k in clip_encoder.VISION_DEFAULTS}
+    defaults = clip_encoder.VISION_DEFAULTS
+    assert defaults == {k: getattr(theirs, k) for k in defaults}
     assert_vision_matches(clip_encoder.vision_from_hf({}), theirs)
     llava_vision = transformers.LlavaConfig().vision_config
     for k, v in llava_family.LLAVA_VISION_DEFAULTS.items():

@@ -62,7 +62,8 @@ def test_cider_d_hand_computed():
 
     # image 1, ref "a cat sits": n1 hyp {a:M, cat:L} ref {a:M, cat:L, sits:L};
     # n2 hyp {a cat:L} ref {a cat:L, cat sits:L}; n3/n4 hyp empty -> 0.
-    r1 = (_cos(M * M + L * L, M * M + L * L, M * M + 2 * L * L) + _cos(L * L, L * L, 2 * L * L)) * pen1 / 4
+    r1 = (_cos(M * M + L * L, M * M + L * L, M * M + 2 * L * L)
+          + _cos(L * L, L * L, 2 * L * L)) * pen1 / 4
     # image 1, ref "a dog": n1 ref {a:M, dog:M}; bigram "a dog" != "a cat"; equal lengths.
     r2 = _cos(M * M, M * M + L * L, 2 * M * M) / 4
     s1 = 10 * (r1 + r2) / 2

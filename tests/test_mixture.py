@@ -12,7 +12,7 @@ from PIL import Image
 
 from mllm_jax.data import pipeline as P
 from mllm_jax.data import templates as T
-from mllm_jax.data.image import ImageProcessorConfig, read_image, ImageReadError
+from mllm_jax.data.image import read_image, ImageReadError
 from mllm_jax.data.llava_json import Record, read_llava_json, read_preference_json
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.train.losses import IGNORE_INDEX

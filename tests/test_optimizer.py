@@ -92,7 +92,7 @@ def test_global_norm_clipping():
     clipped = _one_update(cfg_clip, grads, params)
     reference = _one_update(cfg_none, scaled, params)
     raw = _one_update(cfg_none, grads, params)
-    for a, b, c in zip(jax.tree_util.tree_leaves(clipped), jax.tree_util.tree_leaves(reference),
+    for a, b, _ in zip(jax.tree_util.tree_leaves(clipped), jax.tree_util.tree_leaves(reference),
                        jax.tree_util.tree_leaves(raw)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
     assert max(float(jnp.abs(a - c).max()) for a, c in zip(

@@ -10,7 +10,6 @@ import json
 import os
 import random
 
-import numpy as np
 import pytest
 import sentencepiece as spm
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers

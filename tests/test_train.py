@@ -317,7 +317,7 @@ def test_chunked_loss_equals_full_logits_reference(init_params, stage2_one_devic
     trainer_diff = abs(stage2_one_device["losses"][0] - float(ref))
     print(f"loss {float(ref):.6f}; chunked - full-logits reference by chunk size: {diffs}; "
           f"trainer's first loss - reference: {trainer_diff:.3g}")
-    for c, (lsum, n) in zip(chunks, chunked):
+    for c, (_, n) in zip(chunks, chunked):
         assert int(n) == int(ref_n), c
         assert diffs[c] < 1e-5, c
     # The trainer reports the same loss for the same batch and initial parameters.

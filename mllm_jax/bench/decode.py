@@ -18,7 +18,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mllm_jax.models import registry

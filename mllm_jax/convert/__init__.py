@@ -2,3 +2,6 @@
 from mllm_jax.convert.hf_io import CheckpointMismatchError, abstract_params, load_hf, save_hf
 from mllm_jax.convert.hf_config import UnsupportedModelError
 from mllm_jax.convert.orbax_io import load_orbax, save_orbax
+
+__all__ = ["load_hf", "save_hf", "load_orbax", "save_orbax", "abstract_params",
+           "CheckpointMismatchError", "UnsupportedModelError"]

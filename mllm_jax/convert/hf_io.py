@@ -61,7 +61,7 @@ def _match_keys(reader, cfg, expected):
     unexpected = sorted(k for k in found if k not in expected
                         and not any(re.search(p, k) for p in skip))
     shapes = []
-    for k, (path, _, shape) in expected.items():
+    for k, (_, _, shape) in expected.items():
         if k in found and tuple(reader.shape(found[k])) != tuple(shape):
             shapes.append(f"{found[k]} ({reader.file_of(found[k])}): checkpoint "
                           f"{list(reader.shape(found[k]))}, model expects {list(shape)}")
@@ -102,7 +102,8 @@ def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, **overrides)
     reader = CheckpointReader(path)
     if dtype is None:
         stored = {reader.dtype(k) for k in reader.keys()
-                  if np.issubdtype(reader.dtype(k), np.floating) or reader.dtype(k).name == "bfloat16"}
+                  if np.issubdtype(reader.dtype(k), np.floating)
+                  or reader.dtype(k).name == "bfloat16"}
         dtype = stored.pop() if len(stored) == 1 else np.dtype(np.float32)
     dtype = jnp.dtype(dtype)
     cfg.param_dtype = dtype.name

@@ -7,10 +7,12 @@ The pipeline is a chain of small steps, each usable on its own:
                                  an in-memory file: an object with .path and .data bytes)
   apply_exif_orientation(image)  rotate/flip by the EXIF orientation tag (a step HF's processors do
                                  NOT take for PIL inputs; HF's `load_image` for paths/URLs does)
-  to_rgb(image)                  HF's convert_to_rgb: images with alpha or a transparency key are
-                                 composited onto white, all other modes go through PIL convert("RGB")
-                                 (16-bit and float images are clipped to 0..255 by PIL, not rescaled)
-  views by mode                  "crop" (CLIP), "pad" (LLaVA-1.5), "anyres" (LLaVA-NeXT) -> uint8 views
+  to_rgb(image)                  HF's convert_to_rgb: images with alpha or a transparency key
+                                 are composited onto white, all other modes go through PIL
+                                 convert("RGB") (16-bit and float images are clipped to 0..255
+                                 by PIL, not rescaled)
+  views by mode                  "crop" (CLIP), "pad" (LLaVA-1.5), "anyres" (LLaVA-NeXT) ->
+                                 uint8 views
   _normalize(view)               (x * rescale_factor - mean) / std in HF's dtypes
 
 `ImageProcessorConfig` holds the HF processor fields; `load_image_processor_config(dir)` reads them
@@ -73,7 +75,8 @@ class ImageProcessorConfig:
         self.image_std = tuple(float(x) for x in np.broadcast_to(self.image_std, (3,)))
         self.resample = _resample(self.resample)
         if self.image_grid_pinpoints is not None:
-            self.image_grid_pinpoints = tuple((int(h), int(w)) for h, w in self.image_grid_pinpoints)
+            self.image_grid_pinpoints = tuple((int(h), int(w))
+                                              for h, w in self.image_grid_pinpoints)
         if self.mode == "anyres" and not self.image_grid_pinpoints:
             raise ValueError("mode 'anyres' needs image_grid_pinpoints")
 
@@ -93,7 +96,8 @@ class ImageProcessorConfig:
                 mode = "crop"
                 if d.get("image_grid_pinpoints"):
                     warnings.warn(f"{kind or 'this processor'} has image_grid_pinpoints but is not "
-                                  "LlavaNextImageProcessor; preprocessing as plain 'crop'")
+                                  "LlavaNextImageProcessor; preprocessing as plain 'crop'",
+                                  stacklevel=2)
         fields = {f.name for f in dataclasses.fields(cls)} - {"mode", "exif_transpose"}
         return cls(mode=mode, **{k: v for k, v in d.items() if k in fields and v is not None})
 
@@ -148,8 +152,8 @@ def load_image_processor_config(checkpoint_dir, *, mode: str | None = None) -> I
     if d is None:
         path = root / "preprocessor_config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no preprocessor_config.json (or processor_config.json with an "
-                                    f"image_processor entry) in {root}")
+            raise FileNotFoundError(f"no preprocessor_config.json (or processor_config.json with "
+                                    f"an image_processor entry) in {root}")
         d = json.loads(path.read_text())
     kind = str(d.get("image_processor_type") or "").removesuffix("Fast").removesuffix("Pil")
     model_cfg = root / "config.json"

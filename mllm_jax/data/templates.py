@@ -242,7 +242,8 @@ def parse_conversation(conversation, sample_id=None):
             role, value = _ROLES[msg["from"]], msg["value"]
         except (KeyError, TypeError):
             raise MalformedConversation(sample_id, f"message {k} is not a {{'from': human|gpt|"
-                                                   f"system, 'value': str}} dict: {msg!r}")
+                                                   f"system, 'value': str}} dict: {msg!r}"
+                                       ) from None
         if not isinstance(value, str):
             raise MalformedConversation(sample_id, f"message {k} has a non-string value")
         value = value.strip()

@@ -103,7 +103,8 @@ SCALES = {
                      stage1=StageRun(steps=16, batch=16, lr=3e-3, max_length=56),
                      stage2=StageRun(steps=60, batch=16, lr=3e-3, max_length=128),
                      stage3=StageRun(steps=4, batch=8, lr=5e-5, max_length=96),
-                     world_pairs=64, yesno_pairs=64, on_policy_scenes=64, eval_batch=64, short_new_tokens=24, long_new_tokens=48),
+                     world_pairs=64, yesno_pairs=64, on_policy_scenes=64, eval_batch=64,
+                     short_new_tokens=24, long_new_tokens=48),
 }
 
 

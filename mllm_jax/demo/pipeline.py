@@ -1,8 +1,8 @@
 """`mllm-jax demo`: the whole LLaVA recipe on the shapes world, on a CPU.
 
 Phases: build the data (`shapes.write_dataset`); contrastive pre-training of the ViT on
-image-caption and region-phrase pairs; language-model pre-training of the LLM on the world's text; the initial
-LLaVA (pre-trained towers, random projector) saved as an orbax checkpoint; stage 1
+image-caption and region-phrase pairs; language-model pre-training of the LLM on the world's
+text; the initial LLaVA (pre-trained towers, random projector) saved as an orbax checkpoint; stage 1
 (projector on captions), stage 2 (projector + LLM on instructions), stage 3
 (DPO on the world's preference pairs and on the stage-2 model's own hallucinations), each
 followed by an evaluation on the held-out split; the final model's descriptions of a few

@@ -35,7 +35,8 @@ class LlamaAttention(nn.Module):
         b, s, _ = x.shape
         hd = c.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = Dense(c.num_attention_heads * hd, ("embed", "heads"), c.qkv_bias, name="q_proj", **kw)(x)
+        q = Dense(c.num_attention_heads * hd, ("embed", "heads"), c.qkv_bias, name="q_proj",
+                  **kw)(x)
         k = Dense(c.num_key_value_heads * hd, ("embed", "kv"), c.qkv_bias, name="k_proj", **kw)(x)
         v = Dense(c.num_key_value_heads * hd, ("embed", "kv"), c.qkv_bias, name="v_proj", **kw)(x)
         q = q.reshape(b, s, c.num_attention_heads, hd)
@@ -293,5 +294,5 @@ def text_to_hf(t) -> dict:
 for _name in TEXT_DEFAULTS:
     register_decoder(_name, DecoderSpec(
         module=LlamaModel, config=lambda _n=_name, **kw: mc.text_config(model_type=_n, **kw),
-        init_cache=init_cache, reorder_cache=reorder_cache, flops=text_forward_flops, from_hf=text_from_hf,
-        to_hf=text_to_hf))
+        init_cache=init_cache, reorder_cache=reorder_cache, flops=text_forward_flops,
+        from_hf=text_from_hf, to_hf=text_to_hf))
