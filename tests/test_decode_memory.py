@@ -33,3 +33,25 @@ def test_scanned_decode_step_updates_the_cache_in_place():
         assert stats.alias_size_in_bytes == cache_bytes  # the donated cache is the output
         # One layer's slice may be read out; a full copy of the cache may not.
         assert stats.temp_size_in_bytes < cache_bytes / 2, (preset, stats, cache_bytes)
+
+
+def test_the_decode_loop_holds_no_model_code():
+    """infer/ loops, samples and searches; layers, attention, RoPE and parameter paths are
+    the model's (its prefill / decode_step), so a new decoder is never written twice."""
+    import ast
+    import pathlib
+
+    forbidden = ("mllm_jax.models.attention", "mllm_jax.models.rope", "mllm_jax.models.layers",
+                 "mllm_jax.models.stack", "mllm_jax.models.decoders", "mllm_jax.models.encoders",
+                 "mllm_jax.models.vit")
+    infer = pathlib.Path(mllm_jax.__file__).parent / "infer"
+    for path in infer.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                assert not any(n.startswith(forbidden) for n in names), (path.name, names)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                # parameter-tree paths of a family
+                assert node.value not in ("language_model", "layers", "model"), (
+                    path.name, node.value)

@@ -14,39 +14,24 @@ def build(cfg, trainable_patterns, lr=1e-4, threads=None):
     import torch
     import transformers
 
-    from mllm_jax.convert import hf_config
+    from mllm_jax.convert import hf_config, hf_keys
     if threads:
         torch.set_num_threads(threads)
     hf = hf_config.to_hf(cfg)
-    if cfg.model_type == "llava":
-        config = transformers.LlavaConfig(**{k: v for k, v in hf.items() if k != "architectures"})
-        model = transformers.LlavaForConditionalGeneration(config)
-    else:
-        config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items()
-                                                      if k != "architectures"})
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items()
+                                                  if k != "architectures"})
+    model = getattr(transformers, hf["architectures"][0])(config)
     model.train()
-    # Our paths ('language_model/model/layers_0/...') vs torch names: match on the top-level
-    # component, which is what the stage patterns select.
+    # Our paths ('language_model/model/layers_0/...') vs torch names: the family's key
+    # aliases give the published names, whose top-level components the stage patterns select.
     params = []
     for name, p in model.named_parameters():
-        ours = _our_prefix(name)
+        ours = hf_keys.canonical_key(name, cfg.model_type).replace(".", "/")
         p.requires_grad_(any(re.search(pat, ours) for pat in trainable_patterns))
         if p.requires_grad:
             params.append(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     return model, opt
-
-
-def _our_prefix(torch_name: str) -> str:
-    n = torch_name
-    for a, b in (("model.language_model.", "language_model/model/"),
-                 ("lm_head.", "language_model/lm_head/"),
-                 ("model.vision_tower.", "vision_tower/vision_model/"),
-                 ("model.multi_modal_projector.", "multi_modal_projector/")):
-        if n.startswith(a):
-            return b + n[len(a):].replace(".", "/")
-    return n.replace(".", "/")
 
 
 def time_steps(model, opt, batch: dict, steps: int, warmup: int = 1) -> float:

@@ -15,7 +15,8 @@ from mllm_jax.bench.peak import matmul_peak
 from mllm_jax.data.synthetic import SyntheticSource
 from mllm_jax.train import flops as flops_lib
 from mllm_jax.train import recipe
-from mllm_jax.train.loop import build_trainer, trained_parts
+from mllm_jax.models import registry
+from mllm_jax.train.loop import build_trainer
 
 STAGES = {1: [recipe.PROJECTOR], 2: [recipe.PROJECTOR, recipe.LLM]}
 
@@ -36,8 +37,9 @@ def run(preset="llava-bench-small", stage=2, batch=4, text_len=256, steps=5, war
         torch_compare=True, dtype="float32") -> dict:
     cfg = bench_config(preset, stage, batch, text_len, dtype)
     trainer = build_trainer(cfg, devices=jax.devices()[:1])
+    images = 1 if registry.is_multimodal(cfg.model) else 0
     data = SyntheticSource(cfg.model, batch, cfg.data.text_len,
-                           images_per_sample=1 if cfg.model.model_type == "llava" else 0)
+                           images_per_sample=images)
     local = next(data)
     seq = local["input_ids"].shape[1]
     step = trainer.jit_step(local)
@@ -56,9 +58,7 @@ def run(preset="llava-bench-small", stage=2, batch=4, text_len=256, steps=5, war
             times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     step_min = float(np.min(times))
-    images = 1 if cfg.model.model_type == "llava" else 0
-    flops = flops_lib.train_step_flops(cfg.model, batch, seq, images,
-                                       trained_parts(cfg, state.params))
+    flops = flops_lib.train_step_flops(cfg.model, batch, seq, images, state.params)
     peak = matmul_peak()
     out = {
         "preset": preset, "stage": stage, "batch": batch, "seq_len": seq, "dtype": dtype,

@@ -41,6 +41,7 @@ from mllm_jax.models.layers import dtype_of
 from mllm_jax.models.llm import LlamaModel
 from mllm_jax.models.vit import VisionModel
 from mllm_jax.train.optimizer import make_optimizer
+from mllm_jax.train.optimizer import settings as optimizer_settings
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -482,7 +483,7 @@ _COMPILED = {}  # configuration -> (optimizer, train step, encoders), reused by 
 def _programs(model, params, opt: dict, steps: int, region_weight: float = 0.0):
     """The optimizer, the jitted train step, the encoders (image, text) and the region
     encoder (None without regions) of a configuration."""
-    tx, _ = make_optimizer(ml_collections.ConfigDict(opt), params, steps)
+    tx, _ = make_optimizer(optimizer_settings(**opt), params, steps)
 
     # The data are arguments, not constants: XLA would otherwise fold them into the program.
     @jax.jit

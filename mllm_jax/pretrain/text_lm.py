@@ -26,6 +26,7 @@ from mllm_jax import config as mc
 from mllm_jax.models.llm import CausalLM
 from mllm_jax.pretrain.contrastive import _tokenizer, batch_order, init_params
 from mllm_jax.train.optimizer import make_optimizer
+from mllm_jax.train.optimizer import settings as optimizer_settings
 from mllm_jax.train.step import init_state, lm_objective, make_train_step
 
 
@@ -151,7 +152,7 @@ _COMPILED = {}  # configuration -> (optimizer, train step, NLL), reused by later
 
 def _programs(model, params, opt: dict, steps: int):
     """The optimizer, the jitted train step and the jitted (NLL sum, tokens) of a batch."""
-    tx, _ = make_optimizer(ml_collections.ConfigDict(opt), params, steps)
+    tx, _ = make_optimizer(optimizer_settings(**opt), params, steps)
     step_fn = make_train_step(model, lm_objective, tx)
 
     # The data are an argument, not a constant: XLA would otherwise fold them into the program.

@@ -1,9 +1,11 @@
 """AdamW with warmup + cosine, per-group learning rates, no decay on norms and biases,
 global-norm clipping."""
+import copy
 import re
 
 import flax
 import jax
+import ml_collections
 import optax
 
 from mllm_jax.train.partition import path_str
@@ -41,10 +43,26 @@ def decay_mask(params):
         {k: k[-1] in DECAYED_LEAVES for k in flat})
 
 
+# The optimizer's settings and their defaults: the one home of these defaults (a training
+# config's `train` section holds them, see `train.recipe.base`).
+DEFAULTS = {"lr": 1e-3, "warmup_ratio": 0.03, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999,
+            "eps": 1e-8, "grad_clip": 1.0, "lr_groups": []}
+
+
+def settings(**overrides) -> ml_collections.ConfigDict:
+    """The optimizer settings: DEFAULTS with `overrides` (a name not in DEFAULTS is an
+    error)."""
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown optimizer setting(s) {unknown}; known: {sorted(DEFAULTS)}")
+    return ml_collections.ConfigDict({**copy.deepcopy(DEFAULTS), **overrides})
+
+
 def make_optimizer(cfg, params, total_steps: int):
-    """cfg (ConfigDict): lr, warmup_ratio, weight_decay, b1, b2, eps, grad_clip,
-    lr_groups: list of [name, regex, lr] (optional)."""
-    groups = [(g[0], g[1], float(g[2])) for g in (cfg.get("lr_groups") or [])]
+    """cfg (ConfigDict, e.g. `settings(...)` or a training config's `train` section): lr,
+    warmup_ratio, weight_decay, b1, b2, eps, grad_clip, lr_groups (a list of
+    [name, regex, lr])."""
+    groups = [(g[0], g[1], float(g[2])) for g in cfg.lr_groups]
     lrs = {"default": float(cfg.lr), **{n: lr for n, _, lr in groups}}
     labels = group_labels(params, [(n, p) for n, p, _ in groups])
     mask = decay_mask(params)

@@ -4,9 +4,12 @@ A recipe (`configs/*.py`) is `base(preset)` plus its own overrides. `base` is th
 of every training default; the config it returns is locked, so a recipe or an override that
 names a field that does not exist is an error (`train.config_file`), not a silent new key.
 Model configs (`model`) stay open: families differ in their fields."""
+import copy
+
 import ml_collections
 
 from mllm_jax import presets, sharding
+from mllm_jax.train import optimizer
 
 # Parameter-path regexes (searched in '/'-joined paths) for the LLaVA stages.
 PROJECTOR = r"^multi_modal_projector/"
@@ -28,10 +31,10 @@ def base(preset: str) -> ml_collections.ConfigDict:
     })
     c.train = ml_collections.ConfigDict({
         "global_batch_size": 256, "micro_batches": 1, "num_steps": 2181, "seed": 0,
-        # AdamW with linear warmup + cosine decay; lr_groups: [[name, regex, lr], ...],
-        # e.g. [["projector", PROJECTOR, 2e-5]]
-        "lr": 1e-3, "warmup_ratio": 0.03, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999,
-        "eps": 1e-8, "grad_clip": 1.0, "lr_groups": [],
+        # AdamW with linear warmup + cosine decay (train.optimizer.DEFAULTS: lr,
+        # warmup_ratio, weight_decay, b1, b2, eps, grad_clip, lr_groups [[name, regex, lr]],
+        # e.g. [["projector", PROJECTOR, 2e-5]])
+        **copy.deepcopy(optimizer.DEFAULTS),
         "loss_chunk": 2048,  # tokens per output-projection chunk
         "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 3,
         "async_checkpointing": True, "max_nan_streak": 5, "export_final": True,
