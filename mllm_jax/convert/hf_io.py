@@ -66,12 +66,12 @@ def _match_keys(reader, cfg, expected):
             shapes.append(f"{found[k]} ({reader.file_of(found[k])}): checkpoint "
                           f"{list(reader.shape(found[k]))}, model expects {list(shape)}")
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {_few(missing)}")
+        problems.append(f"missing tensors ({len(missing)}): {abbreviate(missing)}")
     if unexpected:
         problems.append(f"unexpected tensors ({len(unexpected)}): "
-                        f"{_few([found[k] for k in unexpected])}")
+                        f"{abbreviate([found[k] for k in unexpected])}")
     if shapes:
-        problems.append(f"shape mismatches ({len(shapes)}): {_few(shapes)}")
+        problems.append(f"shape mismatches ({len(shapes)}): {abbreviate(shapes)}")
     if problems:
         raise CheckpointMismatchError(
             f"{reader.directory} does not match its config.json "
@@ -79,7 +79,8 @@ def _match_keys(reader, cfg, expected):
     return {k: found[k] for k in expected}
 
 
-def _few(items, n=8):
+def abbreviate(items, n=8):
+    """The first ``n`` items joined with commas, then how many more there are."""
     head = ", ".join(str(i) for i in items[:n])
     return head + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
@@ -147,7 +148,8 @@ def save_hf(model, params, out_dir, *, dtype=None, max_shard_size=5 * 1024 ** 3)
         extra = sorted("/".join(p) for p in set(flat) - set(abstract))
         missing = sorted("/".join(p) for p in set(abstract) - set(flat))
         raise CheckpointMismatchError(
-            f"params do not match the model: missing {_few(missing)}; unexpected {_few(extra)}")
+            f"params do not match the model: missing {abbreviate(missing)}; "
+            f"unexpected {abbreviate(extra)}")
     for p, leaf in flat.items():
         if tuple(leaf.shape) != tuple(abstract[p].shape):
             raise CheckpointMismatchError(

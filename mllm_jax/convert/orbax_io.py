@@ -13,7 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mllm_jax import config as mc
-from mllm_jax.convert.hf_io import CheckpointMismatchError, _few, abstract_params
+from mllm_jax.convert.hf_io import CheckpointMismatchError, abbreviate, abstract_params
 from mllm_jax.models import build_model
 
 CONFIG_FILE = "model_config.json"
@@ -96,7 +96,7 @@ def _flat_shardings(shardings, stored):
     flat = flax.traverse_util.flatten_dict(nn.meta.unbox(shardings))
     if set(flat) != set(stored):
         missing = sorted("/".join(p) for p in set(stored) - set(flat))
-        raise ValueError(f"shardings do not cover the checkpoint's params: {_few(missing)}")
+        raise ValueError(f"shardings do not cover the checkpoint's params: {abbreviate(missing)}")
     return flat
 
 
@@ -108,13 +108,13 @@ def _check_structure(model, params, what):
     missing = sorted("/".join(p) for p in set(expected) - set(flat))
     extra = sorted("/".join(p) for p in set(flat) - set(expected))
     if missing:
-        problems.append(f"missing ({len(missing)}): {_few(missing)}")
+        problems.append(f"missing ({len(missing)}): {abbreviate(missing)}")
     if extra:
-        problems.append(f"unexpected ({len(extra)}): {_few(extra)}")
+        problems.append(f"unexpected ({len(extra)}): {abbreviate(extra)}")
     shapes = [f"{'/'.join(p)}: {tuple(flat[p].shape)} vs {tuple(expected[p].shape)}"
               for p in expected if p in flat and tuple(flat[p].shape) != tuple(expected[p].shape)]
     if shapes:
-        problems.append(f"shape mismatches ({len(shapes)}): {_few(shapes)}")
+        problems.append(f"shape mismatches ({len(shapes)}): {abbreviate(shapes)}")
     if problems:
         raise CheckpointMismatchError(
             f"{what} do not match the model config (scan_layers={model.cfg.scan_layers}):\n  "

@@ -125,7 +125,9 @@ def _resample(resample) -> int:
     return int(Image.Resampling(int(resample)))
 
 
-def _as_config(config) -> ImageProcessorConfig:
+def as_image_config(config) -> ImageProcessorConfig:
+    """``config`` as an `ImageProcessorConfig`: one is returned as is; a dict is read as an HF
+    preprocessor config (plus the optional keys ``mode`` and ``exif_transpose``)."""
     if isinstance(config, ImageProcessorConfig):
         return config
     if isinstance(config, dict):
@@ -357,7 +359,7 @@ def preprocess(image, config) -> np.ndarray:
     "crop"/"pad": [H, W, 3]; "anyres": [1 + num_tiles, H, W, 3] with the base view first.
     `config` is an ImageProcessorConfig or a dict of its / HF's fields.
     """
-    cfg = _as_config(config)
+    cfg = as_image_config(config)
     image = _to_pil(image)
     if cfg.exif_transpose:
         image = apply_exif_orientation(image)
@@ -389,7 +391,7 @@ def preprocess_batch(images, config) -> dict:
     """Several images -> {"pixel_values": [B, H, W, 3]} ("crop"/"pad") or, for "anyres",
     {"pixel_values": [B, max_views, H, W, 3] zero-padded on the views axis as HF does,
      "image_sizes": [B, 2] (height, width) of each upright RGB image}."""
-    cfg = _as_config(config)
+    cfg = as_image_config(config)
     pixels, sizes = [], []
     for image in images:
         image = _to_pil(image)

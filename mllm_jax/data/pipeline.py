@@ -164,7 +164,7 @@ class LlavaPipeline:
             raise ValueError(f"{len(self.records)} records cannot feed {process_count} "
                              f"processes")
         self.tokenizer = tokenizer
-        self.image_cfg = image_lib._as_config(image_cfg)
+        self.image_cfg = image_lib.as_image_config(image_cfg)
         self.image_shape = _image_shape(self.image_cfg)
         self.template = T.get_template(template)
         self.template.check_tokenizer(tokenizer)

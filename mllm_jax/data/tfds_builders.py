@@ -255,26 +255,28 @@ class PreferenceRecord:
     index: int
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
+    """A decoded TFDS text feature (bytes or str) as str."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _column(seq, key) -> list:
+def sequence_column(seq, key) -> list:
     """A decoded Sequence({...}) is a dict of columns (arrays or lists); [] when empty."""
     return list(seq[key]) if key in seq else []
 
 
 def _record(example):
-    images = tuple(ImageBytes(_text(p), bytes(b)) for p, b in
-                   zip(_column(example["images"], "path"), _column(example["images"], "bytes")))
-    common = dict(id=_text(example["id"]), images=images, index=int(example["index"]))
+    images = tuple(ImageBytes(as_text(p), bytes(b)) for p, b in
+                   zip(sequence_column(example["images"], "path"),
+                       sequence_column(example["images"], "bytes")))
+    common = dict(id=as_text(example["id"]), images=images, index=int(example["index"]))
     if "prompt" in example:
-        return PreferenceRecord(prompt=_text(example["prompt"]),
-                                chosen=_text(example["chosen"]),
-                                rejected=_text(example["rejected"]), **common)
+        return PreferenceRecord(prompt=as_text(example["prompt"]),
+                                chosen=as_text(example["chosen"]),
+                                rejected=as_text(example["rejected"]), **common)
     convs = example["conversations"]
-    turns = [{"from": _text(f), "value": _text(v)}
-             for f, v in zip(_column(convs, "from"), _column(convs, "value"))]
+    turns = [{"from": as_text(f), "value": as_text(v)}
+             for f, v in zip(sequence_column(convs, "from"), sequence_column(convs, "value"))]
     return TfdsRecord(conversations=turns, **common)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mllm_jax.data.tfds_builders import ImageBytes, TfdsRecord, _column, _text
+from mllm_jax.data.tfds_builders import ImageBytes, TfdsRecord, as_text, sequence_column
 from mllm_jax.demo.captions import CAPTION_PROMPT, detailed_caption, short_caption
 from mllm_jax.demo.questions import conversation, pope_questions, statistics
 from mllm_jax.demo.records import caption_record, instruct_record
@@ -125,25 +125,25 @@ def make_builder(sizes=None, seed: int = 0, data_dir=None, *, world=None, turns:
 
 
 def _rows(seq, keys) -> list:
-    cols = {k: _column(seq, k) for k in keys}
+    cols = {k: sequence_column(seq, k) for k in keys}
     n = len(next(iter(cols.values()))) if cols else 0
     return [{k: cols[k][j] for k in keys} for j in range(n)]
 
 
 def decode_example(example) -> dict:
     """A stored example as plain Python: text as str, boxes as int tuples, image as bytes."""
-    objects = [{k: (tuple(int(v) for v in o[k]) if k == "bbox" else _text(o[k])) for k in o}
+    objects = [{k: (tuple(int(v) for v in o[k]) if k == "bbox" else as_text(o[k])) for k in o}
                for o in _rows(example["objects"], ("name", "shape", "colour", "size",
                                                    "position", "texture", "bbox"))]
     return {
-        "id": _text(example["id"]), "index": int(example["index"]),
-        "image_path": _text(example["image_path"]), "image": bytes(example["image"]),
+        "id": as_text(example["id"]), "index": int(example["index"]),
+        "image_path": as_text(example["image_path"]), "image": bytes(example["image"]),
         "objects": objects,
-        **{k: _text(example[k]) for k in ("caption", "detailed_caption", "training_caption")},
-        "hallucinated": [_text(h) for h in example["hallucinated"]],
-        "questions": [{k: _text(v) for k, v in q.items()}
+        **{k: as_text(example[k]) for k in ("caption", "detailed_caption", "training_caption")},
+        "hallucinated": [as_text(h) for h in example["hallucinated"]],
+        "questions": [{k: as_text(v) for k, v in q.items()}
                       for q in _rows(example["questions"], ("kind", "question", "answer"))],
-        "pope": [{k: _text(v) for k, v in p.items()}
+        "pope": [{k: as_text(v) for k, v in p.items()}
                  for p in _rows(example["pope"], ("mode", "object", "question", "answer"))],
     }
 

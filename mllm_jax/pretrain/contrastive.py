@@ -312,7 +312,8 @@ def tokenize_captions(captions, tokenizer, max_length: int):
     return ids, eos
 
 
-def _tokenizer(tokenizer):
+def as_tokenizer(tokenizer):
+    """``tokenizer``, or the tokenizer loaded from it when it is a path."""
     if isinstance(tokenizer, (str, os.PathLike)):
         from mllm_jax.data.tokenizer import load_tokenizer
         return load_tokenizer(os.fspath(tokenizer))
@@ -389,7 +390,7 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
     if region_weight < 0:
         raise ValueError(f"region_weight must be >= 0, got {region_weight}")
     regions = region_weight > 0
-    tok = _tokenizer(tokenizer)
+    tok = as_tokenizer(tokenizer)
     train_pairs = load_pairs(train, "train pairs", regions)
     val_pairs = load_pairs(val, "val pairs", regions) if val is not None else None
     if val_pairs is not None and len(val_pairs) < 2:

@@ -24,7 +24,7 @@ import numpy as np
 
 from mllm_jax import config as mc
 from mllm_jax.models.llm import CausalLM
-from mllm_jax.pretrain.contrastive import _tokenizer, batch_order, init_params
+from mllm_jax.pretrain.contrastive import as_tokenizer, batch_order, init_params
 from mllm_jax.train.optimizer import make_optimizer
 from mllm_jax.train.optimizer import settings as optimizer_settings
 from mllm_jax.train.step import init_state, lm_objective, make_train_step
@@ -96,7 +96,7 @@ def pretrain_lm(corpus, tokenizer, *, val_corpus=None, val_fraction: float = 0.0
     seed."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"need steps >= 1 and batch_size >= 1, got {steps} and {batch_size}")
-    tok = _tokenizer(tokenizer)
+    tok = as_tokenizer(tokenizer)
     source, lines = read_lines(corpus)
     if not lines:
         raise ValueError(f"{source}: the corpus has no text lines")

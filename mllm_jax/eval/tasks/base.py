@@ -12,7 +12,8 @@ SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 DETAIL_PROMPT = "Please describe this image in detail."
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+# File name endings taken for images when a loader scans a directory.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 
 
 @dataclasses.dataclass
@@ -31,7 +32,8 @@ class Sample:
 
 
 # ----------------------------------------------------------------------------- file helpers
-def _read_json(path: str):
+def read_json(path: str):
+    """The parsed JSON file; ``ValueError`` naming the file if missing or invalid."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: file not found")
     try:
@@ -41,7 +43,7 @@ def _read_json(path: str):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple]:
+def iter_jsonl(path: str) -> Iterator[tuple]:
     """(line number, object) for each non-blank line of a JSON-lines file."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: file not found")
@@ -59,7 +61,8 @@ def _iter_jsonl(path: str) -> Iterator[tuple]:
             yield lineno, obj
 
 
-def _require(obj, keys, where: str) -> None:
+def require_keys(obj, keys, where: str) -> None:
+    """``ValueError`` at ``where`` unless ``obj`` is a dict holding every key of ``keys``."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     missing = [k for k in keys if k not in obj]
@@ -68,14 +71,16 @@ def _require(obj, keys, where: str) -> None:
                          f"(expected keys {', '.join(keys)})")
 
 
-def _image(root: str, rel: str, where: str) -> str:
+def image_path(root: str, rel: str, where: str) -> str:
+    """``root/rel``; ``ValueError`` at ``where`` if that file does not exist."""
     path = os.path.join(root, rel)
     if not os.path.isfile(path):
         raise ValueError(f"{where}: image {path} not found (image_root={root!r})")
     return path
 
 
-def _strip_suffix(text: str, suffix: str) -> str:
+def strip_suffix(text: str, suffix: str) -> str:
+    """``text`` stripped, without a trailing (stripped) ``suffix``."""
     text = text.strip()
     s = suffix.strip()
     if s and text.endswith(s):
@@ -83,26 +88,31 @@ def _strip_suffix(text: str, suffix: str) -> str:
     return text
 
 
-def _check_limit(limit: Optional[int]) -> Optional[int]:
+def check_limit(limit: Optional[int]) -> Optional[int]:
+    """``limit`` if it is None or a non-negative int, else ``ValueError``."""
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
     return limit
 
 
-def _first(items: list, limit: Optional[int]) -> list:
+def take_first(items: list, limit: Optional[int]) -> list:
+    """The first ``limit`` items (all of them when ``limit`` is None)."""
     return items if limit is None else items[:limit]
 
 
-def _data_dir(data: str) -> str:
+def data_directory(data: str) -> str:
+    """``data`` if it is a directory, else the directory holding the file ``data``."""
     return data if os.path.isdir(data) else os.path.dirname(os.path.abspath(data))
 
 
-def _pair_check(processed: list, samples: list) -> None:
+def check_result_count(processed: list, samples: list) -> None:
+    """``ValueError`` unless there is one processed result per sample."""
     if len(processed) != len(samples):
         raise ValueError(f"aggregate got {len(processed)} results for {len(samples)} samples")
 
 
-def _mean(xs) -> float:
+def mean_or_zero(xs) -> float:
+    """The mean of ``xs``; 0.0 when empty."""
     xs = list(xs)
     return float(sum(xs) / len(xs)) if xs else 0.0
 

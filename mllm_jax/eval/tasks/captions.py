@@ -5,9 +5,10 @@ import functools
 import os
 
 from mllm_jax.eval import caption, chair
-from mllm_jax.eval.tasks.base import (CAPTION_PROMPT, DETAIL_PROMPT, Sample, Task, _read_json,
-                                      _require, _image, _check_limit, _first, _data_dir,
-                                      _pair_check, _mean)
+from mllm_jax.eval.tasks.base import (CAPTION_PROMPT, DETAIL_PROMPT, Sample, Task,
+                                      check_limit, check_result_count, data_directory,
+                                      image_path, mean_or_zero, read_json, require_keys,
+                                      take_first)
 
 
 # ----------------------------------------------------------------------------- COCO captions
@@ -21,8 +22,8 @@ class CocoCaptionTask(Task):
     answer_from_end = False
 
     def load(self, data, image_root=None, limit=None):
-        limit = _check_limit(limit)
-        root = image_root or _data_dir(data)
+        limit = check_limit(limit)
+        root = image_root or data_directory(data)
         path = data
         if os.path.isdir(data):
             for name in ("captions_val2014.json", "dataset_coco.json"):
@@ -32,8 +33,8 @@ class CocoCaptionTask(Task):
             else:
                 raise ValueError(f"{data}: neither captions_val2014.json nor "
                                  "dataset_coco.json found")
-        doc = _read_json(path)
-        _require(doc, ("images",), path)
+        doc = read_json(path)
+        require_keys(doc, ("images",), path)
         if "annotations" in doc:
             return _coco_samples(path, doc, doc, root, limit, question="")
         return self._load_karpathy(path, doc, root, limit)
@@ -42,9 +43,9 @@ class CocoCaptionTask(Task):
     def _load_karpathy(path, doc, root, limit):
         rows = [im for im in doc["images"] if isinstance(im, dict) and im.get("split") == "test"]
         samples = []
-        for im in _first(rows, limit):
+        for im in take_first(rows, limit):
             where = f"{path}: image {im.get('cocoid', im.get('filename'))}"
-            _require(im, ("filename", "sentences"), where)
+            require_keys(im, ("filename", "sentences"), where)
             rel = im["filename"]
             if not os.path.isfile(os.path.join(root, rel)) and im.get("filepath"):
                 rel = os.path.join(im["filepath"], im["filename"])
@@ -53,7 +54,7 @@ class CocoCaptionTask(Task):
                 raise ValueError(f"{where}: no reference sentences")
             image_id = im.get("cocoid", im.get("imgid"))
             samples.append(Sample(
-                doc_id=len(samples), sample_id=str(image_id), images=[_image(root, rel, where)],
+                doc_id=len(samples), sample_id=str(image_id), images=[image_path(root, rel, where)],
                 question="", target=refs, meta={"image_id": image_id}))
         return samples
 
@@ -64,7 +65,7 @@ class CocoCaptionTask(Task):
         return {"caption": response.strip()}
 
     def aggregate(self, processed, samples):
-        _pair_check(processed, samples)
+        check_result_count(processed, samples)
         cands = {s.doc_id: p["caption"] for p, s in zip(processed, samples)}
         refs = {s.doc_id: list(s.target) for s in samples}
         bleus = caption.bleu(cands, refs, tokenize=True)
@@ -77,12 +78,12 @@ def _coco_samples(path, images_doc, captions_doc, root, limit, question, objects
     """One sample per image of ``images_doc`` with its reference captions."""
     refs: dict = {}
     for i, a in enumerate(captions_doc.get("annotations", [])):
-        _require(a, ("image_id", "caption"), f"{path}: annotations[{i}]")
+        require_keys(a, ("image_id", "caption"), f"{path}: annotations[{i}]")
         refs.setdefault(a["image_id"], []).append(a["caption"])
     samples = []
-    for i, im in enumerate(_first(images_doc["images"], limit)):
+    for i, im in enumerate(take_first(images_doc["images"], limit)):
         where = f"{path}: images[{i}]"
-        _require(im, ("id", "file_name"), where)
+        require_keys(im, ("id", "file_name"), where)
         where = f"{path}: image id {im['id']}"
         if not refs.get(im["id"]):
             raise ValueError(f"{where}: no captions for this image")
@@ -93,7 +94,7 @@ def _coco_samples(path, images_doc, captions_doc, root, limit, question, objects
             target = objects(im["id"], target)
         samples.append(Sample(
             doc_id=len(samples), sample_id=str(im["id"]),
-            images=[_image(root, im["file_name"], where)], question=question,
+            images=[image_path(root, im["file_name"], where)], question=question,
             target=target, meta=meta))
     return samples
 
@@ -131,15 +132,15 @@ class ChairTask(Task):
                          "or their directory")
 
     def load(self, data, image_root=None, limit=None):
-        limit = _check_limit(limit)
+        limit = check_limit(limit)
         inst_path, caps_path = self._paths(data)
-        root = image_root or _data_dir(data)
-        instances, captions = _read_json(inst_path), _read_json(caps_path)
-        _require(instances, ("images", "annotations", "categories"), inst_path)
+        root = image_root or data_directory(data)
+        instances, captions = read_json(inst_path), read_json(caps_path)
+        require_keys(instances, ("images", "annotations", "categories"), inst_path)
         names = {c["id"]: c["name"] for c in instances["categories"]}
         seg: dict = {}
         for i, a in enumerate(instances["annotations"]):
-            _require(a, ("image_id", "category_id"), f"{inst_path}: annotations[{i}]")
+            require_keys(a, ("image_id", "category_id"), f"{inst_path}: annotations[{i}]")
             if a["category_id"] not in names:
                 raise ValueError(f"{inst_path}: annotations[{i}]: unknown category_id "
                                  f"{a['category_id']}")
@@ -169,7 +170,7 @@ class ChairTask(Task):
                           "num_words": len(text.split())}}
 
     def aggregate(self, processed, samples):
-        _pair_check(processed, samples)
+        check_result_count(processed, samples)
         caps = {s.doc_id: p["chair"]["caption"] for p, s in zip(processed, samples)}
         res = _chair_evaluator().chair(caps, {s.doc_id: s.target for s in samples})
         covered = sum(len(set(p["chair"]["mentioned"]) & set(s.target))
@@ -179,5 +180,5 @@ class ChairTask(Task):
             "coco_cap_chair_s": 100.0 * res["chair_s"],
             "coco_cap_chair_i": 100.0 * res["chair_i"],
             "coco_cap_recall": 100.0 * covered / total if total else 0.0,
-            "coco_cap_avg_len": _mean(p["chair"]["num_words"] for p in processed),
+            "coco_cap_avg_len": mean_or_zero(p["chair"]["num_words"] for p in processed),
         }

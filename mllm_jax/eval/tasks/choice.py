@@ -6,8 +6,9 @@ import os
 import re
 
 from mllm_jax.eval import scienceqa
-from mllm_jax.eval.tasks.base import (LETTER_ANSWER, Sample, Task, _read_json, _require, _image,
-                                      _check_limit, _first, _data_dir, _pair_check)
+from mllm_jax.eval.tasks.base import (LETTER_ANSWER, Sample, Task, check_limit,
+                                      check_result_count, data_directory, image_path, read_json,
+                                      require_keys, take_first)
 
 
 # ----------------------------------------------------------------------------- ScienceQA
@@ -23,8 +24,8 @@ class ScienceQATask(Task):
     split = "test"
 
     def load(self, data, image_root=None, limit=None):
-        limit = _check_limit(limit)
-        root = image_root or _data_dir(data)
+        limit = check_limit(limit)
+        root = image_root or data_directory(data)
         if os.path.isdir(data):
             if os.path.isfile(os.path.join(data, "problems.json")):
                 return self._load_problems(os.path.join(data, "problems.json"), root, limit)
@@ -46,22 +47,23 @@ class ScienceQATask(Task):
         return text.replace("  ", " ").strip()
 
     def _load_problems(self, path, root, limit):
-        problems = _read_json(path)
+        problems = read_json(path)
         splits_path = os.path.join(os.path.dirname(path), "pid_splits.json")
-        splits = _read_json(splits_path)
+        splits = read_json(splits_path)
         if self.split not in splits:
             raise ValueError(f"{splits_path}: no {self.split!r} split")
         samples = []
-        for pid in _first(list(splits[self.split]), limit):
+        for pid in take_first(list(splits[self.split]), limit):
             where = f"{path}: problem {pid}"
             if pid not in problems:
                 raise ValueError(f"{where}: listed in {splits_path} but missing")
             p = problems[pid]
-            _require(p, ("question", "choices", "answer"), where)
+            require_keys(p, ("question", "choices", "answer"), where)
             if not 0 <= int(p["answer"]) < len(p["choices"]) <= len(scienceqa.OPTIONS):
                 raise ValueError(f"{where}: answer {p['answer']} outside the "
                                  f"{len(p['choices'])} choices (at most {len(scienceqa.OPTIONS)})")
-            images = [_image(root, os.path.join(pid, p["image"]), where)] if p.get("image") else []
+            images = ([image_path(root, os.path.join(pid, p["image"]), where)]
+                      if p.get("image") else [])
             samples.append(Sample(
                 doc_id=len(samples), sample_id=str(pid), images=images,
                 question=self.prompt_text(p), target=int(p["answer"]),
@@ -70,13 +72,13 @@ class ScienceQATask(Task):
         return samples
 
     def _load_llava(self, path, root, limit):
-        entries = _read_json(path)
+        entries = read_json(path)
         if not isinstance(entries, list):
             raise ValueError(f"{path}: expected a list of conversations")
         samples = []
-        for i, e in enumerate(_first(entries, limit)):
+        for i, e in enumerate(take_first(entries, limit)):
             where = f"{path}: entry {i} (id {e.get('id') if isinstance(e, dict) else None})"
-            _require(e, ("id", "conversations"), where)
+            require_keys(e, ("id", "conversations"), where)
             conv = e["conversations"]
             if len(conv) < 2 or "value" not in conv[0] or "value" not in conv[1]:
                 raise ValueError(f"{where}: expected a human turn and a gpt turn with 'value'")
@@ -86,7 +88,7 @@ class ScienceQATask(Task):
             if n == 0 or not gold or scienceqa.OPTIONS.index(gold[-1]) >= n:
                 raise ValueError(f"{where}: expected an 'Options: (A) ...' line and a gpt turn "
                                  f"'The answer is <letter>.' within the options")
-            images = [_image(root, e["image"], where)] if e.get("image") else []
+            images = [image_path(root, e["image"], where)] if e.get("image") else []
             samples.append(Sample(
                 doc_id=len(samples), sample_id=str(e["id"]), images=images, question=text,
                 target=scienceqa.OPTIONS.index(gold[-1]),
@@ -106,7 +108,7 @@ class ScienceQATask(Task):
         return {"exact_match": float(idx == sample.target), "prediction": pred, "pred_index": idx}
 
     def aggregate(self, processed, samples):
-        _pair_check(processed, samples)
+        check_result_count(processed, samples)
 
         def acc(pairs):
             if not pairs:

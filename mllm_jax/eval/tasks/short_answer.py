@@ -6,9 +6,10 @@ import os
 import re
 
 from mllm_jax.eval import vqa
-from mllm_jax.eval.tasks.base import (SHORT_ANSWER, Sample, Task, _read_json, _iter_jsonl, _require,
-                                      _image, _strip_suffix, _check_limit, _first, _data_dir,
-                                      _pair_check, _mean)
+from mllm_jax.eval.tasks.base import (SHORT_ANSWER, Sample, Task, check_limit,
+                                      check_result_count, data_directory, image_path, iter_jsonl,
+                                      mean_or_zero, read_json, require_keys, strip_suffix,
+                                      take_first)
 
 
 # ----------------------------------------------------------------------------- VQAv2
@@ -38,21 +39,21 @@ class VQAv2Task(Task):
         return found[0]
 
     def load(self, data, image_root=None, limit=None):
-        limit = _check_limit(limit)
+        limit = check_limit(limit)
         path = self._questions_file(data)
-        root = image_root or _data_dir(data)
+        root = image_root or data_directory(data)
         if path.endswith(".jsonl"):
             return self._load_llava(path, root, limit)
-        doc = _read_json(path)
-        _require(doc, ("questions",), path)
+        doc = read_json(path)
+        require_keys(doc, ("questions",), path)
         subtype = doc.get("data_subtype") or re.sub(
             r"^v2_OpenEnded_mscoco_|_questions\.json$", "", os.path.basename(path))
         image_split = "test2015" if subtype.startswith("test") else subtype
         answers = self._annotations(path, subtype)
         samples = []
-        for i, q in enumerate(_first(doc["questions"], limit)):
+        for i, q in enumerate(take_first(doc["questions"], limit)):
             where = f"{path}: questions[{i}]"
-            _require(q, ("question_id", "image_id", "question"), where)
+            require_keys(q, ("question_id", "image_id", "question"), where)
             ann = None
             if answers is not None:
                 ann = answers.get(q["question_id"])
@@ -61,7 +62,7 @@ class VQAv2Task(Task):
             file = f"COCO_{image_split}_{int(q['image_id']):012d}.jpg"
             samples.append(Sample(
                 doc_id=len(samples), sample_id=str(q["question_id"]),
-                images=[_image(root, file, f"{where} (question_id {q['question_id']})")],
+                images=[image_path(root, file, f"{where} (question_id {q['question_id']})")],
                 question=q["question"].strip(),
                 target=None if ann is None else [a["answer"] for a in ann["answers"]],
                 meta={} if ann is None else {"answer_type": ann.get("answer_type"),
@@ -77,25 +78,25 @@ class VQAv2Task(Task):
                 return None
             raise ValueError(f"{questions_path}: annotation file {ann_path} not found "
                              "(needed for the answers of a train/val split)")
-        doc = _read_json(ann_path)
-        _require(doc, ("annotations",), ann_path)
+        doc = read_json(ann_path)
+        require_keys(doc, ("annotations",), ann_path)
         out = {}
         for i, a in enumerate(doc["annotations"]):
-            _require(a, ("question_id", "answers"), f"{ann_path}: annotations[{i}]")
+            require_keys(a, ("question_id", "answers"), f"{ann_path}: annotations[{i}]")
             out[a["question_id"]] = a
         return out
 
     def _load_llava(self, path, root, limit):
         samples = []
-        for lineno, obj in _iter_jsonl(path):
+        for lineno, obj in iter_jsonl(path):
             if limit is not None and len(samples) >= limit:
                 break
             where = f"{path}:{lineno}"
-            _require(obj, ("question_id", "image", "text"), where)
+            require_keys(obj, ("question_id", "image", "text"), where)
             samples.append(Sample(
                 doc_id=len(samples), sample_id=str(obj["question_id"]),
-                images=[_image(root, obj["image"], where)],
-                question=_strip_suffix(obj["text"], SHORT_ANSWER), target=None, meta={}))
+                images=[image_path(root, obj["image"], where)],
+                question=strip_suffix(obj["text"], SHORT_ANSWER), target=None, meta={}))
         return samples
 
     def process_result(self, sample, response):
@@ -103,15 +104,15 @@ class VQAv2Task(Task):
         return {"exact_match": acc, "answer": vqa.normalize_answer(response)}
 
     def aggregate(self, processed, samples):
-        _pair_check(processed, samples)
+        check_result_count(processed, samples)
         out = {"n": float(len(samples))}
         scored = [(p["exact_match"], s) for p, s in zip(processed, samples)
                   if p["exact_match"] is not None]
         if scored:
-            out["exact_match"] = _mean(a for a, _ in scored)
+            out["exact_match"] = mean_or_zero(a for a, _ in scored)
             for t in sorted({s.meta.get("answer_type") for _, s in scored} - {None}):
                 key = "exact_match_" + re.sub(r"\W+", "_", t)
-                out[key] = _mean(a for a, s in scored if s.meta.get("answer_type") == t)
+                out[key] = mean_or_zero(a for a, s in scored if s.meta.get("answer_type") == t)
         return out
 
 
@@ -125,22 +126,22 @@ class GQATask(Task):
     prompt_suffix = SHORT_ANSWER
 
     def load(self, data, image_root=None, limit=None):
-        limit = _check_limit(limit)
+        limit = check_limit(limit)
         path = data
         if os.path.isdir(data):
             path = os.path.join(data, "testdev_balanced_questions.json")
-        root = image_root or _data_dir(data)
-        doc = _read_json(path)
+        root = image_root or data_directory(data)
+        doc = read_json(path)
         if not isinstance(doc, dict):
             raise ValueError(f"{path}: expected an object of question id -> question")
         samples = []
-        for qid, q in _first(list(doc.items()), limit):
+        for qid, q in take_first(list(doc.items()), limit):
             where = f"{path}: question {qid}"
-            _require(q, ("imageId", "question", "answer"), where)
+            require_keys(q, ("imageId", "question", "answer"), where)
             types = q.get("types") or {}
             samples.append(Sample(
                 doc_id=len(samples), sample_id=str(qid),
-                images=[_image(root, f"{q['imageId']}.jpg", where)],
+                images=[image_path(root, f"{q['imageId']}.jpg", where)],
                 question=q["question"].strip(), target=q["answer"],
                 meta={"structural": types.get("structural"), "semantic": types.get("semantic")}))
         return samples
@@ -154,5 +155,5 @@ class GQATask(Task):
         return {"exact_match": float(pred == sample.target), "prediction": pred}
 
     def aggregate(self, processed, samples):
-        _pair_check(processed, samples)
-        return {"exact_match": _mean(p["exact_match"] for p in processed)}
+        check_result_count(processed, samples)
+        return {"exact_match": mean_or_zero(p["exact_match"] for p in processed)}

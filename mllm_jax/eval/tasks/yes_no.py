@@ -6,9 +6,9 @@ import os
 import re
 
 from mllm_jax.eval import mme, pope
-from mllm_jax.eval.tasks.base import (SHORT_ANSWER, _IMAGE_EXTS, Sample, Task, _iter_jsonl,
-                                      _require, _image, _strip_suffix, _check_limit, _data_dir,
-                                      _pair_check)
+from mllm_jax.eval.tasks.base import (IMAGE_EXTENSIONS, SHORT_ANSWER, Sample, Task,
+                                      check_limit, check_result_count, data_directory,
+                                      image_path, iter_jsonl, require_keys, strip_suffix)
 
 
 # ----------------------------------------------------------------------------- POPE
@@ -34,24 +34,24 @@ class PopeTask(Task):
         return files
 
     def load(self, data, image_root=None, limit=None):
-        limit = _check_limit(limit)
-        root = image_root or _data_dir(data)
+        limit = check_limit(limit)
+        root = image_root or data_directory(data)
         samples = []
         for path in self._files(data):
             m = re.search(r"(adversarial|popular|random)", os.path.basename(path))
-            for lineno, obj in _iter_jsonl(path):
+            for lineno, obj in iter_jsonl(path):
                 if limit is not None and len(samples) >= limit:
                     return samples
                 where = f"{path}:{lineno}"
-                _require(obj, ("question_id", "image", "text", "label"), where)
+                require_keys(obj, ("question_id", "image", "text", "label"), where)
                 label = str(obj["label"]).strip().lower()
                 if label not in ("yes", "no"):
                     raise ValueError(f"{where}: label must be yes/no, got {obj['label']!r}")
                 split = obj.get("category") or (m.group(1) if m else "default")
                 samples.append(Sample(
                     doc_id=len(samples), sample_id=str(obj["question_id"]),
-                    images=[_image(root, obj["image"], where)],
-                    question=_strip_suffix(obj["text"], SHORT_ANSWER),
+                    images=[image_path(root, obj["image"], where)],
+                    question=strip_suffix(obj["text"], SHORT_ANSWER),
                     target=label, meta={"split": split}))
         return samples
 
@@ -60,7 +60,7 @@ class PopeTask(Task):
                          "split": sample.meta["split"]}}
 
     def aggregate(self, processed, samples):
-        _pair_check(processed, samples)
+        check_result_count(processed, samples)
         recs = [p["pope"] for p in processed]
         keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
         names = {"f1": "f1_score"}
@@ -92,7 +92,7 @@ class MMETask(Task):
     SUBTASKS = mme.PERCEPTION_SUBTASKS + mme.COGNITION_SUBTASKS
 
     def load(self, data, image_root=None, limit=None):
-        limit = _check_limit(limit)
+        limit = check_limit(limit)
         if not os.path.isdir(data):
             raise ValueError(f"{data}: not an MME release directory")
         root = image_root or data
@@ -107,8 +107,8 @@ class MMETask(Task):
                     return samples
                 samples.append(Sample(
                     doc_id=len(samples), sample_id=rel_image,
-                    images=[_image(root, rel_image, where)],
-                    question=_strip_suffix(question.replace("Please answer yes or no.", ""), ""),
+                    images=[image_path(root, rel_image, where)],
+                    question=strip_suffix(question.replace("Please answer yes or no.", ""), ""),
                     target=answer, meta={"subtask": sub, "image_id": rel_image}))
         return samples
 
@@ -123,7 +123,7 @@ class MMETask(Task):
         if not os.path.isdir(img_dir):
             raise ValueError(f"{folder}: image folder {img_dir} not found")
         by_stem = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(img_dir))
-                   if f.endswith(_IMAGE_EXTS)}
+                   if f.endswith(IMAGE_EXTENSIONS)}
         txts = sorted(f for f in os.listdir(qa_dir) if f.endswith(".txt"))
         if not txts:
             raise ValueError(f"{qa_dir}: no question .txt files")
@@ -156,7 +156,7 @@ class MMETask(Task):
                         "prediction": mme.parse_pred_ans(response), "gt": sample.target}}
 
     def aggregate(self, processed, samples):
-        _pair_check(processed, samples)
+        check_result_count(processed, samples)
         res = mme.mme_scores([p["mme"] for p in processed])
         out = {"mme_perception_score": res["perception"], "mme_cognition_score": res["cognition"]}
         for sub in self.SUBTASKS:
