@@ -147,3 +147,18 @@ def test_unknown_parts_are_named_with_the_registered_ones():
     cfg.projector.type = "qformer"
     with pytest.raises(mllm_jax.UnsupportedModelError, match="mlp2x_gelu"):
         mllm_jax.build_model(cfg).init(jax.random.PRNGKey(0), *models.init_inputs(cfg))
+
+
+def test_model_configs_written_before_part_types_existed_still_load():
+    """Orbax exports carry their model config as JSON; one written before `vision.type`
+    existed (no type field) reads as the CLIP tower it was, with every other value kept."""
+    import json
+
+    cfg = presets.get("tiny-llava")
+    data = json.loads(cfg.to_json())
+    del data["vision"]["type"]
+    data["vision"]["image_size"] = 56
+    again = mc.config_from_json(json.dumps(data))
+    assert again.vision.type == "clip" and again.vision.image_size == 56
+    assert again.projector.type == "mlp2x_gelu" and again.text.model_type == "llama"
+    assert models.tokens_per_image(again) == (56 // 7) ** 2
