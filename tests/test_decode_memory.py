@@ -55,3 +55,23 @@ def test_the_decode_loop_holds_no_model_code():
                 # parameter-tree paths of a family
                 assert node.value not in ("language_model", "layers", "model"), (
                     path.name, node.value)
+
+
+def test_a_concrete_cache_can_be_donated_to_the_decode_step():
+    """Each cache array is its own buffer: a jitted decode step may donate the cache it is
+    given (a shared zero buffer would be 'donated twice')."""
+    import numpy as np
+    for scan in (False, True):
+        cfg = presets.get("tiny-llama")
+        cfg.scan_layers = scan
+        model = mllm_jax.build_model(cfg)
+        params = model.init(jax.random.PRNGKey(0), *models.init_inputs(cfg))["params"]
+        step = jax.jit(lambda p, tok, pos, kv, c: model.apply({"params": p}, tok, pos, kv, c,
+                                                              method="decode_step"),
+                       donate_argnums=(4,))
+        cache = model.init_cache(2, 8)
+        tok, pos, kv = jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32), jnp.ones((2, 8),
+                                                                                        jnp.int32)
+        logits, cache = step(params, tok, pos, kv, cache)
+        logits, cache = step(params, tok, pos + 1, kv, cache)
+        assert np.all(np.isfinite(np.asarray(logits))) and int(cache["index"]) == 2

@@ -153,12 +153,17 @@ def init_cache(c, batch: int, max_len: int, dtype, scan_layers: bool) -> dict:
     one = attention.init_kv_cache(batch, max_len, c.num_key_value_heads, c.head_dim, dtype)
     n = c.num_hidden_layers
     names = ("activation_batch", "activation_kv_heads", "activation_length", None)
+    # Every array its own buffer, so that a concrete cache can be donated to a jitted step.
     if scan_layers:
-        k = jnp.broadcast_to(one["k"][None], (n, *one["k"].shape))
-        k = nn.with_logical_constraint(k, (None, *names))
-        return {"k": k, "v": k, "index": one["index"]}
-    k = nn.with_logical_constraint(one["k"], names)
-    return {"k": [k] * n, "v": [k] * n, "index": one["index"]}
+        def stacked():
+            return nn.with_logical_constraint(jnp.zeros((n, *one["k"].shape), dtype),
+                                              (None, *names))
+        return {"k": stacked(), "v": stacked(), "index": one["index"]}
+
+    def layer():
+        return nn.with_logical_constraint(jnp.zeros(one["k"].shape, dtype), names)
+    return {"k": [layer() for _ in range(n)], "v": [layer() for _ in range(n)],
+            "index": one["index"]}
 
 
 def reorder_cache(cache, rows, scan_layers: bool):
