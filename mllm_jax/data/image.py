@@ -17,6 +17,26 @@ The pipeline is a chain of small steps, each usable on its own:
 
 `ImageProcessorConfig` holds the HF processor fields; `load_image_processor_config(dir)` reads them
 from a checkpoint directory.
+
+Bounded work. However an input is shaped, preprocessing it holds at most a fixed multiple of
+its own decoded pixels or of the target size, whichever is larger:
+- `read_image` refuses images with more pixels than PIL's `Image.MAX_IMAGE_PIXELS` (possible
+  decompression bombs) before decoding them: `ImageRejected` with reason IMAGE_TOO_LARGE.
+- "crop" and "pad" refuse images more elongated than `max_aspect_ratio` (default 50:1):
+  `ImageRejected` with reason IMAGE_ASPECT_RATIO. Beyond 50:1 the centre crop keeps under 2% of
+  the image, and padding to a square leaves a strip under 7 px thick at 336 px; HF's and
+  LLaVA's processors have no such limit (HF's Qwen2-VL processor refuses beyond 200:1, but it
+  keeps the whole image). "anyres" fits any image into its pinpoint canvas and has no limit.
+- "crop" resizes the short side before cropping, so the long side of the resized image grows
+  with the aspect ratio (a 6000x1 image at 336 px would be 2016000x336). When the resized
+  image would exceed TARGET_SQUARES (64) target squares, only the crop's span of the long
+  side is resampled (PIL's `box`): bounded, and close to but not bitwise HF's pixels (PIL
+  rounds to uint8 between its two passes, whose order can differ). Within the default
+  aspect limit no image gets there: every accepted image takes HF's path, bit for bit.
+- "pad" pastes the image on a square of its long side, as HF does. An image more elongated
+  than 8:1 whose square would exceed both TARGET_SQUARES target squares and PAD_PIXELS (2**24
+  pixels, 48 MiB) is first reduced (PIL `reduce`, block means) to a long side of 4 to 8
+  targets: its square stays under 64 target squares, not bitwise HF's pixels.
 """
 from __future__ import annotations
 
@@ -25,6 +45,7 @@ import io
 import json
 import math
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -34,10 +55,26 @@ from PIL import Image, ImageOps
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MODES = ("crop", "pad", "anyres")
+MAX_ASPECT_RATIO = 50.0
+# Reasons an image is refused (ImageRejected.reason).
+IMAGE_ASPECT_RATIO = "image_aspect_ratio"
+IMAGE_TOO_LARGE = "image_too_large"
+# Intermediates beyond this many target squares take the bounded paths (module docstring).
+TARGET_SQUARES = 64
+PAD_PIXELS = 2 ** 24
 
 
 class ImageReadError(OSError):
     """An image file could not be opened or decoded; the message names the file."""
+
+
+class ImageRejected(ImageReadError, ValueError):
+    """An image refused before it is processed: `reason` is IMAGE_TOO_LARGE or
+    IMAGE_ASPECT_RATIO; the message names the image and what to do."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclasses.dataclass
@@ -48,6 +85,9 @@ class ImageProcessorConfig:
     means (height, width), as HF's get_size_dict does for these processors).
     crop_size: {"height": h, "width": w} (an int means a square).
     image_grid_pinpoints: (height, width) pairs, the order HF's LlavaNextImageProcessor uses.
+    max_aspect_ratio: "crop" and "pad" refuse images whose long side exceeds this many times
+    the short side (None: no limit; see the module docstring). Read from a
+    preprocessor_config.json that has it, like the HF fields.
     """
     mode: str = "crop"
     size: dict = dataclasses.field(default_factory=lambda: {"shortest_edge": 224})
@@ -63,6 +103,7 @@ class ImageProcessorConfig:
     do_convert_rgb: bool = True
     image_grid_pinpoints: tuple | None = None
     exif_transpose: bool = True
+    max_aspect_ratio: float | None = MAX_ASPECT_RATIO
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -79,6 +120,11 @@ class ImageProcessorConfig:
                                               for h, w in self.image_grid_pinpoints)
         if self.mode == "anyres" and not self.image_grid_pinpoints:
             raise ValueError("mode 'anyres' needs image_grid_pinpoints")
+        if self.max_aspect_ratio is not None:
+            self.max_aspect_ratio = float(self.max_aspect_ratio)
+            if not self.max_aspect_ratio >= 1:
+                raise ValueError(f"max_aspect_ratio must be >= 1 (or None: no limit), got "
+                                 f"{self.max_aspect_ratio}")
 
     @classmethod
     def from_hf_dict(cls, d: dict, *, mode: str | None = None) -> "ImageProcessorConfig":
@@ -189,10 +235,38 @@ def image_name(image) -> str:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else repr(image)
 
 
+# Image.open's decompression-bomb warning is made an error while a header is read;
+# warnings.catch_warnings is process-wide, so those reads take turns.
+_OPEN_LOCK = threading.Lock()
+
+
+def _open(source, name: str) -> Image.Image:
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(source)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ImageRejected(IMAGE_TOO_LARGE, _too_large(name, e)) from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:  # a PIL too old to check it on open
+        image.close()
+        raise ImageRejected(IMAGE_TOO_LARGE, _too_large(
+            name, f"{image.width}x{image.height} = {image.width * image.height} pixels"))
+    return image
+
+
+def _too_large(name, what) -> str:
+    return (f"cannot read image {name!r}: {what}; refused as a possible decompression bomb "
+            f"(more than PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels): "
+            f"downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine")
+
+
 def read_image(path) -> Image.Image:
     """Open and fully decode an image file (lazy PIL errors surface here, naming the file).
     `path` is a path, or an in-memory image file (an object with `.path` and `.data`, the
-    file's bytes; see `is_in_memory`), decoded exactly as the file would be."""
+    file's bytes; see `is_in_memory`), decoded exactly as the file would be. An image with
+    more pixels than PIL.Image.MAX_IMAGE_PIXELS is refused before decoding
+    (`ImageRejected`, reason IMAGE_TOO_LARGE)."""
     if is_in_memory(path):
         name, data = image_name(path), path.data
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -202,8 +276,10 @@ def read_image(path) -> Image.Image:
     else:
         name, source = os.fspath(path), path
     try:
-        with Image.open(source) as image:
+        with _open(source, name) as image:
             image.load()
+    except ImageRejected:
+        raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"cannot read image {name!r}: {e}") from e
     return image
@@ -253,17 +329,68 @@ def _resize(x: np.ndarray, height: int, width: int, resample: int) -> np.ndarray
     return np.asarray(Image.fromarray(x).resize((width, height), resample=resample))
 
 
+def _shortest_edge_size(h: int, w: int, s: int) -> tuple[int, int]:
+    # HF get_resize_output_image_size: the long side is truncated, not rounded.
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(s * long / short)
+    return (new_long, s) if w <= h else (s, new_long)
+
+
 def _resize_to(x: np.ndarray, size: dict, resample: int) -> np.ndarray:
     h, w = x.shape[:2]
     if "shortest_edge" in size:
-        # HF get_resize_output_image_size: the long side is truncated, not rounded.
-        s = size["shortest_edge"]
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(s * long / short)
-        new_h, new_w = (new_long, s) if w <= h else (s, new_long)
+        new_h, new_w = _shortest_edge_size(h, w, size["shortest_edge"])
     else:
         new_h, new_w = size["height"], size["width"]
     return _resize(x, new_h, new_w, resample)
+
+
+def _resize_and_crop(x: np.ndarray, s: int, crop_h: int, crop_w: int,
+                     resample: int) -> np.ndarray:
+    """`_center_crop(_resize_to(x, {"shortest_edge": s}), crop_h, crop_w)` without the whole
+    resized image when it would exceed TARGET_SQUARES target squares (module docstring)."""
+    h, w = x.shape[:2]
+    new_h, new_w = _shortest_edge_size(h, w, s)
+    if new_h * new_w <= TARGET_SQUARES * max(s, crop_h, crop_w) ** 2:
+        return _center_crop(_resize(x, new_h, new_w, resample), crop_h, crop_w)
+    # Resample only the crop's span of the long side (PIL's box, in source coordinates).
+    if new_w > new_h:
+        left, scale = (new_w - crop_w) // 2, w / new_w
+        box, size = (left * scale, 0, (left + crop_w) * scale, h), (crop_w, new_h)
+    else:
+        top, scale = (new_h - crop_h) // 2, h / new_h
+        box, size = (0, top * scale, w, (top + crop_h) * scale), (new_w, crop_h)
+    x = np.asarray(Image.fromarray(x).resize(size, resample=resample, box=box))
+    return _center_crop(x, crop_h, crop_w)
+
+
+def _reduce_for_pad(x: np.ndarray, target: int) -> np.ndarray:
+    """`x` reduced (block means) when it is more elongated than 8:1 and its padded square
+    would exceed TARGET_SQUARES target squares and PAD_PIXELS; as it is otherwise."""
+    h, w = x.shape[:2]
+    side = max(h, w)
+    if side <= 8 * min(h, w) or side * side <= max(TARGET_SQUARES * target * target,
+                                                   PAD_PIXELS):
+        return x
+    factor = max(1, side // (4 * target))
+    return np.asarray(Image.fromarray(x).reduce(factor))
+
+
+def check_aspect_ratio(width: int, height: int, cfg: ImageProcessorConfig, name=None) -> None:
+    """`ImageRejected` (reason IMAGE_ASPECT_RATIO) for an image more elongated than
+    `cfg.max_aspect_ratio` in modes "crop" and "pad"; `name` is used in the message."""
+    limit = cfg.max_aspect_ratio
+    if cfg.mode == "anyres" or limit is None:
+        return
+    ratio = max(width, height) / max(min(width, height), 1)
+    if ratio > limit:
+        what = f"image {name!r}" if name else "image"
+        raise ImageRejected(
+            IMAGE_ASPECT_RATIO,
+            f"{what} is {width}x{height}, aspect ratio {ratio:.4g}:1, beyond the image "
+            f"processor's max_aspect_ratio {limit:g}:1 (mode {cfg.mode!r}); crop or split the "
+            f"image, or set max_aspect_ratio higher (or null for no limit) in the image "
+            f"processor config (preprocessor_config.json)")
 
 
 def _center_crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -360,7 +487,10 @@ def preprocess(image, config) -> np.ndarray:
     `config` is an ImageProcessorConfig or a dict of its / HF's fields.
     """
     cfg = as_image_config(config)
+    name = image_name(image) if isinstance(image, (str, os.PathLike)) or is_in_memory(image) \
+        else getattr(image, "filename", None)
     image = _to_pil(image)
+    check_aspect_ratio(image.width, image.height, cfg, name)
     if cfg.exif_transpose:
         image = apply_exif_orientation(image)
     if cfg.do_convert_rgb:
@@ -372,17 +502,25 @@ def preprocess(image, config) -> np.ndarray:
     if cfg.mode == "anyres":
         views = _anyres_views(x, cfg)
     elif cfg.mode == "pad":
-        views = [expand_to_square(x, tuple(int(m * 255) for m in cfg.image_mean))]
+        target = cfg.size.get("shortest_edge") or max(cfg.size["height"], cfg.size["width"])
+        views = [expand_to_square(_reduce_for_pad(x, target),
+                                  tuple(int(m * 255) for m in cfg.image_mean))]
     else:
         views = [x]
 
     out = []
+    crop_h, crop_w = cfg.crop_size["height"], cfg.crop_size["width"]
     for view in views:
         # LLaVA-NeXT resizes every view; the other processors follow do_resize.
-        if cfg.do_resize or cfg.mode == "anyres":
-            view = _resize_to(view, cfg.size, cfg.resample)
-        if cfg.do_center_crop:
-            view = _center_crop(view, cfg.crop_size["height"], cfg.crop_size["width"])
+        resize = cfg.do_resize or cfg.mode == "anyres"
+        if resize and cfg.do_center_crop and "shortest_edge" in cfg.size:
+            view = _resize_and_crop(view, cfg.size["shortest_edge"], crop_h, crop_w,
+                                    cfg.resample)
+        else:
+            if resize:
+                view = _resize_to(view, cfg.size, cfg.resample)
+            if cfg.do_center_crop:
+                view = _center_crop(view, crop_h, crop_w)
         out.append(_normalize(view, cfg))
     return np.stack(out) if cfg.mode == "anyres" else out[0]
 

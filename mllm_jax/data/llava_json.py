@@ -3,15 +3,20 @@
 {"id", "image" (optional), "prompt", "chosen", "rejected"} (`read_preference_json`).
 
 Reading a file only parses it: image paths are joined to the image root but not opened, and
-conversations are kept as they are. Checking a record (images readable, conversation well
-formed, placeholders matching images) is the pipeline's job, so one bad record is counted and
-skipped there instead of failing the whole file here.
+conversations are kept as they are. A path leading outside the root (`..`, absolute, or a
+symlink out; see `data.paths`) becomes a `RefusedImage`, which the pipeline reports as
+`outside_root`; `allow_absolute_image_paths=True` reads absolute paths wherever they are.
+Checking a record (images readable, conversation well formed, placeholders matching images)
+is the pipeline's job, so one bad record is counted and skipped there instead of failing the
+whole file here.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+
+from mllm_jax.data.paths import OutsideRoot, resolve_image_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +43,22 @@ class PreferenceRecord:
     index: int
 
 
-def _images(entry, image_root):
+@dataclasses.dataclass(frozen=True)
+class RefusedImage:
+    """An image entry that is not read: `path` as written, `reason` and `detail` (why)."""
+    path: str
+    reason: str
+    detail: str
+
+
+def _confined(path, image_root, allow_absolute):
+    try:
+        return resolve_image_path(image_root, path, allow_absolute=allow_absolute)
+    except OutsideRoot as e:
+        return RefusedImage(path, e.reason, str(e))
+
+
+def _images(entry, image_root, allow_absolute=False):
     image = entry.get("image")
     if image is None:
         images = ()
@@ -49,29 +69,32 @@ def _images(entry, image_root):
     else:
         images = (image,)  # not a path: reading it fails and is reported
     if image_root is not None:
-        images = tuple(os.path.join(os.fspath(image_root), p) if isinstance(p, str) else p
+        images = tuple(_confined(p, image_root, allow_absolute) if isinstance(p, str) else p
                        for p in images)
     return images
 
 
-def record_from_dict(entry, index: int, image_root=None, source: str = "") -> Record:
+def record_from_dict(entry, index: int, image_root=None, source: str = "", *,
+                     allow_absolute_image_paths: bool = False) -> Record:
     if not isinstance(entry, dict):
         # Kept as a record with no conversation: the pipeline reports it as malformed.
         return Record(f"{source}:{index}", (), entry, index)
     sample_id = entry.get("id")
     if sample_id is None:
         sample_id = f"{source}:{index}"
-    return Record(sample_id, _images(entry, image_root), entry.get("conversations"), index)
+    return Record(sample_id, _images(entry, image_root, allow_absolute_image_paths),
+                  entry.get("conversations"), index)
 
 
-def preference_from_dict(entry, index: int, image_root=None,
-                         source: str = "") -> PreferenceRecord:
+def preference_from_dict(entry, index: int, image_root=None, source: str = "", *,
+                         allow_absolute_image_paths: bool = False) -> PreferenceRecord:
     if not isinstance(entry, dict):
         return PreferenceRecord(f"{source}:{index}", (), None, None, None, index)
     sample_id = entry.get("id")
     if sample_id is None:
         sample_id = f"{source}:{index}"
-    return PreferenceRecord(sample_id, _images(entry, image_root), entry.get("prompt"),
+    return PreferenceRecord(sample_id, _images(entry, image_root, allow_absolute_image_paths),
+                            entry.get("prompt"),
                             entry.get("chosen"), entry.get("rejected"), index)
 
 
@@ -88,22 +111,28 @@ def read_entries(path) -> list:
     return entries
 
 
-def read_preference_json(path, image_root=None) -> list[PreferenceRecord]:
+def read_preference_json(path, image_root=None, *,
+                         allow_absolute_image_paths: bool = False) -> list[PreferenceRecord]:
     """All preference pairs of a .json (a list) or .jsonl file; `image_root` defaults to the
-    file's directory."""
+    file's directory (image paths are confined to it, see the module docstring)."""
     path = os.fspath(path)
     if image_root is None:
         image_root = os.path.dirname(os.path.abspath(path))
     source = os.path.basename(path)
-    return [preference_from_dict(e, k, image_root, source)
+    return [preference_from_dict(e, k, image_root, source,
+                                 allow_absolute_image_paths=allow_absolute_image_paths)
             for k, e in enumerate(read_entries(path))]
 
 
-def read_llava_json(path, image_root=None) -> list[Record]:
+def read_llava_json(path, image_root=None, *,
+                    allow_absolute_image_paths: bool = False) -> list[Record]:
     """All records of a LLaVA-format .json file (a list) or .jsonl file (one object a line).
-    `image_root` defaults to the file's directory."""
+    `image_root` defaults to the file's directory (image paths are confined to it, see the
+    module docstring)."""
     path = os.fspath(path)
     if image_root is None:
         image_root = os.path.dirname(os.path.abspath(path))
     source = os.path.basename(path)
-    return [record_from_dict(e, k, image_root, source) for k, e in enumerate(read_entries(path))]
+    return [record_from_dict(e, k, image_root, source,
+                             allow_absolute_image_paths=allow_absolute_image_paths)
+            for k, e in enumerate(read_entries(path))]
