@@ -36,8 +36,11 @@ def make_data(cfg, process_index, process_count, workdir=None, objective=None):
                      f"tfds)")
 
 
-def _records(source, spec, mode):
-    """The records of one data source: spec has "json" (+ "image_root") or "tfds_dir"."""
+def _records(source, spec, mode, allow_absolute=False):
+    """The records of one data source: spec has "json" (+ "image_root") or "tfds_dir".
+    Image paths are confined to the image root (the JSON file's directory when empty), see
+    `data.paths`; `allow_absolute` (data.allow_absolute_image_paths, or the spec's own
+    "allow_absolute_image_paths") reads absolute paths wherever they are."""
     if source == "tfds" or spec.get("tfds_dir"):
         from mllm_jax.data.tfds_builders import PreferenceRecord, records_from_tfds
         if not spec.get("tfds_dir"):
@@ -54,7 +57,9 @@ def _records(source, spec, mode):
         raise ValueError(f"data.source={source} needs data.json (a path)")
     from mllm_jax.data.llava_json import read_llava_json, read_preference_json
     read = read_preference_json if mode == "dpo" else read_llava_json
-    return read(spec["json"], spec.get("image_root") or None)
+    allow = bool(spec.get("allow_absolute_image_paths", allow_absolute))
+    return read(spec["json"], spec.get("image_root") or None,
+                allow_absolute_image_paths=allow)
 
 
 def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
@@ -82,6 +87,7 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
     tokens = registry.tokens_per_image(m) if d.images else 0
     tokenizer = load_tokenizer(d.tokenizer)
     mixture = [dict(s) for s in (d.get("mixture") or [])]
+    allow_absolute = bool(d.get("allow_absolute_image_paths", False))
 
     def pipeline(records, seed, **kw):
         return LlavaPipeline(
@@ -94,7 +100,7 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
     seed = d.seed
     if mixture:
         # Each source its own order (seed + k) and report file (data_report.source{k}.*).
-        sources = [(pipeline(_records(d.source, spec, mode), seed + k,
+        sources = [(pipeline(_records(d.source, spec, mode, allow_absolute), seed + k,
                              report_name=f"data_report.source{k}"),
                     float(spec.get("weight", 1.0))) for k, spec in enumerate(mixture)]
         pipe = MixturePipeline(sources, global_batch_size=cfg.train.global_batch_size,
@@ -102,7 +108,7 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
     else:
         spec = {"json": d.get("json"), "image_root": d.get("image_root"),
                 "tfds_dir": d.get("tfds_dir") if d.source == "tfds" else ""}
-        pipe = pipeline(_records(d.source, spec, mode), seed,
+        pipe = pipeline(_records(d.source, spec, mode, allow_absolute), seed,
                         global_batch_size=cfg.train.global_batch_size)
     pipe.seq_len = d.max_length
     return pipe

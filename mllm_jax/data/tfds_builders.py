@@ -18,10 +18,12 @@ exactly the pixels decoding the file gives.
 Records that cannot be stored are skipped at build time instead of failing the build, and
 reported in `builder.info.metadata["skipped"]` (saved as metadata.json next to the data):
 {"count": n, "by_reason": {reason: n}, "records": [{"index", "id", "reason", "detail"}]}.
-Reasons: "missing_image" (an image file does not exist under the root), "no_image" (captions
-only), "malformed" (not an object, an image entry that is not a path, conversations that are
-not a list of {"from": str, "value": str}, preference fields that are not strings). Only what
-the features cannot hold is checked here; conversation semantics (placeholders matching
+Reasons: "missing_image" (an image file does not exist under the root), "outside_root" (an
+image path leading outside the root; `data.paths`: absolute paths are allowed with
+`allow_absolute_image_paths=True`), "no_image" (captions only), "malformed" (not an
+object, an image entry that is not a path, conversations that are not a list of
+{"from": str, "value": str}, preference fields that are not strings). Only what the
+features cannot hold is checked here; conversation semantics (placeholders matching
 images, empty turns) stay the pipeline's job, as for JSON files.
 
 Ids are stored as text (an integer id 7 reads back as "7"); `index`, the position in the
@@ -46,6 +48,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mllm_jax.data.llava_json import read_entries
+from mllm_jax.data.paths import OUTSIDE_ROOT, OutsideRoot, resolve_image_path
+from mllm_jax.data.tfds_features import check_features
 
 KINDS = ("captions", "instructions", "preferences")
 MISSING_IMAGE = "missing_image"
@@ -60,7 +64,8 @@ class LlavaJsonConfig(tfds.core.BuilderConfig):
     """One JSON file + its image root. The config name (the directory under the builder's)
     defaults to the JSON file's name, e.g. "llava_v1_5_mix665k"."""
 
-    def __init__(self, *, json_path, image_root=None, name=None, **kwargs):
+    def __init__(self, *, json_path, image_root=None, name=None,
+                 allow_absolute_image_paths=False, **kwargs):
         json_path = os.path.abspath(os.fspath(json_path))
         if name is None:
             stem = os.path.basename(json_path).rsplit(".", 1)[0]
@@ -69,6 +74,7 @@ class LlavaJsonConfig(tfds.core.BuilderConfig):
         self.json_path = json_path
         self.image_root = (os.path.dirname(json_path) if image_root is None
                            else os.path.abspath(os.fspath(image_root)))
+        self.allow_absolute_image_paths = bool(allow_absolute_image_paths)
 
 
 def _image_features():
@@ -143,7 +149,12 @@ class _LlavaJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             raise _Skip(MALFORMED, f"image entry is not a path or a list of paths: {image!r}")
         images = []
         for p in paths:
-            full = os.path.join(self.builder_config.image_root, p)
+            try:
+                full = resolve_image_path(
+                    self.builder_config.image_root, p,
+                    allow_absolute=self.builder_config.allow_absolute_image_paths)
+            except OutsideRoot as e:
+                raise _Skip(OUTSIDE_ROOT, str(e)) from None
             if not os.path.isfile(full):
                 raise _Skip(MISSING_IMAGE, f"no such file {full!r}")
             with open(full, "rb") as f:
@@ -209,12 +220,14 @@ BUILDERS = {"captions": LlavaCaptions, "instructions": LlavaInstructions,
 
 
 def make_builder(kind: str, json_path, image_root=None, data_dir=None, *, name=None,
-                 **kwargs) -> _LlavaJsonBuilder:
+                 allow_absolute_image_paths=False, **kwargs) -> _LlavaJsonBuilder:
     """A builder of `kind` (captions | instructions | preferences) for one JSON file; call
-    `.download_and_prepare()` on it to write the array_record files under `data_dir`."""
+    `.download_and_prepare()` on it to write the array_record files under `data_dir`.
+    Image paths must resolve inside `image_root` (see `data.paths`)."""
     if kind not in BUILDERS:
         raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
-    config = LlavaJsonConfig(json_path=json_path, image_root=image_root, name=name)
+    config = LlavaJsonConfig(json_path=json_path, image_root=image_root, name=name,
+                             allow_absolute_image_paths=allow_absolute_image_paths)
     return BUILDERS[kind](config=config, data_dir=data_dir and os.fspath(data_dir), **kwargs)
 
 
@@ -284,9 +297,13 @@ def records_from_tfds(source, split: str = "train"):
     """Yield the records of a built split, in file order: TfdsRecord (captions, instructions)
     or PreferenceRecord. `source` is a prepared builder or the directory of a prepared
     version (…/llava_instructions/<config>/1.0.0); reads through the array_record data
-    source (random access, no TF graph)."""
-    builder = source if isinstance(source, tfds.core.DatasetBuilder) \
-        else tfds.builder_from_directory(os.fspath(source))
+    source (random access, no TF graph). A directory whose features name types other than
+    ours is refused before TFDS reads it (`tfds_features.check_features`)."""
+    if isinstance(source, tfds.core.DatasetBuilder):
+        builder = source
+    else:
+        check_features(source)
+        builder = tfds.builder_from_directory(os.fspath(source))
     data = builder.as_data_source(split=split)
     for k in range(len(data)):
         yield _record(data[k])

@@ -23,7 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a TFDS (array_record) copy of each task's samples, images "
                              "included, under DIR and exit (no model needed)")
     parser.add_argument("--image-root", default=None, help="directory the data's image "
-                        "paths are relative to (a comma list, one per task, allowed)")
+                        "paths are relative to (a comma list, one per task, allowed); an "
+                        "image path leading outside it is an error")
+    parser.add_argument("--allow-absolute-image-paths", action="store_true",
+                        help="read absolute image paths in the data wherever they are "
+                             "(relative paths climbing out with '..' stay refused)")
     parser.add_argument("--output", default="eval_results",
                         help="results directory (default: eval_results)")
     parser.add_argument("--limit", type=int, default=None, help="first N samples per task")
@@ -79,7 +83,11 @@ class EvalOptions:
     data: str
     """Each task's annotation file or TFDS copy, comma separated, one per task."""
     image_root: str | None = None
-    """Directory the data's image paths are relative to (one, or a comma list per task)."""
+    """Directory the data's image paths are relative to (one, or a comma list per task;
+    default: the data's directory). A path resolving outside it (`..`, absolute, a symlink
+    out) is an error naming the file and line."""
+    allow_absolute_image_paths: bool = False
+    """Read absolute image paths (and symlinks) wherever they lead."""
     limit: int | None = None
     """Evaluate only the first N samples of each task (None: all)."""
 

@@ -223,7 +223,7 @@ def check_images(name, samples):
                                         f"{os.fspath(image)!r} does not exist")
 
 
-def load_task_samples(name, data, image_root):
+def load_task_samples(name, data, image_root, allow_absolute_image_paths=False):
     from mllm_jax.eval import tasks
     task = tasks.get_task(name)  # an unknown name is a ValueError listing the known ones
     if not os.path.exists(data):
@@ -234,7 +234,8 @@ def load_task_samples(name, data, image_root):
     try:
         if tfds_copy.is_copy(data):
             return task, tfds_copy.read_copy(task, data)
-        return task, task.load(data, image_root=image_root)
+        return task, task.load(data, image_root=image_root,
+                               allow_absolute_image_paths=allow_absolute_image_paths)
     except ValueError as e:
         raise ValueError(f"task {name!r}: {e}") from e
 
@@ -246,7 +247,8 @@ def run_task(runtime, options: EvalOptions, name, data, image_root):
     from mllm_jax.data.templates import render_text
     from mllm_jax.infer import batching
     model, params, tokenizer, image_cfg, mesh = runtime
-    task, pool = load_task_samples(name, data, image_root)
+    task, pool = load_task_samples(name, data, image_root,
+                                   options.allow_absolute_image_paths)
     if not pool:
         raise ValueError(f"task {name!r}: no samples in {data!r}")
     n_eval = len(pool) if options.limit is None else min(options.limit, len(pool))
@@ -417,7 +419,8 @@ def write_copies(options: EvalOptions) -> int:
     """--copy-to: each task's samples (all of them, or --limit) as a TFDS copy."""
     from mllm_jax.eval import tfds_copy
     for name, data, root in task_inputs(options):
-        task, samples = load_task_samples(name, data, root)
+        task, samples = load_task_samples(name, data, root,
+                                          options.allow_absolute_image_paths)
         samples = samples if options.limit is None else samples[:options.limit]
         check_images(name, samples)
         path = tfds_copy.write_copy(task, samples, options.copy_to)

@@ -9,7 +9,8 @@ A copy holds, per sample: `doc_id`, `sample_id`, the images (`{"path", "bytes"}`
 bytes untouched), `question`, and `target` / `meta` as JSON text. Reading it back gives the
 task's samples with the images as bytes (decoded like the files), so the scores equal those
 of the original files (`tests/test_eval_tfds.py`). The task's name is stored in the copy and
-checked when it is read.
+checked when it is read; a copy naming feature types other than the ones written here is
+refused before TFDS reads it.
 """
 from __future__ import annotations
 
@@ -100,9 +101,13 @@ def is_copy(path) -> bool:
 
 
 def read_copy(task, path, limit=None) -> list:
-    """The task's samples from a copy, images as bytes, in doc_id order."""
+    """The task's samples from a copy, images as bytes, in doc_id order. A copy whose
+    features name types other than ours is refused before TFDS reads it (TFDS would import
+    the modules such names point to; `data.tfds_features`)."""
+    from mllm_jax.data.tfds_features import check_features
     from mllm_jax.eval.tasks.base import Sample
     tfds = _tfds()
+    check_features(path)
     builder = tfds.builder_from_directory(os.fspath(path))
     stored = builder.info.metadata.get("task") if builder.info.metadata else None
     if stored != task.name:

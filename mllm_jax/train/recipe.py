@@ -47,6 +47,10 @@ def base(preset: str) -> ml_collections.ConfigDict:
                                         # source "llava_json": a LLaVA-format JSON + images
                                         # (preference pairs when stage.objective is dpo)
                                         "json": "", "image_root": "", "tokenizer": "",
+                                        # image paths must resolve inside image_root (else
+                                        # skipped as outside_root); True reads absolute
+                                        # paths wherever they are (data/paths.py)
+                                        "allow_absolute_image_paths": False,
                                         "processor": "", "image_mode": "",
                                         "template": "vicuna_v1", "max_length": 2048,
                                         "workers": 4,

@@ -7,6 +7,7 @@ import os
 import re
 from typing import Iterator, Optional
 
+from mllm_jax.data.paths import OutsideRoot, resolve_image_path
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
@@ -71,9 +72,30 @@ def require_keys(obj, keys, where: str) -> None:
                          f"(expected keys {', '.join(keys)})")
 
 
+class ImageRoot(str):
+    """The directory a task's image paths are relative to, and whether absolute paths may
+    lead out of it (``allow_absolute``; ``eval --allow-absolute-image-paths``)."""
+
+    allow_absolute: bool = False
+
+    def __new__(cls, path, allow_absolute: bool = False):
+        root = super().__new__(cls, os.fspath(path))
+        root.allow_absolute = bool(allow_absolute)
+        return root
+
+
 def image_path(root: str, rel: str, where: str) -> str:
-    """``root/rel``; ``ValueError`` at ``where`` if that file does not exist."""
-    path = os.path.join(root, rel)
+    """``root/rel``; ``ValueError`` at ``where`` if that file does not exist or lies
+    outside ``root`` (``mllm_jax.data.paths``: ``..``, absolute paths and symlinks leading
+    out are refused, absolute ones allowed when ``root`` is an ``ImageRoot`` that says so)."""
+    if not isinstance(rel, str):
+        raise ValueError(f"{where}: image entry is not a path: {rel!r}")
+    try:
+        path = resolve_image_path(root, rel,
+                                  allow_absolute=getattr(root, "allow_absolute", False))
+    except OutsideRoot as e:
+        raise ValueError(f"{where}: {e}; with eval, pass --image-root (the folder holding "
+                         f"the images) or --allow-absolute-image-paths") from None
     if not os.path.isfile(path):
         raise ValueError(f"{where}: image {path} not found (image_root={root!r})")
     return path
@@ -128,7 +150,9 @@ class Task:
     answer_from_end: bool = True
 
     def load(self, data: str, image_root: Optional[str] = None,
-             limit: Optional[int] = None) -> list:
+             limit: Optional[int] = None, *, allow_absolute_image_paths: bool = False) -> list:
+        """The samples of ``data``; image paths must resolve inside ``image_root`` (default:
+        the data's directory), absolute ones anywhere with ``allow_absolute_image_paths``."""
         raise NotImplementedError
 
     def process_result(self, sample: Sample, response: str) -> dict:

@@ -5,7 +5,7 @@ import functools
 import os
 
 from mllm_jax.eval import caption, chair
-from mllm_jax.eval.tasks.base import (CAPTION_PROMPT, DETAIL_PROMPT, Sample, Task,
+from mllm_jax.eval.tasks.base import (ImageRoot, CAPTION_PROMPT, DETAIL_PROMPT, Sample, Task,
                                       check_limit, check_result_count, data_directory,
                                       image_path, mean_or_zero, read_json, require_keys,
                                       take_first)
@@ -21,9 +21,10 @@ class CocoCaptionTask(Task):
     prompt_suffix = CAPTION_PROMPT
     answer_from_end = False
 
-    def load(self, data, image_root=None, limit=None):
+    def load(self, data, image_root=None, limit=None, *,
+             allow_absolute_image_paths=False):
         limit = check_limit(limit)
-        root = image_root or data_directory(data)
+        root = ImageRoot(image_root or data_directory(data), allow_absolute_image_paths)
         path = data
         if os.path.isdir(data):
             for name in ("captions_val2014.json", "dataset_coco.json"):
@@ -131,10 +132,11 @@ class ChairTask(Task):
         raise ValueError(f"{data}: expected a COCO instances_*.json / captions_*.json file "
                          "or their directory")
 
-    def load(self, data, image_root=None, limit=None):
+    def load(self, data, image_root=None, limit=None, *,
+             allow_absolute_image_paths=False):
         limit = check_limit(limit)
         inst_path, caps_path = self._paths(data)
-        root = image_root or data_directory(data)
+        root = ImageRoot(image_root or data_directory(data), allow_absolute_image_paths)
         instances, captions = read_json(inst_path), read_json(caps_path)
         require_keys(instances, ("images", "annotations", "categories"), inst_path)
         names = {c["id"]: c["name"] for c in instances["categories"]}

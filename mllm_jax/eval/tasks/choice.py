@@ -6,7 +6,7 @@ import os
 import re
 
 from mllm_jax.eval import scienceqa
-from mllm_jax.eval.tasks.base import (LETTER_ANSWER, Sample, Task, check_limit,
+from mllm_jax.eval.tasks.base import (ImageRoot, LETTER_ANSWER, Sample, Task, check_limit,
                                       check_result_count, data_directory, image_path, read_json,
                                       require_keys, take_first)
 
@@ -23,9 +23,10 @@ class ScienceQATask(Task):
     prompt_suffix = LETTER_ANSWER
     split = "test"
 
-    def load(self, data, image_root=None, limit=None):
+    def load(self, data, image_root=None, limit=None, *,
+             allow_absolute_image_paths=False):
         limit = check_limit(limit)
-        root = image_root or data_directory(data)
+        root = ImageRoot(image_root or data_directory(data), allow_absolute_image_paths)
         if os.path.isdir(data):
             if os.path.isfile(os.path.join(data, "problems.json")):
                 return self._load_problems(os.path.join(data, "problems.json"), root, limit)

@@ -6,7 +6,7 @@ import os
 import re
 
 from mllm_jax.eval import vqa
-from mllm_jax.eval.tasks.base import (SHORT_ANSWER, Sample, Task, check_limit,
+from mllm_jax.eval.tasks.base import (ImageRoot, SHORT_ANSWER, Sample, Task, check_limit,
                                       check_result_count, data_directory, image_path, iter_jsonl,
                                       mean_or_zero, read_json, require_keys, strip_suffix,
                                       take_first)
@@ -38,10 +38,11 @@ class VQAv2Task(Task):
                              "pass the file")
         return found[0]
 
-    def load(self, data, image_root=None, limit=None):
+    def load(self, data, image_root=None, limit=None, *,
+             allow_absolute_image_paths=False):
         limit = check_limit(limit)
         path = self._questions_file(data)
-        root = image_root or data_directory(data)
+        root = ImageRoot(image_root or data_directory(data), allow_absolute_image_paths)
         if path.endswith(".jsonl"):
             return self._load_llava(path, root, limit)
         doc = read_json(path)
@@ -125,12 +126,13 @@ class GQATask(Task):
     max_new_tokens = 16
     prompt_suffix = SHORT_ANSWER
 
-    def load(self, data, image_root=None, limit=None):
+    def load(self, data, image_root=None, limit=None, *,
+             allow_absolute_image_paths=False):
         limit = check_limit(limit)
         path = data
         if os.path.isdir(data):
             path = os.path.join(data, "testdev_balanced_questions.json")
-        root = image_root or data_directory(data)
+        root = ImageRoot(image_root or data_directory(data), allow_absolute_image_paths)
         doc = read_json(path)
         if not isinstance(doc, dict):
             raise ValueError(f"{path}: expected an object of question id -> question")

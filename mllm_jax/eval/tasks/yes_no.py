@@ -6,7 +6,7 @@ import os
 import re
 
 from mllm_jax.eval import mme, pope
-from mllm_jax.eval.tasks.base import (IMAGE_EXTENSIONS, SHORT_ANSWER, Sample, Task,
+from mllm_jax.eval.tasks.base import (ImageRoot, IMAGE_EXTENSIONS, SHORT_ANSWER, Sample, Task,
                                       check_limit, check_result_count, data_directory,
                                       image_path, iter_jsonl, require_keys, strip_suffix)
 
@@ -33,9 +33,10 @@ class PopeTask(Task):
                              "(expected coco_pope_adversarial/popular/random.json)")
         return files
 
-    def load(self, data, image_root=None, limit=None):
+    def load(self, data, image_root=None, limit=None, *,
+             allow_absolute_image_paths=False):
         limit = check_limit(limit)
-        root = image_root or data_directory(data)
+        root = ImageRoot(image_root or data_directory(data), allow_absolute_image_paths)
         samples = []
         for path in self._files(data):
             m = re.search(r"(adversarial|popular|random)", os.path.basename(path))
@@ -91,11 +92,12 @@ class MMETask(Task):
     prompt_suffix = SHORT_ANSWER
     SUBTASKS = mme.PERCEPTION_SUBTASKS + mme.COGNITION_SUBTASKS
 
-    def load(self, data, image_root=None, limit=None):
+    def load(self, data, image_root=None, limit=None, *,
+             allow_absolute_image_paths=False):
         limit = check_limit(limit)
         if not os.path.isdir(data):
             raise ValueError(f"{data}: not an MME release directory")
-        root = image_root or data
+        root = ImageRoot(image_root or data, allow_absolute_image_paths)
         subtasks = [s for s in self.SUBTASKS if os.path.isdir(os.path.join(data, s))]
         if not subtasks:
             raise ValueError(f"{data}: no MME subtask folders "
