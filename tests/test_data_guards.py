@@ -277,7 +277,7 @@ def test_tfds_copy_naming_a_module_is_refused_without_importing_it(tmp_path, mon
     assert "guard_probe_feature" not in sys.modules and not flag.exists()
 
 
-def test_tfds_build_skips_images_outside_the_root(tmp_path):
+def test_tfds_build_skips_images_outside_the_root_and_unencodable_text(tmp_path):
     from mllm_jax.data.tfds_builders import make_builder, skipped_report
     root = tmp_path / "root"
     root.mkdir()
@@ -285,10 +285,11 @@ def test_tfds_build_skips_images_outside_the_root(tmp_path):
     secret = png(tmp_path / "secret.png", 30, 20)
     entries = [{"id": "ok", "image": "a.png", "conversations": ask()},
                {"id": "dotdot", "image": "../secret.png", "conversations": ask()},
-               {"id": "absolute", "image": secret, "conversations": ask()}]
+               {"id": "absolute", "image": secret, "conversations": ask()},
+               {"id": "surrogate", "conversations": ask("what is \ud800?")}]
     (root / "d.json").write_text(json.dumps(entries))
     builder = make_builder("instructions", root / "d.json", root, tmp_path / "tfds")
-    builder.download_and_prepare()
+    builder.download_and_prepare()  # the surrogate used to stop the build in TFDS's encoder
     report = skipped_report(builder)
-    assert report["by_reason"] == {P.OUTSIDE_ROOT: 2}
-    assert sorted(r["id"] for r in report["records"]) == ["absolute", "dotdot"]
+    assert report["by_reason"] == {P.OUTSIDE_ROOT: 2, P.TEXT_NOT_ENCODABLE: 1}
+    assert sorted(r["id"] for r in report["records"]) == ["absolute", "dotdot", "surrogate"]

@@ -20,7 +20,8 @@ reported in `builder.info.metadata["skipped"]` (saved as metadata.json next to t
 {"count": n, "by_reason": {reason: n}, "records": [{"index", "id", "reason", "detail"}]}.
 Reasons: "missing_image" (an image file does not exist under the root), "outside_root" (an
 image path leading outside the root; `data.paths`: absolute paths are allowed with
-`allow_absolute_image_paths=True`), "no_image" (captions only), "malformed" (not an
+`allow_absolute_image_paths=True`), "text_not_encodable" (a string UTF-8 cannot hold,
+such as a lone surrogate), "no_image" (captions only), "malformed" (not an
 object, an image entry that is not a path, conversations that are not a list of
 {"from": str, "value": str}, preference fields that are not strings). Only what the
 features cannot hold is checked here; conversation semantics (placeholders matching
@@ -55,6 +56,7 @@ KINDS = ("captions", "instructions", "preferences")
 MISSING_IMAGE = "missing_image"
 NO_IMAGE = "no_image"
 MALFORMED = "malformed"
+TEXT_NOT_ENCODABLE = "text_not_encodable"
 VERSION = "1.0.0"
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ class _LlavaJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                 if sample_id is None else str(sample_id)
             try:
                 example = self._example(entry, sample_id, index)
+                _check_text(example)
             except _Skip as e:
                 skipped.append({"index": index, "id": sample_id, "reason": e.reason,
                                 "detail": e.detail})
@@ -173,6 +176,23 @@ class _LlavaJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         return {"id": sample_id, "index": index, "images": images,
                 "conversations": [{"from": t["from"], "value": t["value"]}
                                   for t in conversations]}
+
+
+def _check_text(value, where=""):
+    """`_Skip` (TEXT_NOT_ENCODABLE) for a string UTF-8 cannot hold (a lone surrogate)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _Skip(TEXT_NOT_ENCODABLE, f"{where or 'text'}: {e.object[e.start:e.end]!r} "
+                                            f"at position {e.start} cannot be encoded as "
+                                            f"UTF-8 ({e.reason})") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(item, f"{where}/{key}" if where else key)
+    elif isinstance(value, list):
+        for k, item in enumerate(value):
+            _check_text(item, f"{where}[{k}]")
 
 
 class _Skip(Exception):
