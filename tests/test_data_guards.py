@@ -123,7 +123,8 @@ def hostile(tmp_path_factory):
     bad = {"dotdot": ("../secret.png", P.OUTSIDE_ROOT),
            "absolute": (secret, P.OUTSIDE_ROOT),
            "symlink": ("link.png", P.OUTSIDE_ROOT),
-           "wide": ("wide.png", P.IMAGE_ASPECT_RATIO)}
+           "wide": ("wide.png", P.IMAGE_ASPECT_RATIO),
+           "nul": ("a\x00b.png", P.UNREADABLE_IMAGE)}
     entries += [{"id": sid, "image": image, "conversations": ask()}
                 for sid, (image, _) in bad.items()]
     entries.append({"id": "surrogate", "conversations": ask("what is \ud800 here?")})
@@ -153,10 +154,10 @@ def test_hostile_records_are_skipped_counted_and_listed(hostile, tokenizer_dir, 
                            image_tokens_per_image=4, num_workers=2, workdir=tmp_path,
                            return_sample_ids=True)
     with pipe:
-        ids = consume(pipe, 8)  # 32 samples: more than two passes over the 15 records
+        ids = consume(pipe, 8)  # 32 samples: more than two passes over the 16 records
         assert ids == {f"good-{k}" for k in range(6)} | {f"text-{k}" for k in range(4)}
         assert pipe.report() == {P.OUTSIDE_ROOT: 3, P.IMAGE_ASPECT_RATIO: 1,
-                                 P.TEXT_NOT_ENCODABLE: 1}
+                                 P.TEXT_NOT_ENCODABLE: 1, P.UNREADABLE_IMAGE: 1}
     lines = {e["sample_id"]: e for e in report_lines(tmp_path)}
     assert {sid: e["reason"] for sid, e in lines.items()} == {
         sid: reason for sid, (_, reason) in hostile["bad"].items()}

@@ -56,6 +56,8 @@ def _confined(path, image_root, allow_absolute):
         return resolve_image_path(image_root, path, allow_absolute=allow_absolute)
     except OutsideRoot as e:
         return RefusedImage(path, e.reason, str(e))
+    except ValueError as e:  # e.g. a NUL byte in the path
+        return RefusedImage(path, "unreadable_image", f"image path {path!r}: {e}")
 
 
 def _images(entry, image_root, allow_absolute=False):

@@ -158,6 +158,8 @@ class _LlavaJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                     allow_absolute=self.builder_config.allow_absolute_image_paths)
             except OutsideRoot as e:
                 raise _Skip(OUTSIDE_ROOT, str(e)) from None
+            except ValueError as e:  # e.g. a NUL byte in the path
+                raise _Skip(MALFORMED, f"image path {p!r}: {e}") from None
             if not os.path.isfile(full):
                 raise _Skip(MISSING_IMAGE, f"no such file {full!r}")
             with open(full, "rb") as f:

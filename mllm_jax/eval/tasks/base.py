@@ -96,6 +96,8 @@ def image_path(root: str, rel: str, where: str) -> str:
     except OutsideRoot as e:
         raise ValueError(f"{where}: {e}; with eval, pass --image-root (the folder holding "
                          f"the images) or --allow-absolute-image-paths") from None
+    except ValueError as e:  # e.g. a NUL byte in the path
+        raise ValueError(f"{where}: image path {rel!r}: {e}") from None
     if not os.path.isfile(path):
         raise ValueError(f"{where}: image {path} not found (image_root={root!r})")
     return path
