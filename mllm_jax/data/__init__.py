@@ -27,7 +27,7 @@ _EXPORTS = {
     "make_builder": "mllm_jax.data.tfds_builders",
     "records_from_tfds": "mllm_jax.data.tfds_builders",
     "LlavaPipeline": "mllm_jax.data.pipeline",
-    "MixturePipeline": "mllm_jax.data.pipeline",
+    "MixturePipeline": "mllm_jax.data.mixture",
     "SyntheticSource": "mllm_jax.data.synthetic",
     "make_data": "mllm_jax.data.sources",
     "expand_image_tokens": "mllm_jax.data.tokens",
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from mllm_jax.data.image import (ImageProcessorConfig, load_image_processor_config,
                                      preprocess, preprocess_image)
     from mllm_jax.data.llava_json import read_llava_json, read_preference_json
-    from mllm_jax.data.pipeline import LlavaPipeline, MixturePipeline
+    from mllm_jax.data.mixture import MixturePipeline
+    from mllm_jax.data.pipeline import LlavaPipeline
     from mllm_jax.data.sources import make_data
     from mllm_jax.data.synthetic import SyntheticSource
     from mllm_jax.data.templates import build_example, build_prompt

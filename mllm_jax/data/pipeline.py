@@ -37,7 +37,14 @@ only) and yields chosen_{input_ids, attention_mask, labels}, rejected_{...} and 
 (shared by the pair), the batch of `train.step.dpo_objective`.
 
 Mixtures. `MixturePipeline` draws each sample from one of several sources (pipelines read
-example by example with `next_example`) with given weights; see its docstring.
+example by example with `next_example`) with given weights; see `data.mixture` (its names
+are importable from here too). Batches are assembled by `data.collate.collate`.
+
+Untrusted input. Image paths outside the image root arrive as `llava_json.RefusedImage`
+(reason `outside_root`); images more elongated than the image config's max_aspect_ratio or
+larger than PIL's MAX_IMAGE_PIXELS are skipped (`image_aspect_ratio`, `image_too_large`);
+text UTF-8 cannot hold (a lone surrogate) is skipped as `text_not_encodable` before the
+tokenizer sees it. All are counted and listed like the other bad records.
 """
 from __future__ import annotations
 
