@@ -149,3 +149,22 @@ def test_train_checks_a_config_built_in_code(tmp_path):
     assert "train.keep_checkpoints = 0" in str(e.value)
     assert "stage.trainable[1] = '*' is not a valid regular expression" in str(e.value)
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("stage.trainable", ["^multi_modal_projector/", "^language_model/(model"],
+     r"stage.trainable\[1\] = '\^language_model/\(model' is not a valid regular expression"),
+    ("train.lr_groups", [["proj", "^multi_modal_projector/[", 1e-3]],
+     r"train.lr_groups\[0\] regex = '\^multi_modal_projector/\[' is not a valid regular "
+     "expression: unterminated character set"),
+])
+def test_build_trainer_names_an_invalid_regex_too(field, value, expected):
+    """`build_trainer` (used without `train`, e.g. to compile a step) names the field."""
+    import jax
+
+    from mllm_jax.train import build_trainer
+    cfg = recipe.base("tiny-llava")
+    section, leaf = field.split(".")
+    cfg[section][leaf] = value
+    with pytest.raises(ValueError, match=expected):
+        build_trainer(cfg, devices=jax.devices()[:1], abstract=True)

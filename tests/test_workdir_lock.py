@@ -76,24 +76,29 @@ def test_a_second_trainer_on_a_workdir_in_use_refuses_and_the_first_finishes_unh
         assert all(np.array_equal(f[k], final[k]) for k in f.files)
 
 
-def dead_pid():
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
+def killed_holder(workdir):
+    """The lock a trainer leaves when killed with kill -9: a process takes it, then dies."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mllm_jax.train.workdir import acquire; "
+         "acquire(sys.argv[1], command='mllm-jax train (killed)'); print('locked', "
+         "flush=True); time.sleep(600)", str(workdir)],
+        env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()  # SIGKILL: nothing runs on the way out
+    holder.wait()
+    return json.loads((workdir / LOCK).read_text())
 
 
 def test_a_stale_lock_on_this_host_is_taken_over_and_each_run_releases_it(tmp_path, capsys):
     workdir = tmp_path / "run"
-    workdir.mkdir()
-    pid = dead_pid()
-    (workdir / LOCK).write_text(json.dumps({
-        "host": socket.gethostname(), "pid": pid, "started": "2026-01-01 00:00:00 UTC",
-        "started_unix": time.time() - 3600, "command": "mllm-jax train (killed)"}))
+    stale = killed_holder(workdir)
+    assert stale["host"] == socket.gethostname()
     assert cli_train(workdir, "train.num_steps=1") == 0
     out = capsys.readouterr().out
-    assert (f"taking over the stale lock {workdir / LOCK}: its trainer (pid {pid} on host "
-            f"{socket.gethostname()!r}, started 2026-01-01 00:00:00 UTC, 60 min ago, "
-            "command: mllm-jax train (killed)) no longer runs") in out, out
+    assert (f"taking over the stale lock {workdir / LOCK}: its trainer (pid {stale['pid']} on "
+            f"host {socket.gethostname()!r}, started {stale['started']}, ") in out, out
+    assert "command: mllm-jax train (killed)) no longer runs" in out, out
     assert "finished 1 steps" in out and not (workdir / LOCK).exists()
     # Runs in sequence on one workdir (a restart, as after a preemption) still work.
     assert cli_train(workdir, "train.num_steps=1") == 0
