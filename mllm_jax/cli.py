@@ -151,7 +151,7 @@ def _usage(parser):
 def _train(args):
     from mllm_jax.train import config_file
     from mllm_jax.train.loop import TrainingStopped, train
-    cfg = config_file.apply_overrides(config_file.load(args.config), args.overrides)
+    cfg = config_file.load(args.config, args.overrides)
     try:
         summary = train(cfg, args.workdir)
     except TrainingStopped as e:

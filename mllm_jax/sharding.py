@@ -39,22 +39,45 @@ def mesh_config(data=-1, fsdp=1, tensor=1) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
 
 
+def mesh_sizes(cfg, num_devices: int) -> dict:
+    """{axis: size} of a mesh config on `num_devices` devices (a -1 resolved); a ValueError
+    naming the `mesh.*` fields and a setting that fits when the sizes do not fit."""
+    sizes = {a: cfg[a] for a in MESH_AXES}
+    shown = ", ".join(f"{a}={s}" for a, s in sizes.items())
+    bad = [a for a, s in sizes.items()
+           if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or (s < 1 and s != -1)]
+    if bad:
+        raise ValueError(f"mesh {shown}: mesh.{bad[0]} must be a positive integer or -1 "
+                         "(all the devices the other axes leave)")
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh {shown}: at most one axis may be -1; set "
+                         + " and ".join(f"mesh.{a}" for a in free[1:]) + " to a size")
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    if free:
+        if num_devices % known:
+            fixed = [a for a in MESH_AXES if sizes[a] != -1 and sizes[a] != 1]
+            divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+            product = " x ".join(f"mesh.{a}={sizes[a]}" for a in fixed)
+            product += f" = {known}" if len(fixed) > 1 else ""
+            raise ValueError(
+                f"mesh {shown}: {product} does not divide the {num_devices} devices (mesh."
+                f"{free[0]}=-1 takes the rest); use sizes whose product is one of "
+                f"{', '.join(map(str, divisors))}")
+        sizes[free[0]] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(
+            f"mesh {shown} needs {known} devices, {num_devices} are available: make the "
+            f"sizes multiply to {num_devices}, e.g. --config.mesh.data=-1 (all the devices "
+            "the other axes leave)")
+    return {a: int(s) for a, s in sizes.items()}
+
+
 def make_mesh(cfg=None, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh; one size may be -1 for "all the remaining devices"."""
     cfg = cfg if cfg is not None else mesh_config()
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [int(cfg[a]) for a in MESH_AXES]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide "
-                             f"{len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
-                         f"devices, {len(devices)} are available")
+    sizes = list(mesh_sizes(cfg, len(devices)).values())
     try:
         arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
     except Exception:  # CPU / odd topologies: plain order is fine

@@ -8,9 +8,11 @@ import os
 import ml_collections
 
 
-def load(path: str) -> ml_collections.ConfigDict:
-    """The config of a recipe file's `get_config()`, locked (see `train.recipe.lock`): an
-    override or a later assignment to a field that does not exist is an error."""
+def load(path: str, overrides=()) -> ml_collections.ConfigDict:
+    """The config of a recipe file's `get_config()`, locked (see `train.recipe.lock`), with
+    `overrides` applied (see `apply_overrides`) and its values checked (`train.validate`):
+    an unknown field, an override that does not parse as its field's type, or a value out
+    of range is a `validate.ConfigError` (a ValueError) listing every problem at once."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(
@@ -27,7 +29,8 @@ def load(path: str) -> ml_collections.ConfigDict:
         raise ValueError(f"{path}: get_config() returned {type(cfg).__name__}, not a "
                          "ConfigDict")
     from mllm_jax.train.recipe import lock
-    return lock(cfg) if "model" in cfg else cfg
+    cfg = lock(cfg) if "model" in cfg else cfg
+    return apply_overrides(cfg, overrides, source=path)
 
 
 def dotted_keys(cfg, prefix="") -> list[str]:
@@ -64,35 +67,86 @@ def _get(cfg, dotted):
     return node
 
 
+def _kind(current) -> str:
+    if isinstance(current, bool):
+        return "True or False"
+    if isinstance(current, int):
+        return "an integer"
+    if isinstance(current, float):
+        return "a number"
+    if isinstance(current, (list, tuple)):
+        return "a list, e.g. ['a', 'b']"
+    if isinstance(current, (dict, ml_collections.ConfigDict)):
+        return "a dict, e.g. {'beta': 0.1}"
+    return type(current).__name__
+
+
 def _parse(text: str, current):
+    """The override's value as the type of the field's current value; a ValueError saying
+    what was expected when it is not one."""
     if isinstance(current, str):
         return text
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+    if current is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        ok = isinstance(value, bool)
+    elif isinstance(current, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(current, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
+    elif isinstance(current, (dict, ml_collections.ConfigDict)):
+        ok = isinstance(value, dict)
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(f"takes {_kind(current)} (now {current!r}), not {text!r}")
     return value
 
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides, source: str = ""
+                    ) -> ml_collections.ConfigDict:
     """overrides: ["train.lr=1e-4", "mesh.fsdp=-1", ...] (a leading "config." is dropped).
-    A field that does not exist is a KeyError naming it and the nearest existing fields."""
+    Each value is read as its field's type (a Python literal; strings as written). Then the
+    config's values are checked (`train.validate`). Every problem (an unknown field, named
+    with the nearest existing fields; a value that is not its field's type; a value out of
+    range) is collected and raised at once as a `validate.ConfigError`, a ValueError (an
+    `UnknownFieldError`, also a KeyError, when a field does not exist)."""
+    from mllm_jax.train import validate
+    found, unknown = [], False
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} must look like config.a.b=value")
+            found.append(f"override {item!r} must look like config.a.b=value")
+            continue
         key = key.removeprefix("--").removeprefix("config.")
         *parents, leaf = key.split(".")
         node = cfg
         for p in parents:
             if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-                raise KeyError(unknown_field_message(cfg, key, f"override {item!r}"))
+                node = None
+                break
             node = node[p]
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise KeyError(unknown_field_message(cfg, key, f"override {item!r}"))
-        node[leaf] = _parse(text, node[leaf])
+            found.append(unknown_field_message(cfg, key, f"override {item!r}"))
+            unknown = True
+            continue
+        try:
+            node[leaf] = _parse(text, node[leaf])
+        except (TypeError, ValueError) as e:
+            found.append(f"override {item!r}: {key} {e}")
+    found += validate.problems(cfg)
+    if found:
+        raise (validate.UnknownFieldError if unknown else validate.ConfigError)(found, source)
     return cfg
 
 

@@ -269,6 +269,32 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
       requested and its log line written) with the 1-based step number and the step's
       metrics as host values; a stop signal received meanwhile is honoured at this boundary.
     devices: the devices to build the mesh from (default: all of them, `jax.devices()`).
+
+    The config's values, and the mesh against the devices and the batch, are checked first
+    (`train.validate`); the workdir is locked (`train.workdir`) while the run lasts, so a
+    second trainer on it refuses to start.
+    """
+    from mllm_jax.train import validate
+    from mllm_jax.train.workdir import holds_lock, locked
+    validate.check(cfg)
+    d = cfg.get("distributed")
+    if devices is not None or not (d and d.get("enabled")):  # else known once JAX starts
+        validate.check_devices(cfg, len(devices if devices is not None else jax.devices()))
+    holder = holds_lock(cfg)
+    if holder is None:
+        log("distributed.process_id is not set: the workdir lock is not taken")
+    with locked(workdir, log=log) if holder else contextlib.nullcontext():
+        return _train_locked(cfg, workdir, log=log, on_step=on_step, devices=devices)
+
+
+def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
+    """Runs (or resumes) training. Returns a summary dict; writes checkpoints, TensorBoard
+    scalars and the final parameters under workdir.
+
+    on_step: optional `on_step(step, metrics)` called after every step (its checkpoint save
+      requested and its log line written) with the 1-based step number and the step's
+      metrics as host values; a stop signal received meanwhile is honoured at this boundary.
+    devices: the devices to build the mesh from (default: all of them, `jax.devices()`).
     """
     maybe_initialize_distributed(cfg)
     workdir = os.path.abspath(workdir)

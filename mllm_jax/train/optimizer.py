@@ -1,14 +1,13 @@
 """AdamW with warmup + cosine, per-group learning rates, no decay on norms and biases,
 global-norm clipping."""
 import copy
-import re
 
 import flax
 import jax
 import ml_collections
 import optax
 
-from mllm_jax.train.partition import path_str
+from mllm_jax.train.partition import compile_patterns, path_str
 
 DECAYED_LEAVES = ("kernel", "embedding")
 
@@ -27,10 +26,13 @@ def schedule(peak_lr: float, total_steps: int, warmup_ratio: float = 0.0,
 
 def group_labels(params, groups):
     """Each leaf's group: the first `(name, regex)` of `groups` that matches, else 'default'."""
+    compiled = list(zip([name for name, _ in groups],
+                        compile_patterns([p for _, p in groups], "train.lr_groups", " regex")))
+
     def label(path, _):
         s = path_str(path)
-        for name, pattern in groups:
-            if re.search(pattern, s):
+        for name, pattern in compiled:
+            if pattern.search(s):
                 return name
         return "default"
     flat = flax.traverse_util.flatten_dict(params)

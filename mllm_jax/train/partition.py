@@ -14,15 +14,33 @@ def path_str(path) -> str:
     return "/".join(str(p) for p in path)
 
 
+def compile_patterns(patterns, field: str = "stage.trainable", suffix: str = "") -> list:
+    """The compiled regexes of a list of patterns; a ValueError naming the config field
+    and the pattern when one is not a valid regular expression (or the list is a string)."""
+    if isinstance(patterns, str):
+        raise ValueError(f"{field} = {patterns!r}: must be a list of regular expressions, "
+                         f"e.g. [{patterns!r}]")
+    out = []
+    for i, p in enumerate(patterns):
+        try:
+            out.append(re.compile(p))
+        except (re.error, TypeError) as e:
+            raise ValueError(f"{field}[{i}]{suffix} = {p!r} is not a valid regular expression: "
+                             f"{e}") from None
+    return out
+
+
 def is_trainable(path, patterns) -> bool:
     s = path_str(path)
     return any(re.search(p, s) for p in patterns)
 
 
 def split(params, patterns):
-    """(trainable, frozen): two nested dicts that together hold every leaf of `params`."""
+    """(trainable, frozen): two nested dicts that together hold every leaf of `params`.
+    patterns: regexes (`stage.trainable`) searched in the '/'-joined paths."""
     flat = flax.traverse_util.flatten_dict(params)
-    train = {k: v for k, v in flat.items() if is_trainable(k, patterns)}
+    compiled = compile_patterns(patterns)
+    train = {k: v for k, v in flat.items() if is_trainable(k, compiled)}
     frozen = {k: v for k, v in flat.items() if k not in train}
     if not train:
         raise ValueError(f"no parameter path matches the trainable patterns {list(patterns)}; "
