@@ -210,13 +210,15 @@ def shard_path(directory, fname, where) -> str:
     parts = fname.replace("\\", "/").split("/")
     if not fname or os.path.isabs(fname) or ".." in parts:
         raise SafetensorsError(f"{where} = {fname!r} points outside the checkpoint directory; "
-                               "shard files must be named relative to it, without '..'")
+                               "an index names its shard files relative to the directory, "
+                               "inside it: restore the checkpoint's index")
     path = os.path.join(directory, fname)
     root = os.path.realpath(directory)
     parent = os.path.realpath(os.path.dirname(path))
     if os.path.commonpath([root, parent]) != root:
         raise SafetensorsError(f"{where} = {fname!r} resolves to {parent}, outside the "
-                               f"checkpoint directory {root}")
+                               f"checkpoint directory {root}: restore the checkpoint's index "
+                               "or copy the shards into the directory")
     return path
 
 
