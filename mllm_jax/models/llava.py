@@ -158,18 +158,21 @@ LLAVA_VISION_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidde
 
 
 def check_llava_fields(c, where: str = "model config") -> None:
-    """LLaVA's own fields (a config or a dict of them; `vision_layers`: the tower's depth)."""
+    """LLaVA's own fields (a config or a dict of them; `vision_layers`: the tower's depth,
+    None for an encoder without layers to select)."""
     checks.token_id(c, "image_token_index", where, optional=False)
     checks.positive_int(c, "image_seq_length", where)
     checks.one_of(c, "vision_feature_select_strategy", where, ("default", "full"))
     layer, n = c["vision_feature_layer"], c["vision_layers"]
     layers = [layer] if isinstance(layer, int) else layer
     if not (isinstance(layers, (list, tuple)) and layers
-            and all(isinstance(i, int) and not isinstance(i, bool) and -(n + 1) <= i <= n
-                    for i in layers)):
+            and all(isinstance(i, int) and not isinstance(i, bool)
+                    and (n is None or -(n + 1) <= i <= n) for i in layers)):
+        tower = "an integer" if n is None else (
+            f"a layer of the {n}-layer vision tower (an integer from {-(n + 1)} to {n}")
         raise checks.InvalidConfigError(
-            f"{where}: vision_feature_layer = {layer!r} must be a layer of the "
-            f"{n}-layer vision tower (an integer from {-(n + 1)} to {n}, or a list of them)")
+            f"{where}: vision_feature_layer = {layer!r} must be {tower}, or a list of them"
+            f"{'' if n is None else ')'}")
 
 
 def check(cfg, where: str = "model config") -> None:
@@ -182,7 +185,7 @@ def check(cfg, where: str = "model config") -> None:
     check_llava_fields({**{k: cfg[k] for k in ("image_token_index", "image_seq_length",
                                               "vision_feature_select_strategy",
                                               "vision_feature_layer")},
-                        "vision_layers": cfg.vision.num_hidden_layers}, where)
+                        "vision_layers": cfg.vision.get("num_hidden_layers")}, where)
 
 
 def llava_from_hf(hf: dict, where: str = "config.json"):
