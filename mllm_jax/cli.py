@@ -17,6 +17,11 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+OVERWRITE_HELP = ("replace DST whole when it is not empty (the new checkpoint is written "
+                  "beside it and swapped in once complete); without it a non-empty DST is "
+                  "refused")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mllm-jax", description="Multimodal LLMs in JAX/Flax.")
@@ -31,6 +36,7 @@ def build_parser():
                      help="store decoder/encoder layers stacked on a leading layer axis")
     h2o.add_argument("--dtype", choices=DTYPES, default=None,
                      help="parameter dtype (default: as stored in the checkpoint)")
+    h2o.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     h2o.set_defaults(func=_hf_to_orbax)
     o2h = csub.add_parser("orbax-to-hf", help="orbax checkpoint -> HF checkpoint directory")
     o2h.add_argument("src", help="directory written by hf-to-orbax or save_orbax")
@@ -39,6 +45,7 @@ def build_parser():
                      help="tensor dtype to write (default: as stored)")
     o2h.add_argument("--max-shard-size", type=parse_size, default="5GB",
                      help="largest safetensors file before sharding (default 5GB)")
+    o2h.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     o2h.set_defaults(func=_orbax_to_hf)
     convert.set_defaults(func=lambda args: _usage(convert))
 
@@ -179,7 +186,7 @@ def _session(args):
     import jax
     from mllm_jax.convert import load_hf
     from mllm_jax.infer.prompting import Session
-    model, params = load_hf(args.ckpt)
+    model, params = load_hf(args.ckpt, check_finite=True)
     sampling = {}
     if args.temperature > 0:
         sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k,
@@ -219,10 +226,20 @@ def _bench_data(args):
     return 0
 
 
+def _check_destination(args):
+    from mllm_jax.convert import destination
+    if args.overwrite:
+        destination.require_outside(args.src, args.dst)
+    else:
+        destination.require_empty(args.dst)
+
+
 def _hf_to_orbax(args):
-    from mllm_jax.convert import load_hf, save_orbax
+    from mllm_jax.convert import destination, load_hf, save_orbax
+    _check_destination(args)
     model, params = load_hf(args.src, dtype=args.dtype, scan_layers=args.scan_layers)
-    save_orbax(model, params, args.dst)
+    with destination.staged(args.dst, replace=True) as work:
+        save_orbax(model, params, work)
     print(f"wrote {args.dst} ({model.cfg.model_type}, {_count(params):,} parameters, "
           f"dtype {model.cfg.param_dtype}, scan_layers={model.cfg.scan_layers})")
     return 0
@@ -230,8 +247,10 @@ def _hf_to_orbax(args):
 
 def _orbax_to_hf(args):
     from mllm_jax.convert import load_orbax, save_hf
+    _check_destination(args)
     model, params = load_orbax(args.src)
-    save_hf(model, params, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    save_hf(model, params, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite)
     print(f"wrote {args.dst} ({model.cfg.model_type}, {_count(params):,} parameters)")
     return 0
 

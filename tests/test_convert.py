@@ -603,7 +603,7 @@ HUB_CONFIGS = {
     # not LlavaConfig's default tower; a top-level tie flag ties the LLM.
     "llava-partial-vision": {
         "model_type": "llava",
-        "vision_config": {"hidden_size": 1024, "num_attention_heads": 16, "image_size": 336},
+        "vision_config": {"hidden_size": 1024, "num_attention_heads": 16, "image_size": 320},
         "text_config": {"model_type": "qwen2", "hidden_size": 896, "num_attention_heads": 14,
                         "num_key_value_heads": 2, "intermediate_size": 4864,
                         "num_hidden_layers": 24, "vocab_size": 152000},

@@ -18,18 +18,30 @@ def read_config_json(directory) -> dict:
         raise FileNotFoundError(
             f"{directory} has no config.json; point load_hf at an HF checkpoint directory "
             "(config.json + *.safetensors)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore the checkpoint's "
+                         "config.json") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} holds a JSON {type(hf).__name__}, not an object of config "
+                         "fields; restore the checkpoint's config.json")
+    return hf
 
 
 def from_hf(hf: dict, where: str = "config.json"):
-    """Our model config for an HF config dict."""
+    """Our model config for an HF config dict, checked by its family (field types, counts
+    within bounds, heads dividing widths, ...) before anything is built from it; a bad value
+    raises `registry.InvalidConfigError` naming `where`, the field and the value."""
     model_type = hf.get("model_type")
     try:
         _, family = registry.family_for_hf(model_type)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{where}: {e}") from None
-    return family.from_hf(hf, where)
+    cfg = family.from_hf(hf, where)
+    registry.check_config(cfg, where)
+    return cfg
 
 
 def to_hf(cfg) -> dict:

@@ -1,8 +1,9 @@
 """`load_hf` / `save_hf`: HF checkpoint directories in and out.
 
-Loading checks the whole key set and every shape before reading any tensor, then reads one
-tensor at a time from memory-mapped safetensors and places it on the device, so a bad
-checkpoint loads nothing and a 7B one never needs two host copies.
+Loading checks the config.json values, every safetensors header and the whole key set and
+every shape before reading any tensor, then reads one tensor at a time from memory-mapped
+safetensors and places it on the device, so a bad checkpoint loads nothing and a 7B one never
+needs two host copies. Saving never mixes two exports in one directory.
 """
 import json
 import os
@@ -14,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_jax.convert import hf_config, hf_keys
-from mllm_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
+from mllm_jax.convert import destination, finite, hf_config, hf_keys
+from mllm_jax.convert.safetensors_io import (INDEX_FILE, CheckpointReader,
+                                             write_checkpoint)
 from mllm_jax.models import build_model, registry
 
 
@@ -85,13 +87,17 @@ def abbreviate(items, n=8):
     return head + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, **overrides):
+def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, check_finite=False,
+            **overrides):
     """Reads an HF checkpoint directory. Returns (model, params).
 
     dtype: parameter dtype (None keeps what the checkpoint stores, float32 if mixed).
     scan_layers: build the model with scanned layers (params stacked on a layer axis).
     shardings: optional pytree of `jax.sharding.Sharding` matching params; each tensor is
       placed directly with it.
+    check_finite: refuse weights holding NaN or Inf (`NonFiniteWeightsError` naming the
+      tensors and their files), tested on the device after loading. Off by default (training
+      and `convert` copy what they are given); `generate`, `chat` and `eval` turn it on.
     overrides: other config fields (e.g. remat_policy="full").
     """
     path = os.fspath(path)
@@ -128,17 +134,33 @@ def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, **overrides)
                 host[layer] = _read(reader, keymap[hf_key], hf_keys.unstack_path(p, layer), dtype)
         out[p] = jax.device_put(host, flat_shardings.get(p))
         del host
-    return model, flax.traverse_util.unflatten_dict(out)
+    params = flax.traverse_util.unflatten_dict(out)
+    if check_finite:
+        def describe(item):
+            p, layer = item
+            key = keymap[hf_keys.hf_name(p if layer is None else hf_keys.unstack_path(p, layer))]
+            return f"{key} ({reader.file_of(key)})"
+        finite.check_finite(params, path, describe)
+    return model, params
 
 
 def _read(reader, key, path, dtype):
     return np.ascontiguousarray(hf_keys.from_hf_layout(path, reader.get(key)), dtype=dtype)
 
 
-def save_hf(model, params, out_dir, *, dtype=None, max_shard_size=5 * 1024 ** 3):
+def save_hf(model, params, out_dir, *, dtype=None, max_shard_size=5 * 1024 ** 3,
+            overwrite=False):
     """Writes `params` as an HF checkpoint directory (config.json + safetensors, sharded with
     an index past `max_shard_size` bytes) in the layout of published checkpoints, which
-    transformers loads with its own classes. dtype: None keeps each parameter's dtype."""
+    transformers loads with its own classes. dtype: None keeps each parameter's dtype.
+
+    `out_dir` is created if needed and may hold other files (e.g. a tokenizer), but not an
+    earlier export (config.json, *.safetensors, the index): that raises FileExistsError
+    unless overwrite=True, which replaces `out_dir` whole. The files are written into a
+    temporary sibling directory and moved in once complete, so a failure midway leaves
+    `out_dir` as it was."""
+    if not overwrite:
+        _refuse_earlier_export(out_dir)
     cfg = model.cfg
     hf = hf_config.to_hf(cfg)
     params = nn.meta.unbox(params)
@@ -175,11 +197,23 @@ def save_hf(model, params, out_dir, *, dtype=None, max_shard_size=5 * 1024 ** 3)
         itemsize = (out_dtype or jnp.dtype(flat[p].dtype)).itemsize
         entries.append((hf_key, (int(np.prod(shape, dtype=np.int64)) * itemsize,
                                  make(p, layer))))
-    os.makedirs(out_dir, exist_ok=True)
-    write_checkpoint(out_dir, entries, max_shard_bytes=max_shard_size)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
+    with destination.staged(out_dir, replace=overwrite) as work:
+        write_checkpoint(work, entries, max_shard_bytes=max_shard_size)
+        with open(os.path.join(work, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2, sort_keys=True)
     return out_dir
+
+
+def _refuse_earlier_export(out_dir):
+    out_dir = os.fspath(out_dir)
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    found = sorted(f for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+                   if f in ("config.json", INDEX_FILE) or f.endswith(".safetensors"))
+    if found:
+        raise FileExistsError(
+            f"{out_dir} already holds an HF export ({abbreviate(found, 4)}); pass "
+            "overwrite=True to replace the directory whole, or choose another directory")
 
 
 def _natural(key):

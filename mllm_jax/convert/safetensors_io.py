@@ -5,6 +5,7 @@ checkpoint never holds two copies of it in host memory. bfloat16 comes through a
 `ml_dtypes.bfloat16`.
 """
 import json
+import math
 import os
 import struct
 
@@ -22,19 +23,88 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+class SafetensorsError(ValueError):
+    """A safetensors file, or the index of a sharded checkpoint, that cannot be read as
+    it claims to be: the message names the file and the tensor or entry."""
+
+
+# The safetensors format's own limit on the JSON header (its reference reader refuses more).
+MAX_HEADER_BYTES = 100 * 1000 * 1000
+_DAMAGED = "the file is truncated or damaged; export or download it again"
+
+
 class SafetensorsFile:
     """One .safetensors file: `keys()`, `shape(key)`, `dtype(key)`, `get(key)` (a read-only
-    memory-mapped view)."""
+    memory-mapped view).
+
+    The header is checked before any data is read: its length within the file, valid JSON,
+    every tensor a known dtype with a shape of non-negative ints, its `data_offsets` inside
+    the data section, holding exactly shape x dtype size bytes, and no two tensors sharing
+    bytes. A violation raises `SafetensorsError` naming the file and the tensor."""
 
     def __init__(self, path):
         self.path = path
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise SafetensorsError(f"{path}: {size} bytes, too short for a safetensors "
+                                       f"header; {_DAMAGED}")
             (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        self.metadata = header.pop("__metadata__", None) or {}
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise SafetensorsError(
+                    f"{path}: the header claims {n} bytes but the file holds {size - 8} after "
+                    f"the length field; {_DAMAGED}")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SafetensorsError(f"{path}: the header is not valid JSON ({e}); "
+                                   f"{_DAMAGED}") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{path}: the header is not a JSON object; {_DAMAGED}")
+        metadata = header.pop("__metadata__", None)
+        self.metadata = metadata if isinstance(metadata, dict) else {}
         self.entries = header
         self._offset = 8 + n
+        self._check_entries(size - 8 - n)
         self._mmap = None
+
+    def _check_entries(self, data_size):
+        spans = []
+        for key, e in self.entries.items():
+            where = f"{self.path}: tensor {key!r}"
+            if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+                raise SafetensorsError(f"{where}: the header entry needs dtype, shape and "
+                                       f"data_offsets; {_DAMAGED}")
+            name, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+            if name not in DTYPES:
+                raise SafetensorsError(f"{where}: unknown dtype {name!r} (known: "
+                                       f"{', '.join(DTYPES)})")
+            if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+                raise SafetensorsError(f"{where}: shape {shape!r} is not a list of "
+                                       f"non-negative ints; {_DAMAGED}")
+            if not (isinstance(offsets, list) and len(offsets) == 2
+                    and all(_is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+                raise SafetensorsError(f"{where}: data_offsets {offsets!r} are not "
+                                       f"[start, end] with 0 <= start <= end; {_DAMAGED}")
+            start, end = offsets
+            if end > data_size:
+                raise SafetensorsError(
+                    f"{where}: data_offsets [{start}, {end}] reach past the end of the data "
+                    f"({data_size} bytes); {_DAMAGED}")
+            need = math.prod(shape) * np.dtype(DTYPES[name]).itemsize
+            if end - start != need:
+                raise SafetensorsError(
+                    f"{where}: holds {end - start} bytes but dtype {name} and shape {shape} "
+                    f"need {need}; its dtype or shape is mislabelled")
+            if end > start:
+                spans.append((start, end, key))
+        spans.sort()
+        for (_, prev_end, prev), (start, end, key) in zip(spans, spans[1:]):
+            if start < prev_end:
+                raise SafetensorsError(
+                    f"{self.path}: tensors {prev!r} and {key!r} share bytes (data_offsets "
+                    f"overlap at [{start}, {min(end, prev_end)}]); {_DAMAGED}")
 
     def keys(self):
         return list(self.entries)
@@ -43,10 +113,7 @@ class SafetensorsFile:
         return tuple(self.entries[key]["shape"])
 
     def dtype(self, key):
-        name = self.entries[key]["dtype"]
-        if name not in DTYPES:
-            raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {name}")
-        return np.dtype(DTYPES[name])
+        return np.dtype(DTYPES[self.entries[key]["dtype"]])
 
     def get(self, key):
         if self._mmap is None:
@@ -57,8 +124,17 @@ class SafetensorsFile:
         return raw.view(self.dtype(key)).reshape(e["shape"])
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class CheckpointReader:
-    """All tensors of an HF checkpoint directory (single file or sharded with an index)."""
+    """All tensors of an HF checkpoint directory (single file or sharded with an index).
+
+    The index's shard names must stay inside the directory: an absolute name, a `..`, or a
+    subdirectory that is a symlink leading elsewhere is refused, naming the index and the
+    entry. (A shard file that is itself a symlink is followed, as in the hub cache, where
+    every file of a snapshot links into its `blobs/`.)"""
 
     def __init__(self, directory):
         self.directory = directory
@@ -67,14 +143,18 @@ class CheckpointReader:
         self._files = {}
         self._where = {}
         if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_index(index_path)
             for key, fname in weight_map.items():
-                path = os.path.join(directory, fname)
+                path = shard_path(directory, fname, f"{index_path}: weight_map[{key!r}]")
                 if not os.path.exists(path):
                     raise FileNotFoundError(
                         f"{index_path} lists {fname} (for tensor {key!r}) but the file is missing")
                 self._where[key] = path
+            for key, path in self._where.items():
+                if key not in self._file(path).entries:
+                    raise SafetensorsError(
+                        f"{index_path} places tensor {key!r} in {os.path.basename(path)}, "
+                        "which does not hold it; the index belongs to another export")
         elif os.path.exists(single_path):
             for key in self._file(single_path).keys():
                 self._where[key] = single_path
@@ -108,6 +188,38 @@ class CheckpointReader:
 
     def file_of(self, key):
         return os.path.basename(self._where[key])
+
+
+def read_index(index_path) -> dict:
+    """The `weight_map` of a sharded checkpoint's index: {tensor name: shard file name}."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SafetensorsError(f"{index_path} is not valid JSON ({e}); {_DAMAGED}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict)
+            and all(isinstance(v, str) for v in weight_map.values())):
+        raise SafetensorsError(f"{index_path} has no weight_map of tensor name -> shard file "
+                               f"name; {_DAMAGED}")
+    return weight_map
+
+
+def shard_path(directory, fname, where) -> str:
+    """`directory/fname`, refused (naming `where`) unless it resolves inside `directory`."""
+    parts = fname.replace("\\", "/").split("/")
+    if not fname or os.path.isabs(fname) or ".." in parts:
+        raise SafetensorsError(f"{where} = {fname!r} points outside the checkpoint directory; "
+                               "an index names its shard files relative to the directory, "
+                               "inside it: restore the checkpoint's index")
+    path = os.path.join(directory, fname)
+    root = os.path.realpath(directory)
+    parent = os.path.realpath(os.path.dirname(path))
+    if os.path.commonpath([root, parent]) != root:
+        raise SafetensorsError(f"{where} = {fname!r} resolves to {parent}, outside the "
+                               f"checkpoint directory {root}: restore the checkpoint's index "
+                               "or copy the shards into the directory")
+    return path
 
 
 def write_file(path, tensors: dict, metadata=None):

@@ -308,7 +308,7 @@ def load_runtime(options: EvalOptions):
     from mllm_jax.infer.generate import place_on_mesh
     from mllm_jax.infer.prompting import image_config_for
     mesh = parse_mesh(options.mesh)
-    model, params = load_hf(options.ckpt, dtype=options.dtype)
+    model, params = load_hf(options.ckpt, dtype=options.dtype, check_finite=True)
     if mesh is not None:
         params = place_on_mesh(model, params, mesh, None, None)[0]
     image_cfg = (image_config_for(model, options.ckpt) if registry.is_multimodal(model.cfg)

@@ -9,9 +9,10 @@ Importing this package registers the built-in families: encoders `clip`; connect
 from mllm_jax.models import connectors, decoders, encoders  # noqa: F401  (registrations)
 from mllm_jax.models.llava import Llava
 from mllm_jax.models.llm import CausalLM
-from mllm_jax.models.registry import (ConnectorSpec, DecoderSpec, EncoderSpec, ModelFamily,
-                                      UnsupportedModelError, build_model, generates,
-                                      image_token_id, init_inputs, is_multimodal,
+from mllm_jax.models.registry import (ConnectorSpec, DecoderSpec, EncoderSpec,
+                                      InvalidConfigError, ModelFamily,
+                                      UnsupportedModelError, build_model, check_config,
+                                      generates, image_token_id, init_inputs, is_multimodal,
                                       register_connector, register_decoder,
                                       register_encoder, register_model, tokens_per_image)
 from mllm_jax.models.vit import VisionModel
@@ -19,4 +20,5 @@ from mllm_jax.models.vit import VisionModel
 __all__ = ["build_model", "tokens_per_image", "is_multimodal", "image_token_id", "generates",
            "init_inputs", "register_encoder", "register_connector", "register_decoder",
            "register_model", "EncoderSpec", "ConnectorSpec", "DecoderSpec", "ModelFamily",
-           "UnsupportedModelError", "Llava", "CausalLM", "VisionModel"]
+           "UnsupportedModelError", "InvalidConfigError", "check_config", "Llava", "CausalLM",
+           "VisionModel"]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mllm_jax import config as mc
+from mllm_jax.models import checks
 from mllm_jax.models.decoders.llama import ACT_AXES
 from mllm_jax.models.llm import CausalLM
 from mllm_jax.models.registry import (CONNECTORS, DECODERS, ENCODERS, ModelFamily,
@@ -156,8 +157,42 @@ LLAVA_VISION_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidde
                              num_attention_heads=16, image_size=336, patch_size=14)
 
 
+def check_llava_fields(c, where: str = "model config") -> None:
+    """LLaVA's own fields (a config or a dict of them; `vision_layers`: the tower's depth,
+    None for an encoder without layers to select)."""
+    checks.token_id(c, "image_token_index", where, optional=False)
+    checks.positive_int(c, "image_seq_length", where)
+    checks.one_of(c, "vision_feature_select_strategy", where, ("default", "full"))
+    layer, n = c["vision_feature_layer"], c["vision_layers"]
+    layers = [layer] if isinstance(layer, int) else layer
+    if not (isinstance(layers, (list, tuple)) and layers
+            and all(isinstance(i, int) and not isinstance(i, bool)
+                    and (n is None or -(n + 1) <= i <= n) for i in layers)):
+        tower = "an integer" if n is None else (
+            f"a layer of the {n}-layer vision tower (an integer from {-(n + 1)} to {n}")
+        raise checks.InvalidConfigError(
+            f"{where}: vision_feature_layer = {layer!r} must be {tower}, or a list of them"
+            f"{'' if n is None else ')'}")
+
+
+def check(cfg, where: str = "model config") -> None:
+    """The encoder's, the decoder's and LLaVA's own constraints on a composed config."""
+    encoder, decoder = ENCODERS.get(cfg.vision.type), DECODERS.get(cfg.text.model_type)
+    if encoder.check is not None:
+        encoder.check(cfg.vision, f"{where} vision")
+    if decoder.check is not None:
+        decoder.check(cfg.text, f"{where} text")
+    check_llava_fields({**{k: cfg[k] for k in ("image_token_index", "image_seq_length",
+                                              "vision_feature_select_strategy",
+                                              "vision_feature_layer")},
+                        "vision_layers": cfg.vision.get("num_hidden_layers")}, where)
+
+
 def llava_from_hf(hf: dict, where: str = "config.json"):
     text_hf = hf.get("text_config") or {}
+    if not isinstance(text_hf, dict):
+        raise checks.InvalidConfigError(f"{where}: text_config must be a JSON object, not "
+                                        f"{text_hf!r}")
     text = DECODERS.get(text_hf.get("model_type", "llama")).from_hf(
         text_hf, where + " text_config")
     # LlavaConfig uses its ViT-L/14-336 defaults only when vision_config is absent; a
@@ -167,6 +202,11 @@ def llava_from_hf(hf: dict, where: str = "config.json"):
         vision_hf or {}, where + " vision_config",
         defaults=LLAVA_VISION_DEFAULTS if vision_hf is None else None)
     layer = hf.get("vision_feature_layer", -2)
+    check_llava_fields(dict(
+        image_token_index=hf.get("image_token_index", hf.get("image_token_id", 32000)),
+        image_seq_length=hf.get("image_seq_length", 576), vision_feature_layer=layer,
+        vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
+        vision_layers=vision.num_hidden_layers), where)
     cfg = mc.llava_config(
         vision=vision, text=text,
         projector=mc.projector_config(type="mlp2x_gelu",
@@ -253,4 +293,5 @@ register_model("llava", ModelFamily(
     init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
     tokens_per_image=tokens_per_image,
     hf_model_types=lambda: ("llava",), from_hf=llava_from_hf, to_hf=llava_to_hf,
-    key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops))
+    key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops,
+    check=check))

@@ -118,6 +118,12 @@ class CausalLM(nn.Module):
         return self.logits_from_hidden(h[:, 0]).astype(jnp.float32), cache
 
 
+def _check(cfg, where: str = "model config") -> None:
+    check = DECODERS.get(cfg.text.model_type).check
+    if check is not None:
+        check(cfg.text, where)
+
+
 def _from_hf(hf: dict, where: str = "config.json"):
     decoder = DECODERS.get(hf.get("model_type"))
     return mc.llm_config(decoder.from_hf(hf, where))
@@ -144,4 +150,4 @@ register_model("causal_lm", ModelFamily(
     init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
     hf_model_types=lambda: tuple(n for n, d in DECODERS.items() if d.from_hf is not None),
     from_hf=_from_hf, to_hf=_to_hf,
-    unused_keys=_unused_keys, train_flops=_train_flops))
+    unused_keys=_unused_keys, train_flops=_train_flops, check=_check))

@@ -25,6 +25,12 @@ class UnsupportedModelError(ValueError):
     """A config (ours or HF's) names a model, part or setting that is not available."""
 
 
+class InvalidConfigError(ValueError):
+    """A config value (ours or HF's) that no model can be built from: a count that is not a
+    positive integer, heads that do not divide a width, a layer count past the sane bound.
+    The message names where the config came from, the field and the value."""
+
+
 class Registry:
     """Named entries of one kind; `field` is the config field that selects one."""
 
@@ -72,6 +78,9 @@ class EncoderSpec:
     feature_size: Optional[Callable[[Any], int]] = None  # (composed cfg) -> d of features
     from_hf: Optional[Callable[..., ml_collections.ConfigDict]] = None  # (hf dict, where)
     to_hf: Optional[Callable[[Any], dict]] = None  # (vision cfg) -> HF vision_config
+    # (vision cfg or a dict of its fields, where) -> None; raises InvalidConfigError naming
+    # `where`, the field and the value (see `models.checks`).
+    check: Optional[Callable[[Any, str], None]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +109,8 @@ class DecoderSpec:
     flops: Optional[Callable[[Any, int], float]] = None  # (text cfg, seq) -> forward FLOPs
     from_hf: Optional[Callable[..., ml_collections.ConfigDict]] = None
     to_hf: Optional[Callable[[Any], dict]] = None
+    # (text cfg or a dict of its fields, where) -> None; raises InvalidConfigError.
+    check: Optional[Callable[[Any, str], None]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +137,9 @@ class ModelFamily:
     # (cfg, batch, seq, images_per_sample, trainable parameter tree) -> model FLOPs per
     # training step (matmuls, 2 per multiply-add; see `train.flops`).
     train_flops: Optional[Callable[..., float]] = None
+    # (cfg, where) -> None: checks the composed config, its parts through their own `check`;
+    # raises InvalidConfigError. `from_hf` should check the HF values before building.
+    check: Optional[Callable[[Any, str], None]] = None
 
 
 ENCODERS = Registry("encoder", "vision.type")
@@ -165,6 +179,14 @@ def family_for_hf(hf_model_type: str) -> tuple[str, ModelFamily]:
     listing = "; ".join(f"{', '.join(types)} (as {name})" for name, types in readable.items())
     raise UnsupportedModelError(
         f"HF model_type {hf_model_type!r} is not supported; supported: {listing}")
+
+
+def check_config(cfg, where: str = "model config") -> None:
+    """Raises InvalidConfigError when the model family finds a value in `cfg` that no model
+    can be built from (the message names `where`, the field and the value)."""
+    check = family(cfg).check
+    if check is not None:
+        check(cfg, where)
 
 
 def build_model(cfg: ml_collections.ConfigDict):

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mllm_jax import config as mc
-from mllm_jax.models import attention, rope
+from mllm_jax.models import attention, checks, rope
 from mllm_jax.models.layers import Dense, Embed, RMSNorm, activation, plain_dict
 from mllm_jax.models.registry import DecoderSpec, UnsupportedModelError, register_decoder
 from mllm_jax.models.stack import LayerStack
@@ -211,11 +211,30 @@ def _rope(hf: dict):
         rope_type = params.get("rope_type", "default")
         scaling = None if rope_type == "default" else {
             k: v for k, v in params.items() if k != "rope_theta"}
-        return float(theta), scaling
+        return theta, scaling
     scaling = hf.get("rope_scaling")
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
-    return float(hf.get("rope_theta", 10000.0)), scaling
+    return hf.get("rope_theta", 10000.0), scaling
+
+
+TEXT_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_text(t, where: str = "text config") -> None:
+    """The decoder's constraints on a text config (or a dict of its fields): positive
+    integer sizes, a sane layer count, KV heads dividing the query heads, positive epsilon
+    and RoPE base, token ids that are ids."""
+    for name in TEXT_INT_FIELDS:
+        checks.positive_int(t, name, where)
+    checks.layer_count(t, "num_hidden_layers", where)
+    checks.divides(t, "num_key_value_heads", "num_attention_heads", where)
+    checks.positive_number(t, "rms_norm_eps", where)
+    checks.positive_number(t, "rope_theta", where)
+    checks.optional_positive_int(t, "sliding_window", where)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        checks.token_id(t, name, where)
 
 
 def text_from_hf(hf: dict, where: str = "config.json"):
@@ -226,16 +245,16 @@ def text_from_hf(hf: dict, where: str = "config.json"):
             f"(supported: {sorted(TEXT_DEFAULTS)})")
     d = dict(TEXT_DEFAULTS[model_type])
     d.update({k: hf[k] for k in d if k in hf})
-    heads = d["num_attention_heads"]
+    heads = checks.positive_int(d, "num_attention_heads", where)
     kv = hf.get("num_key_value_heads") or d.get("num_key_value_heads") or heads
-    head_dim = hf.get("head_dim") or d["hidden_size"] // heads
+    head_dim = hf.get("head_dim")
+    if not head_dim:
+        # Derived from the width, which the heads must then split evenly. (A config that
+        # gives head_dim may have heads * head_dim != hidden_size, as Mistral-Nemo does.)
+        checks.positive_int(d, "hidden_size", where)
+        checks.divides(d, "num_attention_heads", "hidden_size", where)
+        head_dim = d["hidden_size"] // heads
     theta, scaling = _rope(hf)
-    if scaling is not None:
-        from mllm_jax.models.rope import inverse_frequencies
-        try:  # rejects unsupported rope types early
-            inverse_frequencies(head_dim, theta, scaling)
-        except (ValueError, KeyError) as e:
-            raise UnsupportedModelError(f"{where}: {e}") from None
     if model_type == "qwen2":
         qkv_bias, o_bias = True, False
         if hf.get("use_sliding_window"):
@@ -244,19 +263,29 @@ def text_from_hf(hf: dict, where: str = "config.json"):
         d["sliding_window"] = None
     else:
         qkv_bias = o_bias = bool(hf.get("attention_bias", False))
-    return mc.text_config(
-        model_type=model_type,
+    fields = dict(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
         intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
-        hidden_act=hf.get("hidden_act", "silu"), rms_norm_eps=float(d["rms_norm_eps"]),
-        rope_theta=theta, rope_scaling=scaling,
+        rms_norm_eps=d["rms_norm_eps"], rope_theta=theta,
         max_position_embeddings=d["max_position_embeddings"],
-        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=bool(hf.get("mlp_bias", False)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=d["sliding_window"],
         bos_token_id=hf.get("bos_token_id", 1), eos_token_id=_first(hf.get("eos_token_id", 2)),
-        pad_token_id=hf.get("pad_token_id"),
+        pad_token_id=hf.get("pad_token_id"))
+    check_text(fields, where)  # before anything is built from the values
+    if scaling is not None:
+        from mllm_jax.models.rope import inverse_frequencies
+        try:  # rejects unsupported rope types early
+            inverse_frequencies(head_dim, float(theta), scaling)
+        except (ValueError, KeyError) as e:
+            raise UnsupportedModelError(f"{where}: {e}") from None
+    fields.update(rms_norm_eps=float(fields["rms_norm_eps"]),
+                  rope_theta=float(fields["rope_theta"]))
+    return mc.text_config(
+        model_type=model_type, **fields,
+        hidden_act=hf.get("hidden_act", "silu"), rope_scaling=scaling,
+        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=bool(hf.get("mlp_bias", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
 
@@ -300,4 +329,4 @@ for _name in TEXT_DEFAULTS:
     register_decoder(_name, DecoderSpec(
         module=LlamaModel, config=lambda _n=_name, **kw: mc.text_config(model_type=_n, **kw),
         init_cache=init_cache, reorder_cache=reorder_cache, flops=text_forward_flops,
-        from_hf=text_from_hf, to_hf=text_to_hf))
+        from_hf=text_from_hf, to_hf=text_to_hf, check=check_text))

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mllm_jax import config as mc
+from mllm_jax.models import checks
 from mllm_jax.models.layers import dtype_of
 from mllm_jax.models.registry import (EncoderSpec, ModelFamily, UnsupportedModelError,
                                       register_encoder, register_model)
@@ -78,17 +79,35 @@ def feature_size(cfg) -> int:
     return cfg.vision.hidden_size * len(feature_layers(cfg))
 
 
+def check_vision(v, where: str = "vision config") -> None:
+    """The tower's constraints on a vision config (or a dict of its fields): positive
+    integer sizes, a sane layer count, heads dividing the width, patches tiling the image."""
+    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_channels",
+                 "image_size", "patch_size"):
+        checks.positive_int(v, name, where)
+    checks.layer_count(v, "num_hidden_layers", where)
+    checks.divides(v, "num_attention_heads", "hidden_size", where)
+    checks.divides(v, "patch_size", "image_size", where)
+    checks.positive_number(v, "layer_norm_eps", where)
+
+
 def vision_from_hf(hf: dict, where: str = "config.json", defaults=None):
+    if not isinstance(hf, dict):
+        raise checks.InvalidConfigError(f"{where}: a vision config must be a JSON object, "
+                                        f"not {hf!r}")
     model_type = hf.get("model_type", "clip_vision_model")
     if model_type not in ("clip_vision_model", "clip"):
         raise UnsupportedModelError(
             f"{where}: vision model_type {model_type!r} is not supported (supported: "
             "clip_vision_model)")
     if model_type == "clip":
-        hf = hf.get("vision_config", {})
+        hf, where = hf.get("vision_config") or {}, f"{where} vision_config"
+        if not isinstance(hf, dict):
+            raise checks.InvalidConfigError(f"{where} must be a JSON object, not {hf!r}")
     d = dict(VISION_DEFAULTS)
     d.update(defaults or {})
     d.update({k: hf[k] for k in VISION_DEFAULTS if k in hf})
+    check_vision(d, where)  # before anything is built from the values
     return mc.vision_config(**d)
 
 
@@ -103,7 +122,8 @@ def vision_to_hf(v) -> dict:
 
 register_encoder("clip", EncoderSpec(
     module=ClipVisionTower, config=mc.vision_config, tokens_per_image=tokens_per_image,
-    flops=forward_flops, feature_size=feature_size, from_hf=vision_from_hf, to_hf=vision_to_hf))
+    flops=forward_flops, feature_size=feature_size, from_hf=vision_from_hf, to_hf=vision_to_hf,
+    check=check_vision))
 
 
 # ---- the tower on its own: HF `CLIPVisionModel` (`model_type` clip_vision) ----------------
@@ -126,4 +146,5 @@ register_model("clip_vision", ModelFamily(
     to_hf=lambda cfg: {**vision_to_hf(cfg.vision), "architectures": ["CLIPVisionModel"]},
     key_aliases=((r"^(?!vision_model\.)(?!text_model\.)(?=(embeddings|encoder|pre_layrnorm|"
                   r"post_layernorm)\.)", "vision_model."),),
-    unused_keys=lambda cfg: list(CLIP_TEXT_KEYS)))
+    unused_keys=lambda cfg: list(CLIP_TEXT_KEYS),
+    check=lambda cfg, where="model config": check_vision(cfg.vision, where)))
