@@ -321,6 +321,15 @@ def test_load_tokenizer_errors(tmp_path, checkpoints):
     _write(str(bad), "config.json", {"image_token_index": 3})
     with pytest.raises(ValueError, match="image token"):
         load_tokenizer(str(bad))
+    # A damaged json file of the checkpoint is named (not a bare JSONDecodeError).
+    (bad / "config.json").write_text("{}")
+    (bad / "tokenizer_config.json").write_text('{"bos_token": ')
+    with pytest.raises(ValueError, match="is not valid JSON") as e:
+        load_tokenizer(str(bad))
+    assert str(bad / "tokenizer_config.json") in str(e.value)
+    (bad / "tokenizer_config.json").write_text("[1]")
+    with pytest.raises(ValueError, match="not an object"):
+        load_tokenizer(str(bad))
 
 
 def test_image_token_without_tokenizer_entry(tmp_path, checkpoints):
