@@ -63,6 +63,10 @@ def test_an_override_value_of_the_wrong_type_names_the_override_field_and_type(
                                             "regular expression: unterminated character set"),
     ("stage.objective=ppo", "stage.objective = 'ppo' is not a registered objective; known: "
                             "dpo, lm"),
+    # The model family's own checks run on the training config's model section too.
+    ("model.text.num_attention_heads=5", "num_key_value_heads = 2 does not divide "
+                                         "num_attention_heads = 5"),
+    ("model.text.num_hidden_layers=200000", "num_hidden_layers = 200000 is more than 1024"),
 ])
 def test_a_bad_value_names_the_field_the_value_and_what_is_accepted(tmp_path, capsys,
                                                                     override, expected):

@@ -125,7 +125,21 @@ def problems(cfg) -> list[str]:
     out += _regex_problems(cfg)
     out += _objective_problems(cfg)
     out += _mesh_value_problems(cfg)
+    out += _model_problems(cfg)
     return out
+
+
+def _model_problems(cfg):
+    """The model family's own checks (heads divide the width, layer counts, ...)."""
+    model = value_of(cfg, "model")
+    if model is _MISSING:
+        return []
+    from mllm_jax.models import registry
+    try:
+        registry.check_config(model, "model")
+    except (registry.InvalidConfigError, registry.UnsupportedModelError) as e:
+        return [str(e)]
+    return []
 
 
 def check(cfg, source=""):
