@@ -54,7 +54,11 @@ def build_parser():
                                        "after each stage, report.md and a plot (offline)")
     demo.add_argument("--workdir", default="mllm_jax_demo",
                       help="where the data, checkpoints, report.md and metrics.png go "
-                           "(default ./mllm_jax_demo; its demo subdirectories are replaced)")
+                           "(default ./mllm_jax_demo): a new or empty directory, or one an "
+                           "earlier demo run used (its demo subdirectories are replaced)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="use --workdir even if it is not empty and no demo run created "
+                           "it, replacing its data/, model/, ... subdirectories")
     demo.add_argument("--seed", type=int, default=0, help="seed of every phase (default 0)")
     demo.add_argument("--scale", default="default", choices=("default", "test"),
                       help="default: the full demo (about 10 minutes on 2 CPU cores); test: a "
@@ -74,7 +78,9 @@ def build_parser():
         p = sub.add_parser(name, help=text)
         p.add_argument("--ckpt", required=True, help="HF checkpoint directory with its "
                        "tokenizer (tokenizer.model or tokenizer.json)")
-        p.add_argument("--template", default="vicuna_v1", help="conversation template")
+        p.add_argument("--template", default=None,
+                       help="conversation template (default: the one the checkpoint records "
+                            "in its tokenizer_config.json, else vicuna_v1)")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--temperature", type=float, default=0.0,
                        help="0: greedy; otherwise sample at this temperature")
@@ -279,7 +285,8 @@ def _presets(args):
 def _demo(args):
     from mllm_jax import demo
     from mllm_jax.demo.report import table
-    result = demo.run(workdir=args.workdir, scale=args.scale, seed=args.seed)
+    result = demo.run(workdir=args.workdir, scale=args.scale, seed=args.seed,
+                      overwrite=args.overwrite)
     print(f"mllm-jax demo (scale {args.scale}, seed {result['settings'].seed}): metrics on "
           f"the held-out split after each stage")
     print(table(result["metrics"]))

@@ -80,3 +80,35 @@ def test_the_final_model_is_a_checkpoint_chat_reads(result):
                       max_new_tokens=result["settings"].short_new_tokens)
     image = os.path.join(paths["workdir"], "data", entry["image"])
     assert session.ask(question[len("<image>\n"):], [image]) == recorded["prediction"]
+
+
+def test_eval_on_the_exported_model_gives_the_reports_pope_scores(result, tmp_path, capsys):
+    """`model/` records the template it was trained with (mistral, bare questions), so
+    `mllm-jax eval` on the held-out POPE questions the demo writes (data/pope_val/) asks
+    what the demo's own evaluation asked, answers as it did, and gives the report's F1."""
+    from mllm_jax.cli import main
+    from mllm_jax.infer.chat_template import read_chat_template
+    paths = result["paths"]
+    recorded = read_chat_template(paths["model"])
+    assert (recorded.name, recorded.prompt_suffixes) == (evaluate.TEMPLATE,
+                                                         evaluate.PROMPT_SUFFIXES)
+    assert "[INST]" in json.load(open(os.path.join(paths["model"], "tokenizer_config.json"))
+                                 )["chat_template"]
+    data_dir = os.path.join(paths["workdir"], "data")
+    assert main(["eval", "--ckpt", paths["model"], "--task", "pope", "--data", paths["pope"],
+                 "--image-root", data_dir, "--output", str(tmp_path)]) == 0
+    capsys.readouterr()
+    (sub,) = os.listdir(tmp_path)
+    files = sorted(os.listdir(tmp_path / sub))
+    results = json.load(open(tmp_path / sub / next(f for f in files if "results" in f)))
+    scores = results["results"]["pope"]
+    for mode in ("random", "popular", "adversarial"):
+        assert scores[f"pope_{mode}_f1_score,none"] == pytest.approx(
+            result["metrics"]["stage3"][f"pope_{mode}_f1"], abs=1e-12), mode
+    with open(os.path.join(paths["workdir"], "eval", "stage3.jsonl")) as f:
+        demo_answers = {r["id"]: r["prediction"] for r in map(json.loads, f)}
+    with open(tmp_path / sub / next(f for f in files if f.endswith("_pope.jsonl"))) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == sum(e["kind"] == "pope" for e in evaluate.eval_entries(data_dir))
+    for s in samples:
+        assert s["resps"][0] == demo_answers[s["doc"]["sample_id"]], s["input"]

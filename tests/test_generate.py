@@ -55,7 +55,9 @@ def _load(path, scan):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    path = hf.make_llama(tmp_path_factory.mktemp("llama"), seed=6, initializer_range=INIT)
+    # A context of 512: test_long_prompt_prefill_matches_hf's prompts (301 tokens) fit.
+    path = hf.make_llama(tmp_path_factory.mktemp("llama"), seed=6, initializer_range=INIT,
+                         max_position_embeddings=512)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return ref, str(path)
 

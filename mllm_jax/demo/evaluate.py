@@ -15,6 +15,10 @@ from mllm_jax.eval.pope import pope_metrics
 from mllm_jax.infer.batching import Conversation, generate_all
 
 TEMPLATE = "mistral"  # no system prompt: the world's tokenizer has no words for one
+# The questions are asked bare: no answer-format instruction after them, in training and in
+# evaluation (recorded in the exported model, `infer.chat_template`).
+PROMPT_SUFFIXES = {"short_answer": ""}
+IMAGE_PREFIX = "<image>\n"  # how a question's image placeholder precedes it
 LONG_KINDS = ("caption", "detail")  # answered with up to long_new_tokens
 SKIPPED_KINDS = ("fewshot",)  # multi-image episodes: the demo trains on one image per sample
 
@@ -27,6 +31,25 @@ def eval_entries(data_dir: str, split: str = "val") -> list:
                                 f"split but train")
     with open(path, encoding="utf-8") as f:
         return [e for e in json.load(f) if e["kind"] not in SKIPPED_KINDS]
+
+
+def write_pope_files(entries, data_dir: str, out_dir: str) -> str:
+    """The entries' POPE questions as POPE's question files (coco_pope_{mode}.json: JSON
+    lines of question_id, image (relative to `data_dir`), text, label) in `out_dir`, which
+    `mllm-jax eval --task pope --data OUT_DIR --image-root DATA_DIR` reads. Returns
+    `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    for mode in shapes.POPE_MODES:
+        with open(os.path.join(out_dir, f"coco_pope_{mode}.json"), "w", encoding="utf-8") as f:
+            for e in entries:
+                if e["kind"] == "pope" and e["pope_mode"] == mode:
+                    text = e["conversations"][0]["value"]
+                    if text.startswith(IMAGE_PREFIX):
+                        text = text[len(IMAGE_PREFIX):]
+                    f.write(json.dumps({"question_id": e["id"], "image": e["image"],
+                                        "text": text, "label": e["answer"],
+                                        "category": mode}) + "\n")
+    return out_dir
 
 
 def image_config(model_cfg) -> image_lib.ImageProcessorConfig:

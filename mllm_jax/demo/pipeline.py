@@ -9,11 +9,12 @@ followed by an evaluation on the held-out split; the final model's descriptions 
 real photographs (`demo.photos`); then report.md and metrics.png. Every phase
 is seeded from `Settings.seed`.
 
-Layout of the workdir: data/ (the world), init/ (the initial LLaVA), stage1/ ..
+Layout of the workdir: data/ (the world; data/pope_val/ its held-out POPE questions as
+POPE's question files, for `mllm-jax eval --task pope`), init/ (the initial LLaVA), stage1/ ..
 stage3/ (each a training workdir whose final/ is the stage's checkpoint), stage3_pairs/
 (the DPO pairs), eval/ (answers per stage), model/ (the final model, an HF checkpoint),
 photos/ (the real photographs it describes in the report), train_log.txt, report.md,
-metrics.png, metrics.json.
+metrics.png, metrics.json, and the MARKER file that makes the directory a demo workdir.
 """
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ from mllm_jax.convert.orbax_io import save_orbax
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.demo import configs, evaluate as ev, photos, preference, report, shapes
 from mllm_jax.demo.progress import Progress
+from mllm_jax.infer.chat_template import write_chat_template
 from mllm_jax.models import build_model
 from mllm_jax.train.loop import train
 
 FILES = ("train_log.txt", "report.md", "metrics.png", "metrics.json")
+# Written into a workdir the demo has claimed; a non-empty directory without it is the user's.
+MARKER = ".mllm_jax_demo"
 PARTS = ("data", "init", "stage1", "stage2", "stage3", "stage3_pairs", "eval", "model",
          "photos")
 
@@ -124,13 +128,39 @@ def initial_llava(s, model, vision, text, out_dir) -> str:
 
 
 def export_model(model, params, tokenizer_dir, out_dir) -> str:
-    """The final model as an HF checkpoint directory with its tokenizer, which
-    `mllm-jax chat/generate/eval --ckpt` (template "mistral") and transformers read."""
+    """The final model as an HF checkpoint directory with its tokenizer and the template it
+    was trained with (`ev.TEMPLATE`, questions without answer-format instructions), which
+    `mllm-jax chat/generate/eval --ckpt` and transformers read."""
     save_hf(model, params, out_dir)
     for name in os.listdir(tokenizer_dir):
         if os.path.isfile(os.path.join(tokenizer_dir, name)):
             shutil.copy(os.path.join(tokenizer_dir, name), out_dir)
+    write_chat_template(out_dir, ev.TEMPLATE, prompt_suffixes=ev.PROMPT_SUFFIXES)
     return out_dir
+
+
+def claim_workdir(workdir: str, overwrite: bool = False) -> str:
+    """Makes `workdir` the demo's: a new or empty directory, one an earlier demo run claimed
+    (it holds MARKER), or, with `overwrite`, any directory. Writes MARKER there. A non-empty
+    directory without MARKER is refused (FileExistsError) before anything is written, since
+    the demo replaces its subdirectories (data/, model/, ...)."""
+    workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise FileExistsError(f"demo workdir {workdir} is a file, not a directory; choose "
+                              f"a new or empty directory")
+    marker = os.path.join(workdir, MARKER)
+    if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.isfile(marker) \
+            and not overwrite:
+        raise FileExistsError(
+            f"demo workdir {workdir} is not empty and no earlier demo run created it (it has "
+            f"no {MARKER} file); the demo replaces its {', '.join(PARTS)} subdirectories and "
+            f"its {', '.join(FILES)} files there. Choose an empty or new directory, or pass "
+            f"--overwrite (run(..., overwrite=True)) to let it")
+    os.makedirs(workdir, exist_ok=True)
+    with open(marker, "w", encoding="utf-8") as f:
+        f.write("This directory is an `mllm-jax demo` workdir: a new demo run here replaces "
+                "its demo subdirectories and files.\n")
+    return workdir
 
 
 def _clean(workdir):
@@ -146,13 +176,14 @@ def _clean(workdir):
 
 
 def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None,
-        progress: bool = True) -> dict:
-    """Runs every phase in `workdir` (its demo subdirectories are replaced). Returns
+        progress: bool = True, overwrite: bool = False) -> dict:
+    """Runs every phase in `workdir` (its demo subdirectories are replaced). `workdir` must be
+    new, empty or an earlier demo run's (`claim_workdir`); `overwrite` lets the demo use any
+    other directory too (replacing its data/, model/, ... subdirectories). Returns
     {settings, metrics: {stage: {metric: value}}, times: {phase: seconds}, total (seconds),
     pretrain (metrics of the pre-training phases), paths: {report, plot, metrics, workdir}}."""
     s = configs.settings_for(scale, seed)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = claim_workdir(workdir, overwrite)
     _clean(workdir)
     p = Progress(progress)
     p.line(f"mllm-jax demo: scale {scale if isinstance(scale, str) else 'custom'}, seed "
@@ -170,6 +201,7 @@ def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None
         text, pre["text_lm"] = pretrain_text(s, model_cfg, paths, p)
     init_dir = initial_llava(s, model, vision, text, os.path.join(workdir, "init"))
     entries = ev.eval_entries(data_dir, "val")
+    pope_dir = ev.write_pope_files(entries, data_dir, os.path.join(data_dir, "pope_val"))
     log_path = os.path.join(workdir, "train_log.txt")
     metrics = {}
     params, json_path = None, None
@@ -205,11 +237,11 @@ def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None
                        cpu_times=dict(p.cpu_times), photos=described)
     p.line(f"report: {out['report']}")
     p.line(f"plot: {out['plot']}")
-    p.line(f"model: {model_dir} (try: mllm-jax chat --ckpt {model_dir} --template "
-           f"{ev.TEMPLATE})")
+    p.line(f"model: {model_dir} (try: mllm-jax chat --ckpt {model_dir}; or mllm-jax eval "
+           f"--ckpt {model_dir} --task pope --data {pope_dir} --image-root {data_dir})")
     return {"settings": s, "metrics": metrics, "times": dict(p.times), "photos": described,
-            "cpu_times": dict(p.cpu_times), "total": total,
-            "pretrain": pre, "paths": {**out, "workdir": workdir, "model": model_dir}}
+            "cpu_times": dict(p.cpu_times), "total": total, "pretrain": pre,
+            "paths": {**out, "workdir": workdir, "model": model_dir, "pope": pope_dir}}
 
 
 def _write_answers(path, entries, answers):

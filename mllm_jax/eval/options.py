@@ -32,7 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="results directory (default: eval_results)")
     parser.add_argument("--limit", type=int, default=None, help="first N samples per task")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--template", default="vicuna_v1", help="conversation template")
+    parser.add_argument("--template", default=None,
+                        help="conversation template (default: the one the checkpoint records "
+                             "in its tokenizer_config.json, else vicuna_v1)")
+    parser.add_argument("--prompt-suffix", default=None, metavar="TEXT",
+                        help="text put after every question in place of the task's "
+                             "answer-format instruction (default: what the checkpoint records "
+                             "for that kind of instruction, else the task's own)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="parameter dtype (default: as stored)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -101,8 +107,13 @@ class EvalOptions:
     evaluating (no checkpoint needed)."""
 
     "How prompts are built."
-    template: str = "vicuna_v1"
-    """Conversation template the prompts are rendered with."""
+    template: str | None = None
+    """Conversation template the prompts are rendered with (None: the one the checkpoint
+    records, `infer.chat_template.read_chat_template`, else vicuna_v1)."""
+    prompt_suffix: str | None = None
+    """Text after every question in place of the task's answer-format instruction (e.g.
+    "" for the bare question); None: what the checkpoint records for that kind of
+    instruction, else the task's own (`prompt_suffix` of `eval.tasks`)."""
     num_fewshot: int = 0
     """In-context demonstrations per prompt, drawn from the same data."""
     cot: bool = False

@@ -29,13 +29,21 @@ import os
 import re
 import sys
 import time
+import typing
 
 import numpy as np
 
 from mllm_jax.eval.options import (COT_MAX_NEW_TOKENS, EvalOptions,  # noqa: F401
                                    add_arguments, as_options)
+from mllm_jax.eval.tasks.base import LETTER_ANSWER, SHORT_ANSWER
 from mllm_jax.models import registry
 
+if typing.TYPE_CHECKING:
+    from mllm_jax.infer.chat_template import RecordedTemplate
+
+# The eval tasks' answer-format instructions, by the kind a checkpoint records a replacement
+# for (`infer.chat_template`, "prompt_suffixes").
+SUFFIX_KINDS = {SHORT_ANSWER: "short_answer", LETTER_ANSWER: "letter_answer"}
 COT_INSTRUCTION = ("\nFirst explain your reasoning step by step, then give the final answer "
                    "after 'Answer:'.")
 FILTER = "none"
@@ -97,6 +105,25 @@ def parse_mesh(text):
 
 def uses_cot(options: EvalOptions, task) -> bool:
     return bool(options.cot and task.answer_from_end)
+
+
+def prompting_for(options: EvalOptions) -> "RecordedTemplate":
+    """The template, system prompt and suffixes to prompt the checkpoint with: --template
+    when given, else what the checkpoint records (`infer.chat_template`), else vicuna_v1."""
+    from mllm_jax.infer.chat_template import resolve_template
+    return resolve_template(options.ckpt, options.template)
+
+
+def prompt_suffix(options: EvalOptions, task, prompting: "RecordedTemplate") -> str:
+    """What follows each question: the chain-of-thought instruction with --cot, else
+    --prompt-suffix when given, else the checkpoint's recorded text for the kind of the
+    task's answer-format instruction, else the task's own."""
+    if uses_cot(options, task):
+        return COT_INSTRUCTION
+    if options.prompt_suffix is not None:
+        return options.prompt_suffix
+    kind = SUFFIX_KINDS.get(task.prompt_suffix)
+    return prompting.prompt_suffixes.get(kind, task.prompt_suffix)
 
 
 # ---- prompts -----------------------------------------------------------------------------
@@ -240,8 +267,9 @@ def load_task_samples(name, data, image_root, allow_absolute_image_paths=False):
         raise ValueError(f"task {name!r}: {e}") from e
 
 
-def run_task(runtime, options: EvalOptions, name, data, image_root):
-    """(results entry, records, info) for one task."""
+def run_task(runtime, options: EvalOptions, name, data, image_root, prompting=None):
+    """(results entry, records, info) for one task; `prompting`: `prompting_for(options)`
+    (read from the checkpoint when not given)."""
     from tqdm import tqdm
 
     from mllm_jax.data.templates import render_text
@@ -256,8 +284,9 @@ def run_task(runtime, options: EvalOptions, name, data, image_root):
     demos = [fewshot_indices(len(pool), i, options.num_fewshot, options.seed)
              if options.num_fewshot else [] for i in range(n_eval)]
     check_images(name, [pool[i] for i in sorted(set(range(n_eval)).union(*demos))])
+    prompting = prompting or prompting_for(options)
     cot = uses_cot(options, task)
-    suffix = COT_INSTRUCTION if cot else task.prompt_suffix
+    suffix = prompt_suffix(options, task, prompting)
     conversations = [build_conversation(task, pool, i, suffix=suffix, demos=demos[i], cot=cot)
                      for i in range(n_eval)]
     gen = generation_kwargs(options, task)
@@ -268,7 +297,8 @@ def run_task(runtime, options: EvalOptions, name, data, image_root):
     with tqdm(total=n_eval, desc=name, file=sys.stderr) as bar:
         try:
             responses = batching.generate_all(model, params, tokenizer, image_cfg,
-                                              conversations, options.template,
+                                              conversations, prompting.name,
+                                              system=prompting.system,
                                               batch_size=options.batch_size,
                                               progress=bar.update, **sampling, **gen)
         except ValueError as e:
@@ -276,12 +306,13 @@ def run_task(runtime, options: EvalOptions, name, data, image_root):
     filtered = [task.extract_answer(r) if cot else r for r in responses]
     processed = [task.process_result(s, f) for s, f in zip(samples, filtered)]
     metrics = task.aggregate(processed, samples)
-    records = [sample_record(s, render_text(c.messages, options.template, tokenizer,
-                                            generation=True),
+    records = [sample_record(s, render_text(c.messages, prompting.name, tokenizer,
+                                            system=prompting.system, generation=True),
                              c.images, gen, r, f, p)
                for s, c, r, f, p in zip(samples, conversations, responses, filtered, processed)]
     info = {"task": task, "original": len(pool), "effective": n_eval, "gen": gen,
-            "suffix": suffix, "cot": cot}
+            "suffix": suffix, "cot": cot, "template": prompting.name,
+            "system": prompting.system}
     return task_results(name, metrics, processed), records, info
 
 
@@ -294,7 +325,8 @@ def task_config(name, data, image_root, info, options: EvalOptions) -> dict:
     return {"task": name, "output_type": task.output_type, "dataset_path": data,
             "image_root": image_root, "num_fewshot": options.num_fewshot,
             "fewshot_seed": options.seed, "prompt_suffix": info["suffix"], "cot": info["cot"],
-            "answer_from_end": task.answer_from_end, "template": options.template,
+            "answer_from_end": task.answer_from_end, "template": info["template"],
+            "system_prompt": info["system"],
             "generation_kwargs": info["gen"]}
 
 
@@ -323,10 +355,11 @@ def evaluate(options: EvalOptions, runtime=None) -> dict:
     options = as_options(options)
     inputs = task_inputs(options)
     start = time.perf_counter()
+    prompting = prompting_for(options)
     runtime = runtime or load_runtime(options)
     results, samples, configs, versions, n_shot, hib, n_samples = {}, {}, {}, {}, {}, {}, {}
     for name, data, root in inputs:
-        entry, records, info = run_task(runtime, options, name, data, root)
+        entry, records, info = run_task(runtime, options, name, data, root, prompting)
         task = info["task"]
         results[name], samples[name] = entry, records
         configs[name] = task_config(name, data, root, info, options)
@@ -350,7 +383,7 @@ def evaluate(options: EvalOptions, runtime=None) -> dict:
         "higher_is_better": dict(sorted(hib.items())),
         "n-samples": n_samples,
         "config": {"model": "mllm_jax", "model_args": f"pretrained={model_name}",
-                   "checkpoint": model_name, "template": options.template,
+                   "checkpoint": model_name, "template": prompting.name,
                    "model_backend": "mllm_jax.infer.generate",
                    "batch_size": options.batch_size, "batch_sizes": [],
                    "device": jax.default_backend(), "limit": options.limit,
@@ -428,12 +461,34 @@ def write_copies(options: EvalOptions) -> int:
     return 0
 
 
+def check_output(path: str, flag: str = "--output", subdirectory: str | None = None):
+    """Fails before any work unless `path` (and `path/subdirectory`) is a directory the
+    results can be written into, or can be created as one."""
+    path = os.path.abspath(path)
+    for target in [path] + ([os.path.join(path, subdirectory)] if subdirectory else []):
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise FileExistsError(f"{flag} {path}: {target} is a file, not a directory; "
+                                  f"give a directory for the results (it is created if "
+                                  f"missing), or move the file away")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise FileExistsError(f"{flag} {path}: {existing} is a file, so no directory can be "
+                              f"created there; give another directory for the results")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable; give a directory you "
+                         f"can write to")
+
+
 def main(options: EvalOptions) -> int:
     """Runs `mllm-jax eval` (`EvalOptions.from_args` of its command line); prints the table
-    and the paths written."""
+    and the paths written. --output (or --copy-to) is checked before anything is read."""
     options = as_options(options)
     if options.copy_to:
+        check_output(options.copy_to, "--copy-to")
         return write_copies(options)
+    check_output(options.output, "--output", sanitize_model_name(options.ckpt))
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
     results = evaluate(options)
     import jax

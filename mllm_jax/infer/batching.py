@@ -21,7 +21,7 @@ import numpy as np
 
 from mllm_jax.data import image as image_lib
 from mllm_jax.data.templates import IMAGE_PLACEHOLDER, build_prompt
-from mllm_jax.infer.generate import generate
+from mllm_jax.infer.generate import check_prompts, generate
 from mllm_jax.models import registry
 
 
@@ -85,6 +85,18 @@ def encode_prompt(model, tokenizer, conversation: Conversation, template, *,
                                                 if multimodal else 0),
                         image_token_id=registry.image_token_id(model.cfg),
                         system=system, sample_id=conversation.sample_id)
+
+
+def check_encoded(model, conversations, prompts):
+    """`check_prompts` on each encoded prompt before any image is read or anything runs; a
+    ValueError names the conversation's sample id."""
+    for conversation, prompt in zip(conversations, prompts):
+        try:
+            check_prompts(model, prompt)
+        except ValueError as e:
+            if conversation.sample_id is None:
+                raise
+            raise ValueError(f"sample {conversation.sample_id!r}: {e}") from e
 
 
 def load_pixels(conversation: Conversation, image_cfg) -> list:
@@ -171,6 +183,7 @@ def generate_batch(model, params, tokenizer, image_cfg, conversations, template=
     ...); eos_token_id defaults to the tokenizer's EOS."""
     prompts = [encode_prompt(model, tokenizer, c, template, system=system)
                for c in conversations]
+    check_encoded(model, conversations, prompts)
     pixels = [load_pixels(c, image_cfg) for c in conversations]
     return generate_encoded(model, params, tokenizer, prompts, pixels,
                             pad_to_multiple=pad_to_multiple, batch_rows=batch_rows, **gen)
@@ -187,6 +200,7 @@ def generate_all(model, params, tokenizer, image_cfg, conversations, template="v
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompts = [encode_prompt(model, tokenizer, c, template, system=system)
                for c in conversations]
+    check_encoded(model, conversations, prompts)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     answers = [None] * len(prompts)
     for k, start in enumerate(range(0, len(order), batch_size)):

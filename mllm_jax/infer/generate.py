@@ -76,6 +76,58 @@ def _generate(model, settings, params, input_ids, attention_mask, pixel_values, 
     return out, step
 
 
+def _text_limits(model):
+    """(vocabulary size, context length) of the model's decoder, None where not known."""
+    text = model.cfg.get("text")
+    if text is None:
+        return None, None
+    return text.get("vocab_size"), text.get("max_position_embeddings")
+
+
+def check_prompts(model, input_ids, attention_mask=None) -> np.ndarray:
+    """Host-side checks of prompts before anything runs: every real token (attention mask 1)
+    is a token id of the model (0 <= id < vocab_size, or its image token id), and no prompt
+    (image tokens included) is longer than the model's context (max_position_embeddings).
+    A ValueError names the bad id and its position, or the prompt's length, its image
+    tokens and the limit. Returns the ids with padded positions (mask 0) holding an id out of
+    range set to 0 (they are masked out, but a gather past the table gives NaN)."""
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    mask = np.ones(ids.shape, bool) if attention_mask is None else \
+        np.asarray(attention_mask).reshape(ids.shape) != 0
+    vocab, context = _text_limits(model)
+    image_id = registry.image_token_id(model.cfg)
+    if vocab is not None:
+        bad = (ids < 0) | (ids >= vocab)
+        if image_id is not None:
+            bad &= ids != image_id
+        real = bad & mask
+        if real.any():
+            row, col = (int(x) for x in np.argwhere(real)[0])
+            allowed = "" if image_id is None or image_id < vocab else \
+                f" or the image token id {image_id}"
+            raise ValueError(
+                f"input_ids[{row}, {col}] = {int(ids[row, col])} is not a token id of this "
+                f"model: ids must be in [0, {vocab}) (vocab_size {vocab}){allowed}; "
+                f"{int(real.sum())} such id(s) in the prompts. Check that the tokenizer is "
+                f"the checkpoint's own")
+        if bad.any():
+            ids = np.where(bad, 0, ids).astype(ids.dtype)
+    if context is not None:
+        lengths = mask.sum(axis=1)
+        row = int(np.argmax(lengths))
+        if lengths[row] > context:
+            images = 0 if image_id is None else int(((ids[row] == image_id) & mask[row]).sum())
+            which = "the prompt" if len(ids) == 1 else f"prompt {row}"
+            raise ValueError(
+                f"{which} is {int(lengths[row])} tokens long ({images} of them image "
+                f"tokens), longer than the model's context of {context} positions "
+                f"(max_position_embeddings); shorten the prompt or the conversation, or "
+                f"give fewer images")
+    return ids
+
+
 _COMPILED = {}  # (model class, model config, loop, settings) -> jitted loop
 
 
@@ -106,7 +158,9 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     sample holds `pad_token_id` (default: the first EOS id), as HF `generate` does.
 
     input_ids: [b, s] prompts, LEFT padded; attention_mask: [b, s] (1 = real token; None =
-    no padding). pixel_values (LLaVA): NHWC [n_images, h, w, c], images in the order their
+    no padding). Real tokens must be ids of the model and prompts no longer than its
+    context (`check_prompts`, a ValueError before anything runs); padded positions may hold
+    any id. pixel_values (LLaVA): NHWC [n_images, h, w, c], images in the order their
     (already expanded) image tokens appear in the flattened batch, any number per prompt.
     Sampling: do_sample=False is greedy; otherwise temperature, top_k (0 = off), top_p
     (1.0 = off) as HF applies them, drawn from `rng` (a jax PRNG key; default key 0).
@@ -121,13 +175,14 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     parameters sharded by the logical rules as in training and the prompts split over the
     data axes; the tokens equal those of a one-device run.
     """
-    input_ids = np.asarray(input_ids) if not isinstance(input_ids, jax.Array) else input_ids
+    input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if np.any(np.asarray(attention_mask)[:, -1] == 0):
         raise ValueError("prompts must be LEFT padded (attention_mask[:, -1] == 1 for all)")
+    input_ids = check_prompts(model, input_ids, attention_mask)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_beams < 1:

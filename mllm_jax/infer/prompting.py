@@ -3,18 +3,25 @@ image processor and template of the checkpoint, then `generate`."""
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.infer import batching
 from mllm_jax.infer.batching import image_config_for
+from mllm_jax.infer.chat_template import resolve_template
 from mllm_jax.models import registry
 
 
 class Session:
     """A conversation with a loaded model: `ask(text, images=())` returns the answer and
-    keeps the turns (and images) for the next question."""
+    keeps the turns (and images) for the next question.
 
-    def __init__(self, model, params, checkpoint_dir, template="vicuna_v1", *,
+    `template` None: the one the checkpoint records (`infer.chat_template`), else
+    vicuna_v1; `system` None: the recorded system prompt when the template is the recorded
+    one, else the template's own."""
+
+    def __init__(self, model, params, checkpoint_dir, template=None, *,
                  max_new_tokens=128, system=None, **sampling):
         self.model, self.params = model, params
         self.tokenizer = load_tokenizer(checkpoint_dir)
-        self.template, self.system = template, system
+        recorded = resolve_template(checkpoint_dir, template)
+        self.template = recorded.name
+        self.system = recorded.system if system is None else system
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.multimodal = registry.is_multimodal(model.cfg)
         self.image_cfg = image_config_for(model, checkpoint_dir) if self.multimodal else None
