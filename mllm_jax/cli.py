@@ -244,8 +244,10 @@ def _hf_to_orbax(args):
     from mllm_jax.convert import destination, load_hf, save_orbax
     _check_destination(args)
     model, params = load_hf(args.src, dtype=args.dtype, scan_layers=args.scan_layers)
+    from mllm_jax.infer.chat_template import copy_chat_template
     with destination.staged(args.dst, replace=True) as work:
         save_orbax(model, params, work)
+        copy_chat_template(args.src, work)  # the template the model was trained with
     print(f"wrote {args.dst} ({model.cfg.model_type}, {_count(params):,} parameters, "
           f"dtype {model.cfg.param_dtype}, scan_layers={model.cfg.scan_layers})")
     return 0
@@ -257,6 +259,8 @@ def _orbax_to_hf(args):
     model, params = load_orbax(args.src)
     save_hf(model, params, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
             overwrite=args.overwrite)
+    from mllm_jax.infer.chat_template import copy_chat_template
+    copy_chat_template(args.src, args.dst)
     print(f"wrote {args.dst} ({model.cfg.model_type}, {_count(params):,} parameters)")
     return 0
 

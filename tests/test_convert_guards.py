@@ -536,3 +536,19 @@ def test_generate_chat_and_eval_refuse_nonfinite_weights(nan_ckpt, tmp_path, cap
                  os.path.dirname(pope), "--output", str(tmp_path / "out"), "--template",
                  "chatml", "--max-new-tokens", "1"]) == 1
     assert keys["nan"] in capsys.readouterr().err
+
+
+def test_conversions_carry_the_recorded_chat_template(llama_dir, tmp_path):
+    """A template recorded in an HF checkpoint survives hf-to-orbax and orbax-to-hf."""
+    from mllm_jax.infer import read_chat_template, write_chat_template
+    src = tmp_path / "hf"
+    shutil.copytree(llama_dir, src)
+    write_chat_template(src, "mistral", prompt_suffixes={"short_answer": ""})
+    assert main(["convert", "hf-to-orbax", str(src), str(tmp_path / "o")]) == 0
+    assert main(["convert", "orbax-to-hf", str(tmp_path / "o"), str(tmp_path / "back")]) == 0
+    for d in (tmp_path / "o", tmp_path / "back"):
+        assert read_chat_template(d) == read_chat_template(src)
+    assert read_chat_template(src).name == "mistral"
+    # Nothing recorded: nothing written.
+    assert main(["convert", "hf-to-orbax", llama_dir, str(tmp_path / "o2")]) == 0
+    assert read_chat_template(tmp_path / "o2") is None
