@@ -25,6 +25,7 @@ from mllm_jax.data.sources import make_data
 from mllm_jax.models import build_model, registry
 from mllm_jax.train import flops as flops_lib
 from mllm_jax.train import partition, step as step_lib
+from mllm_jax.train import checkpoints as checkpoints_lib
 from mllm_jax.train.checkpoints import Checkpoints
 from mllm_jax.train.objectives import Objective, make_objective
 from mllm_jax.train.optimizer import make_optimizer
@@ -272,6 +273,7 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
       metrics as host values; a stop signal received meanwhile is honoured at this boundary.
     devices: the devices to build the mesh from (default: all of them, `jax.devices()`).
     """
+    checkpoints_lib.check_options(cfg.train)
     maybe_initialize_distributed(cfg)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
