@@ -206,3 +206,51 @@ def test_every_step_damaged_is_an_error_listing_each(tmp_path, stopped):
 def test_keep_checkpoints_zero_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"train.keep_checkpoints=0.*>= 1"):
         _train(_config(keep_checkpoints=0), tmp_path / "run")
+
+
+# ---- the checkpoint manager alone (no model) -----------------------------------------------
+
+def _small_state(seed):
+    k = jax.random.PRNGKey(seed)
+    return {"params": {"w": jax.random.normal(k, (64, 64)), "b": jnp.zeros(64)},
+            "step": jnp.int32(seed)}
+
+
+def test_arrays_orbax_cannot_read_are_damage(tmp_path):
+    from mllm_jax.train import recipe
+    from mllm_jax.train.checkpoints import Checkpoints
+    cfg = recipe.base("tiny-llava")
+    cfg.train.update(async_checkpointing=False, checkpoint_every=1)
+    lines = []
+    ckpts = Checkpoints(str(tmp_path), cfg.train, log=lines.append)
+    for step in (1, 2):
+        ckpts.save(step, _small_state(step), {"pos": step}, cfg)
+    ckpts.wait_until_finished()
+    # Truncate every data file of step 2: tensorstore fails reading the arrays.
+    for r, _, fs in os.walk(tmp_path / "checkpoints" / "2" / "state"):
+        for f in fs:
+            if os.sep + "d" in r[len(str(tmp_path)):]:
+                with open(os.path.join(r, f), "r+b") as fh:
+                    fh.truncate(10)
+    abstract = jax.eval_shape(lambda: _small_state(0))
+    out = Checkpoints(str(tmp_path), cfg.train, log=lines.append).restore(abstract, cfg)
+    assert out["step"] == 1 and out["data"] == {"pos": 1}
+    assert int(out["state"]["step"]) == 1
+    assert any("checkpoint step 2 is damaged" in line and "orbax could not read" in line
+               for line in lines), lines
+    assert os.path.isdir(tmp_path / "damaged_checkpoints" / "2")
+
+
+def test_checkpoint_written_before_records_restores_unchecked(tmp_path):
+    import orbax.checkpoint as ocp
+    from mllm_jax.train import recipe
+    from mllm_jax.train.checkpoints import Checkpoints
+    cfg = recipe.base("tiny-llava")
+    with ocp.CheckpointManager(str(tmp_path / "checkpoints")) as mngr:  # the old layout
+        mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(_small_state(3)),
+                                             data=ocp.args.JsonSave({"pos": 3})))
+    lines = []
+    abstract = jax.eval_shape(lambda: _small_state(0))
+    out = Checkpoints(str(tmp_path), cfg.train, log=lines.append).restore(abstract, cfg)
+    assert out["step"] == 3 and int(out["state"]["step"]) == 3
+    assert any("without its config and checksums" in line for line in lines), lines

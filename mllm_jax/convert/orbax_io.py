@@ -38,11 +38,14 @@ def save_orbax(model, params, out_dir, *, overwrite=False):
     params = nn.meta.unbox(params)
     _check_structure(model, params, what="params")
     os.makedirs(out_dir, exist_ok=True)
+    record_file = os.path.join(out_dir, integrity.RECORD_FILE)
+    if jax.process_index() == 0 and os.path.exists(record_file):
+        os.remove(record_file)  # the old arrays' record; rewritten once the new ones are
     # StandardCheckpointer saves asynchronously; leaving the `with` block waits for the write
     # to be committed (the directory is renamed into place only when complete).
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, params, force=overwrite)
-    integrity.write_record(os.path.join(out_dir, integrity.RECORD_FILE), params)
+    integrity.write_record(record_file, params)
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
             f.write(model.cfg.to_json(indent=2, sort_keys=True))

@@ -210,6 +210,9 @@ class Checkpoints:
             except _Damaged as e:
                 self._skip(step, str(e), skipped)
                 continue
+            if saved_cfg is None:
+                self.log(f"{where} was written without its config and checksums: "
+                         "restoring it unchecked")
             partial = (check_resume_config(saved_cfg, cfg, where)
                        if saved_cfg is not None else False)
             try:
@@ -270,8 +273,8 @@ class Checkpoints:
                            f"({type(e).__name__}: {_short(e)})") from e
         if rec is not None:
             if partial:
-                bad = integrity.mismatches(restored_leaves_tree(out["restored_leaves"]),
-                                           rec, only=only)
+                # a flat {path: array} dict: its key paths give back the same paths
+                bad = integrity.mismatches(out["restored_leaves"], rec, only=only)
             else:
                 bad = integrity.mismatches(restored, rec)
             if bad:
@@ -317,11 +320,6 @@ class Checkpoints:
 
 class _Damaged(Exception):
     pass
-
-
-def restored_leaves_tree(flat: dict) -> dict:
-    """A flat {path: array} as a tree whose key paths give back the same path strings."""
-    return dict(flat)
 
 
 def _plain(tree):
