@@ -398,7 +398,7 @@ def _resume(ckpts, cfg, state, st_sh, frozen, data, log):
         return None
 
     out = ckpts.restore(abstract_state, cfg, restore_leaf=restore_leaf)
-    if out is None:  # every step was written before the config item and is unreadable
+    if out is None:  # no step (the directory was emptied meanwhile)
         return state, frozen, 0
     if out["partial"]:
         got = out["restored_leaves"]
