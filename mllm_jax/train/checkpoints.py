@@ -194,6 +194,19 @@ class Checkpoints:
 
     # ---- restore ------------------------------------------------------------------------
 
+    def check_config(self, cfg):
+        """Refuses `cfg` if it differs from the newest readable step's config in a field
+        that must match (cheap: before any array is built or read)."""
+        for step in sorted(self.mngr.all_steps(), reverse=True):
+            try:
+                saved = self._read_json(step, "config")
+            except _Damaged:
+                continue  # `restore` moves it aside and says why
+            if saved is not None:
+                check_resume_config(saved, cfg,
+                                    f"checkpoint step {step} ({self.step_dir(step)})")
+            return
+
     def restore(self, abstract_state, cfg, *, restore_leaf=None):
         """Restores the newest intact step. Returns None (no checkpoint) or a dict with
         step, state (restored into `abstract_state`'s structure), data, partial (whether

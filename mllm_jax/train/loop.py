@@ -25,7 +25,6 @@ from mllm_jax.data.sources import make_data
 from mllm_jax.models import build_model, registry
 from mllm_jax.train import flops as flops_lib
 from mllm_jax.train import partition, step as step_lib
-from mllm_jax.train import checkpoints as checkpoints_lib
 from mllm_jax.train.checkpoints import Checkpoints
 from mllm_jax.train.objectives import Objective, make_objective
 from mllm_jax.train.optimizer import make_optimizer
@@ -273,10 +272,11 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
       metrics as host values; a stop signal received meanwhile is honoured at this boundary.
     devices: the devices to build the mesh from (default: all of them, `jax.devices()`).
     """
-    checkpoints_lib.check_options(cfg.train)
     maybe_initialize_distributed(cfg)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    ckpts = Checkpoints(workdir, cfg.train, log=log)
+    ckpts.check_config(cfg)  # an incompatible resume is refused before anything is built
     trainer = build_trainer(cfg, devices=devices)
     model, st_sh = trainer.model, trainer.state_shardings
     frozen, frozen_extra, schedules = trainer.frozen, trainer.frozen_extra, trainer.schedules
@@ -287,7 +287,6 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
     with trainer.context():
         data = make_data(cfg, jax.process_index(), jax.process_count(), workdir,
                          trainer.objective)
-        ckpts = Checkpoints(workdir, tc, log=log)
         ckpt_dir = ckpts.directory
         start = 0
         if ckpts.latest_step() is not None:
