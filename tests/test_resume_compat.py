@@ -117,3 +117,15 @@ def test_resume_partial_restores_what_matches_and_initialises_the_rest(checkpoin
             assert np.array_equal(v, mu_before[k]) and np.any(v != 0), k
         else:
             assert not np.any(v), k
+
+
+def test_fields_added_by_a_newer_version_are_logged_not_refused():
+    from mllm_jax.train.checkpoints import check_resume_config, config_json
+    cfg = _config()
+    saved = config_json(cfg)
+    del saved["stage"]["frozen_dtype"]  # a field this checkpoint's version did not have
+    saved["data"]["retired_option"] = 1
+    lines = []
+    assert check_resume_config(saved, cfg, "checkpoint step 2", log=lines.append) is False
+    assert "stage.frozen_dtype ((absent) in the checkpoint, '' now)" in lines[0]
+    assert "data.retired_option (1 in the checkpoint, (absent) now)" in lines[0]

@@ -25,7 +25,9 @@ this on purpose:
   train.resume_partial: `stage.trainable` may differ; the parameters and optimizer-state
     arrays whose path and shape match the checkpoint's are restored, the others start as a
     fresh run would (the log lists both).
-A changed field is refused naming each field with both values and what to do.
+A changed field is refused naming each field with both values and what to do. A field
+only one of the two configs has (added or removed by a newer version of the library, whose
+defaults keep the old behaviour) is logged, not refused.
 """
 import json
 import os
@@ -76,6 +78,14 @@ def config_json(cfg) -> dict:
     return json.loads(text)
 
 
+class _Absent:
+    def __repr__(self):
+        return "(absent)"
+
+
+ABSENT = _Absent()  # the value of a field one of two configs does not have
+
+
 def _flatten(d, prefix=""):
     out = {}
     for k, v in d.items():
@@ -94,20 +104,21 @@ def _covered(field, prefixes):
 def config_changes(saved: dict, current: dict) -> list:
     """(field, saved value, current value) for every field that differs."""
     a, b = _flatten(saved), _flatten(current)
-    missing = object()
     out = []
     for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k, missing), b.get(k, missing)
-        if va != vb:
-            out.append((k, "(absent)" if va is missing else va,
-                        "(absent)" if vb is missing else vb))
+        va, vb = a.get(k, ABSENT), b.get(k, ABSENT)
+        if va is ABSENT or vb is ABSENT or va != vb:
+            out.append((k, va, vb))
     return out
 
 
-def check_resume_config(saved: dict, cfg, where: str) -> bool:
+def check_resume_config(saved: dict, cfg, where: str, log=None) -> bool:
     """Raises ResumeConfigError naming every field of `cfg` that differs from the config
     `saved` with the checkpoint `where` and may not. Returns whether `stage.trainable`
-    changed (allowed by `train.resume_partial`)."""
+    changed (allowed by `train.resume_partial`).
+
+    A field only one of the two configs has (added or removed by a newer version of the
+    library, whose defaults keep the old behaviour) is not refused; `log` is told."""
     tc = cfg.train
     opt_in = list(tc.get("resume_may_change", []) or [])
     unknown = [f for f in opt_in if f not in OPT_IN]
@@ -116,9 +127,12 @@ def check_resume_config(saved: dict, cfg, where: str) -> bool:
             f"train.resume_may_change names {unknown}; it may name only {list(OPT_IN)} "
             "(the other fields either may always change or never on resume)")
     partial = bool(tc.get("resume_partial", False))
-    refused, partial_changed = [], False
+    refused, partial_changed, one_sided = [], False, []
     for field, old, new in config_changes(saved, config_json(cfg)):
         if _covered(field, MAY_CHANGE) or _covered(field, opt_in):
+            continue
+        if old is ABSENT or new is ABSENT:
+            one_sided.append(f"{field} ({old!r} in the checkpoint, {new!r} now)")
             continue
         if _covered(field, PARTIAL):
             partial_changed = True
@@ -132,6 +146,9 @@ def check_resume_config(saved: dict, cfg, where: str) -> bool:
                            f"'{field}' to train.resume_may_change to allow it)")
         else:
             refused.append(f"{field}: {old!r} in the checkpoint, {new!r} now")
+    if one_sided and log is not None:
+        log(f"config fields only one of this run and {where} has: "
+            + "; ".join(one_sided))
     if refused:
         raise ResumeConfigError(
             f"the config differs from the one {where} was written with, in "
@@ -204,7 +221,8 @@ class Checkpoints:
                 continue  # `restore` moves it aside and says why
             if saved is not None:
                 check_resume_config(saved, cfg,
-                                    f"checkpoint step {step} ({self.step_dir(step)})")
+                                    f"checkpoint step {step} ({self.step_dir(step)})",
+                                    log=self.log)
             return
 
     def restore(self, abstract_state, cfg, *, restore_leaf=None):
@@ -229,7 +247,8 @@ class Checkpoints:
             partial = (check_resume_config(saved_cfg, cfg, where)
                        if saved_cfg is not None else False)
             try:
-                out = self._restore_step(step, abstract_state, partial, restore_leaf)
+                out = self._restore_step(step, abstract_state, partial, restore_leaf,
+                                         checked=saved_cfg is not None)
             except _Damaged as e:
                 self._skip(step, str(e), skipped)
                 continue
@@ -255,7 +274,7 @@ class Checkpoints:
             raise _Damaged(f"its {item}/ item is unreadable ({type(e).__name__}: "
                            f"{_short(e)})") from e
 
-    def _restore_step(self, step, abstract_state, partial, restore_leaf):
+    def _restore_step(self, step, abstract_state, partial, restore_leaf, checked):
         rec = self._read_json(step, "integrity")
         data_state = self._read_json(step, "data")
         sdir = os.path.join(self.step_dir(step), "state")
@@ -277,7 +296,9 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001  tensorstore/orbax errors reading the arrays
             if isinstance(e, (KeyboardInterrupt, MemoryError)):
                 raise
-            if not partial and _is_structure_error(e):
+            # A step whose config matched has the state's structure: any error is damage.
+            # One written without its config may be from another stage.
+            if not checked and _is_structure_error(e):
                 raise ResumeConfigError(
                     f"the training state in checkpoint step {step} ({sdir}) does not have "
                     f"the shapes this config gives ({_short(e, 600)}); resume with the "
