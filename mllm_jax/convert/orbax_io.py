@@ -1,7 +1,10 @@
 """`save_orbax` / `load_orbax`: converted models as orbax checkpoints.
 
-A directory holds `model_config.json` (the model's ConfigDict, `cfg.to_json()`) and
-`params/` (an orbax StandardCheckpointer checkpoint of the parameter pytree). The config
+A directory holds `model_config.json` (the model's ConfigDict, `cfg.to_json()`),
+`params/` (an orbax StandardCheckpointer checkpoint of the parameter pytree) and
+`integrity.json` (every array's fingerprint, `convert.integrity`: `load_orbax` recomputes
+them and raises naming the array if the stored bytes changed; a directory written before
+records existed loads unverified). The config
 alone rebuilds the module, so a checkpoint restores without the HF files it came from, and
 directly onto any sharding: orbax reads each shard of each array where it is placed.
 """
@@ -13,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mllm_jax import config as mc
+from mllm_jax.convert import integrity
 from mllm_jax.convert.hf_io import CheckpointMismatchError, abbreviate, abstract_params
 from mllm_jax.models import build_model
 
@@ -34,10 +38,14 @@ def save_orbax(model, params, out_dir, *, overwrite=False):
     params = nn.meta.unbox(params)
     _check_structure(model, params, what="params")
     os.makedirs(out_dir, exist_ok=True)
+    record_file = os.path.join(out_dir, integrity.RECORD_FILE)
+    if jax.process_index() == 0 and os.path.exists(record_file):
+        os.remove(record_file)  # the old arrays' record; rewritten once the new ones are
     # StandardCheckpointer saves asynchronously; leaving the `with` block waits for the write
     # to be committed (the directory is renamed into place only when complete).
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, params, force=overwrite)
+    integrity.write_record(record_file, params)
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
             f.write(model.cfg.to_json(indent=2, sort_keys=True))
@@ -76,8 +84,30 @@ def load_orbax(directory, *, shardings=None):
         flat_shardings = _flat_shardings(shardings, stored)
         target = {p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=flat_shardings[p])
                   for p, m in stored.items()}
-        params = ckptr.restore(params_dir, flax.traverse_util.unflatten_dict(target))
+        try:
+            params = ckptr.restore(params_dir, flax.traverse_util.unflatten_dict(target))
+        except (ValueError, OSError, RuntimeError) as e:  # tensorstore: unreadable chunks
+            raise integrity.IntegrityError(
+                f"{params_dir}: orbax could not read the stored arrays ({type(e).__name__}: "
+                f"{str(e)[:300]}); the checkpoint is damaged: write it again from its "
+                "source (e.g. `mllm-jax convert hf-to-orbax`)") from e
+    verify(params, directory)
     return model, params
+
+
+def verify(params, directory):
+    """Raises `integrity.IntegrityError` naming each array of `params` (restored from
+    `directory`) whose fingerprint differs from the directory's record."""
+    rec = integrity.read_record(os.path.join(directory, integrity.RECORD_FILE))
+    if rec is None:
+        return
+    bad = integrity.mismatches(params, rec)
+    if bad:
+        raise integrity.IntegrityError(
+            f"{os.path.join(directory, PARAMS_DIR)}: {len(bad)} array(s) differ from what "
+            f"was written ({os.path.join(directory, integrity.RECORD_FILE)}): "
+            f"{integrity.describe(bad)}. The checkpoint is damaged: write it again from its "
+            "source (e.g. `mllm-jax convert hf-to-orbax`), or restore a copy")
 
 
 def _plain_tree(tree):

@@ -17,13 +17,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from mllm_jax import sharding
+from mllm_jax.convert import integrity
+from mllm_jax.convert.hf_io import abbreviate
 from mllm_jax.data.sources import make_data
 from mllm_jax.models import build_model, registry
 from mllm_jax.train import flops as flops_lib
 from mllm_jax.train import partition, step as step_lib
+from mllm_jax.train.checkpoints import Checkpoints
 from mllm_jax.train.objectives import Objective, make_objective
 from mllm_jax.train.optimizer import make_optimizer
 
@@ -299,6 +301,8 @@ def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -
     maybe_initialize_distributed(cfg)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    ckpts = Checkpoints(workdir, cfg.train, log=log)
+    ckpts.check_config(cfg)  # an incompatible resume is refused before anything is built
     trainer = build_trainer(cfg, devices=devices)
     model, st_sh = trainer.model, trainer.state_shardings
     frozen, frozen_extra, schedules = trainer.frozen, trainer.frozen_extra, trainer.schedules
@@ -309,23 +313,10 @@ def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -
     with trainer.context():
         data = make_data(cfg, jax.process_index(), jax.process_count(), workdir,
                          trainer.objective)
-        ckpt_dir = os.path.join(workdir, "checkpoints")
-        mngr = ocp.CheckpointManager(
-            ckpt_dir,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=tc.keep_checkpoints,
-                save_interval_steps=tc.checkpoint_every,
-                enable_async_checkpointing=tc.async_checkpointing))
+        ckpt_dir = ckpts.directory
         start = 0
-        latest = mngr.latest_step()
-        if latest is not None:
-            abstract_state = _abstract(state, st_sh)
-            restored = mngr.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-            state = restored["state"]
-            data.set_state(restored["data"])
-            start = int(jax.device_get(state.step))
-            log(f"resumed from {ckpt_dir} step {start}")
+        if ckpts.latest_step() is not None:
+            state, frozen, start = _resume(ckpts, cfg, state, st_sh, frozen, data, log)
 
         jit_step = None  # built for the first batch's shapes
 
@@ -353,14 +344,12 @@ def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -
                 streak = int(jax.device_get(state.nan_streak))
                 step_no = i + 1
                 if step_no % every == 0:  # orbax alone would also save the first step
-                    mngr.save(step_no, args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state),
-                        data=ocp.args.JsonSave(data.get_state())), force=True)
+                    ckpts.save(step_no, state, data.get_state(), cfg)
                 if streak >= max_streak:
-                    mngr.wait_until_finished()
+                    ckpts.wait_until_finished()
                     # Skipped steps leave the parameters as they were: any checkpoint holds
                     # the last good ones.
-                    newest = mngr.latest_step()
+                    newest = ckpts.latest_step()
                     where = (f"The newest complete checkpoint in {ckpt_dir} (step {newest}) "
                              "holds the last good parameters." if newest is not None else
                              f"No checkpoint is in {ckpt_dir} yet (checkpoint_every={every}).")
@@ -390,21 +379,21 @@ def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -
                 if stop.agreed():
                     # A step that hit checkpoint_every was saved above; saving it again
                     # raises StepAlreadyExistsError.
-                    if mngr.latest_step() != step_no:
-                        mngr.save(step_no, args=ocp.args.Composite(
-                            state=ocp.args.StandardSave(state),
-                            data=ocp.args.JsonSave(data.get_state())), force=True)
-                    mngr.wait_until_finished()
+                    if ckpts.latest_step() != step_no:
+                        ckpts.save(step_no, state, data.get_state(), cfg)
+                    ckpts.wait_until_finished()
                     why = (f"signal {stop.signum}" if stop.signum is not None
                            else "another process was signalled")
+                    if not ckpts.committed_step(step_no):
+                        raise RuntimeError(
+                            f"{why}: the checkpoint of step {step_no} is not in {ckpt_dir} "
+                            "after saving it; the steps since the last checkpoint are lost")
                     log(f"{why}: checkpointed step {step_no} in {ckpt_dir}")
                     summary.update(stopped_at=step_no, signal=stop.signum)
                     return _finish(summary, state, tb)
-            if mngr.latest_step() != total_steps and total_steps > start:
-                mngr.save(total_steps, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=ocp.args.JsonSave(data.get_state())), force=True)
-            mngr.wait_until_finished()
+            if ckpts.latest_step() != total_steps and total_steps > start:
+                ckpts.save(total_steps, state, data.get_state(), cfg)
+            ckpts.wait_until_finished()
         final = partition.merge(state.params, frozen)
         if tc.export_final:
             from mllm_jax.convert.orbax_io import save_orbax
@@ -413,6 +402,53 @@ def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -
             save_orbax(model, final, os.path.join(workdir, "final"), overwrite=True)
         summary["final_params"] = final
         return _finish(summary, state, tb)
+
+
+def _resume(ckpts, cfg, state, st_sh, frozen, data, log):
+    """Restores the newest intact checkpoint into the fresh `state` (and, when
+    `train.resume_partial` allows a changed `stage.trainable`, what matches into the state
+    and the frozen tree). Returns (state, frozen, start step)."""
+    abstract_state = _abstract(state, st_sh)
+    fresh = {integrity.path_str(p): x
+             for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    frozen_flat = {"params/" + integrity.path_str(p): x
+                   for p, x in jax.tree_util.tree_flatten_with_path(frozen)[0]}
+
+    def restore_leaf(path, meta):
+        if path in fresh and tuple(fresh[path].shape) == tuple(meta.shape):
+            return fresh[path]
+        if path in frozen_flat and tuple(frozen_flat[path].shape) == tuple(meta.shape):
+            return jax.ShapeDtypeStruct(meta.shape, meta.dtype,
+                                        sharding=frozen_flat[path].sharding)
+        return None
+
+    out = ckpts.restore(abstract_state, cfg, restore_leaf=restore_leaf)
+    if out is None:  # no step (the directory was emptied meanwhile)
+        return state, frozen, 0
+    if out["partial"]:
+        got = out["restored_leaves"]
+        paths = [integrity.path_str(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(state)[0]]
+        leaves = [got.get(p, x) for p, x in zip(paths, jax.tree_util.tree_leaves(state))]
+        state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), leaves)
+        state = jax.device_put(state, st_sh)
+        f_paths = list(frozen_flat)
+        f_leaves = [got[p].astype(x.dtype) if p in got else x
+                    for p, x in zip(f_paths, jax.tree_util.tree_leaves(frozen))]
+        frozen = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(frozen),
+                                              f_leaves)
+        restored = sorted(p for p in paths if p in got) + sorted(
+            p for p in f_paths if p in got)
+        fresh_paths = sorted(p for p in paths if p not in got)
+        log(f"resumed partially (train.resume_partial) from checkpoint step {out['step']}: "
+            f"restored {len(restored)} arrays ({abbreviate(restored)}); initialised "
+            f"{len(fresh_paths)} as a fresh run would ({abbreviate(fresh_paths)})")
+    else:
+        state = out["state"]
+    data.set_state(out["data"])
+    start = int(jax.device_get(state.step))
+    log(f"resumed from {ckpts.directory} step {start}")
+    return state, frozen, start
 
 
 def _finish(summary, state, tb):

@@ -38,6 +38,13 @@ def base(preset: str) -> ml_collections.ConfigDict:
         "loss_chunk": 2048,  # tokens per output-projection chunk
         "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 3,
         "async_checkpointing": True, "max_nan_streak": 5, "export_final": True,
+        # Resuming (train.checkpoints): a config may differ from its checkpoint's only in
+        # checkpoints.MAY_CHANGE, plus the fields of checkpoints.OPT_IN listed here (e.g.
+        # ["train.lr", "train.warmup_ratio"] for a new learning-rate schedule)
+        "resume_may_change": [],
+        # allow a changed stage.trainable: restore the parameters and optimizer state whose
+        # path and shape match the checkpoint's, initialise the rest as a fresh run would
+        "resume_partial": False,
     })
     c.mesh = sharding.mesh_config(data=-1, fsdp=1, tensor=1)
     c.rules = []  # [[logical, mesh axis or list or None], ...]; empty: sharding.LOGICAL_RULES
