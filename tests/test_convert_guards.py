@@ -552,3 +552,28 @@ def test_conversions_carry_the_recorded_chat_template(llama_dir, tmp_path):
     # Nothing recorded: nothing written.
     assert main(["convert", "hf-to-orbax", llama_dir, str(tmp_path / "o2")]) == 0
     assert read_chat_template(tmp_path / "o2") is None
+
+
+def test_orbax_exports_are_checked_like_hf_ones(llama_dir, tmp_path):
+    """load_orbax: model_config.json checked before anything is built, non-finite weights
+    refused on request."""
+    model, params = load_hf(llama_dir)
+    bad = jax.tree.map(lambda x: x, params)
+    bad["model"]["norm"]["scale"] = bad["model"]["norm"]["scale"].at[1].set(jnp.inf)
+    d = tmp_path / "o"
+    save_orbax(model, bad, d)
+    load_orbax(d)  # loads unchecked by default, like load_hf
+    with pytest.raises(NonFiniteWeightsError, match="model/norm/scale") as e:
+        load_orbax(d, check_finite=True)
+    assert str(d) in str(e.value)
+    config = d / "model_config.json"
+    cfg = json.loads(config.read_text())
+    cfg["text"]["num_hidden_layers"] = 200000
+    config.write_text(json.dumps(cfg))
+    with pytest.raises(InvalidConfigError, match="num_hidden_layers = 200000") as e:
+        load_orbax(d)
+    assert str(config) in str(e.value)
+    config.write_text('{"model_type": ')
+    with pytest.raises(ValueError, match="is not a valid model config") as e:
+        load_orbax(d)
+    assert str(config) in str(e.value)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from mllm_jax.demo import configs, evaluate, report, run
+from mllm_jax.infer import read_chat_template
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,10 @@ def test_every_phase_runs_and_stage2_beats_stage1_on_vqa(result):
         for key in ("vqa_mean", "vqa_existence", "vqa_count", "vqa_colour", "pope_random_f1",
                     "pope_popular_f1", "pope_adversarial_f1", "chair_i", "chair_s", "cider"):
             assert key in m and 0.0 <= m[key], (name, key)
-        assert os.path.exists(os.path.join(result["paths"]["workdir"], name, "final",
-                                           "model_config.json"))
+        final = os.path.join(result["paths"]["workdir"], name, "final")
+        assert os.path.exists(os.path.join(final, "model_config.json"))
+        # Each stage's export records the conversation template it was trained with.
+        assert read_chat_template(final).name == "mistral"
     # Stage 3's pairs: the world's caption and yes/no pairs, then the model's own.
     pairs = json.load(open(os.path.join(result["paths"]["workdir"], "stage3_pairs",
                                         "preference.json")))

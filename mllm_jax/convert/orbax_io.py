@@ -16,9 +16,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from mllm_jax import config as mc
-from mllm_jax.convert import integrity
+from mllm_jax.convert import finite, integrity
 from mllm_jax.convert.hf_io import CheckpointMismatchError, abbreviate, abstract_params
-from mllm_jax.models import build_model
+from mllm_jax.models import build_model, check_config
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -58,16 +58,25 @@ def read_model_config(directory):
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{directory} has no {CONFIG_FILE}; it is not a checkpoint written by save_orbax")
-    with open(path) as f:
-        return mc.config_from_json(f.read())
+    try:
+        with open(path) as f:
+            cfg = mc.config_from_json(f.read())
+    except (ValueError, TypeError) as e:  # JSON syntax; a value of the wrong type
+        raise ValueError(f"{path} is not a valid model config ({e}); restore it from the "
+                         "checkpoint it came from") from e
+    check_config(cfg, path)  # before anything is built from it
+    return cfg
 
 
-def load_orbax(directory, *, shardings=None):
+def load_orbax(directory, *, shardings=None, check_finite=False):
     """Reads a checkpoint written by `save_orbax`. Returns (model, params).
 
     shardings: None (every array on the default device), one `jax.sharding.Sharding` for
       all arrays, or a pytree of them matching params (e.g. from the logical axis rules).
-    Arrays keep the dtypes they were saved with.
+    check_finite: refuse weights holding NaN or Inf (`NonFiniteWeightsError` naming the
+      parameter paths), as `load_hf` does.
+    Arrays keep the dtypes they were saved with; their checksums (`integrity.json`, when the
+    checkpoint has one) are verified.
     """
     directory = os.path.abspath(os.fspath(directory))
     cfg = read_model_config(directory)
@@ -92,6 +101,8 @@ def load_orbax(directory, *, shardings=None):
                 f"{str(e)[:300]}); the checkpoint is damaged: write it again from its "
                 "source (e.g. `mllm-jax convert hf-to-orbax`)") from e
     verify(params, directory)
+    if check_finite:
+        finite.check_finite(params, directory)
     return model, params
 
 

@@ -36,7 +36,7 @@ class TrainingStopped(RuntimeError):
 
 def maybe_initialize_distributed(cfg):
     d = cfg.get("distributed")
-    if not d or not d.get("enabled"):
+    if not d or not d.get("enabled") or jax.distributed.is_initialized():
         return
     if d.get("cpu_collectives"):
         jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
@@ -279,9 +279,8 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
     from mllm_jax.train import validate
     from mllm_jax.train.workdir import holds_lock, locked
     validate.check(cfg)
-    d = cfg.get("distributed")
-    if devices is not None or not (d and d.get("enabled")):  # else known once JAX starts
-        validate.check_devices(cfg, len(devices if devices is not None else jax.devices()))
+    maybe_initialize_distributed(cfg)  # before jax.devices(): then it lists every host's
+    validate.check_devices(cfg, len(devices if devices is not None else jax.devices()))
     holder = holds_lock(cfg)
     if holder is None:
         log("distributed.process_id is not set: the workdir lock is not taken")
@@ -290,15 +289,7 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
 
 
 def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
-    """Runs (or resumes) training. Returns a summary dict; writes checkpoints, TensorBoard
-    scalars and the final parameters under workdir.
-
-    on_step: optional `on_step(step, metrics)` called after every step (its checkpoint save
-      requested and its log line written) with the 1-based step number and the step's
-      metrics as host values; a stop signal received meanwhile is honoured at this boundary.
-    devices: the devices to build the mesh from (default: all of them, `jax.devices()`).
-    """
-    maybe_initialize_distributed(cfg)
+    """`train` once the config is checked, JAX is initialised and the workdir is locked."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     ckpts = Checkpoints(workdir, cfg.train, log=log)
@@ -400,6 +391,11 @@ def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -
             # overwrite: a run restarted after it finished (e.g. preempted between this
             # export and exiting) resumes at the last step and exports the same parameters.
             save_orbax(model, final, os.path.join(workdir, "final"), overwrite=True)
+            if cfg.data.source != "synthetic" and jax.process_index() == 0:
+                # The conversation template the model was trained with, which generate,
+                # chat and eval use by default (carried over by `convert orbax-to-hf`).
+                from mllm_jax.infer.chat_template import write_chat_template
+                write_chat_template(os.path.join(workdir, "final"), cfg.data.template)
         summary["final_params"] = final
         return _finish(summary, state, tb)
 
