@@ -1,9 +1,9 @@
 """HF `config.json` <-> our model configs, through the model registry: each family owns its
 mapping (`ModelFamily.from_hf` / `to_hf`, beside its module), this file finds the family.
 """
-import json
 import os
 
+from mllm_jax import jsonfile
 from mllm_jax.models import registry
 from mllm_jax.models.registry import UnsupportedModelError
 
@@ -18,16 +18,7 @@ def read_config_json(directory) -> dict:
         raise FileNotFoundError(
             f"{directory} has no config.json; point load_hf at an HF checkpoint directory "
             "(config.json + *.safetensors)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore the checkpoint's "
-                         "config.json") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path} holds a JSON {type(hf).__name__}, not an object of config "
-                         "fields; restore the checkpoint's config.json")
-    return hf
+    return jsonfile.read_object(path, "restore the checkpoint's config.json")
 
 
 def from_hf(hf: dict, where: str = "config.json"):

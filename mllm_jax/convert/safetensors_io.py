@@ -12,6 +12,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from mllm_jax import jsonfile
+
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -192,12 +194,8 @@ class CheckpointReader:
 
 def read_index(index_path) -> dict:
     """The `weight_map` of a sharded checkpoint's index: {tensor name: shard file name}."""
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SafetensorsError(f"{index_path} is not valid JSON ({e}); {_DAMAGED}") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    index = jsonfile.read_object(index_path, _DAMAGED, SafetensorsError)
+    weight_map = index.get("weight_map")
     if not (isinstance(weight_map, dict)
             and all(isinstance(v, str) for v in weight_map.values())):
         raise SafetensorsError(f"{index_path} has no weight_map of tensor name -> shard file "

@@ -32,6 +32,8 @@ import json
 import os
 import re
 
+from mllm_jax import jsonfile
+
 START, AFTER_SPECIAL, MIDDLE = "start", "after_special", "middle"
 
 DEFAULT_IMAGE_TOKEN = "<image>"
@@ -268,16 +270,7 @@ class _CheckpointConfig:
             path = os.path.join(directory, name)
             if not os.path.exists(path):
                 return {}
-            try:
-                with open(path, encoding="utf-8") as f:
-                    value = json.load(f)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); restore it from the "
-                                 "checkpoint it came from") from e
-            if not isinstance(value, dict):
-                raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an "
-                                 "object; restore it from the checkpoint it came from")
-            return value
+            return jsonfile.read_object(path, "restore it from the checkpoint it came from")
 
         tok_cfg = read("tokenizer_config.json")
         special_map = read("special_tokens_map.json")
