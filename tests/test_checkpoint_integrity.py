@@ -204,8 +204,12 @@ def test_every_step_damaged_is_an_error_listing_each(tmp_path, stopped):
 
 
 def test_keep_checkpoints_zero_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"train.keep_checkpoints=0.*>= 1"):
+    """Through the API too: a run keeping no checkpoint could not resume (nor keep the one
+    a stop signal writes), so train() refuses it before creating the workdir."""
+    with pytest.raises(ValueError, match=r"train.keep_checkpoints = 0: must be an integer "
+                                         r">= 1.*including the one a preempted run needs"):
         _train(_config(keep_checkpoints=0), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 # ---- the checkpoint manager alone (no model) -----------------------------------------------

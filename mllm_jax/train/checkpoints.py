@@ -158,22 +158,12 @@ def check_resume_config(saved: dict, cfg, where: str, log=None) -> bool:
     return partial_changed
 
 
-def check_options(tc):
-    """Refuses checkpoint options a run could not keep its word with."""
-    keep = tc.keep_checkpoints
-    if keep is not None and int(keep) < 1:
-        raise ValueError(
-            f"train.keep_checkpoints={keep}: at least 1 checkpoint must be kept (a run "
-            "keeping none could not resume, and a stop signal's checkpoint would not "
-            "survive); set train.keep_checkpoints >= 1")
-
-
 class Checkpoints:
     """An orbax CheckpointManager on `workdir/checkpoints` with integrity records, the
     config beside every step, verified restore and fallback to older steps."""
 
     def __init__(self, workdir, tc, *, log=print):
-        check_options(tc)
+        # tc.keep_checkpoints >= 1 (train.validate): a run keeping none could not resume.
         keep = tc.keep_checkpoints
         self.workdir = workdir
         self.directory = os.path.join(workdir, "checkpoints")
