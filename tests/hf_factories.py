@@ -12,9 +12,11 @@ import os
 
 import numpy as np
 import torch
-from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
-                          LlavaConfig, LlavaForConditionalGeneration, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (Blip2QFormerConfig, Blip2QFormerModel, CLIPVisionConfig,
+                          CLIPVisionModel, InstructBlipQFormerConfig, InstructBlipQFormerModel,
+                          LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 TEXT_DEFAULTS = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -23,6 +25,13 @@ TEXT_DEFAULTS = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_
 VISION_DEFAULTS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                        num_attention_heads=4, image_size=28, patch_size=7, num_channels=3,
                        hidden_act="quick_gelu", layer_norm_eps=1e-5, initializer_range=0.1)
+# Non-default where it matters: cross-attention every 2nd of 3 layers, layer_norm_eps.
+QFORMER_DEFAULTS = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=16,
+                        layer_norm_eps=1e-6, cross_attention_frequency=2, encoder_hidden_size=24,
+                        initializer_range=0.1)
+QFORMER_CLASSES = {"blip_2_qformer": (Blip2QFormerConfig, Blip2QFormerModel),
+                   "instructblip_qformer": (InstructBlipQFormerConfig, InstructBlipQFormerModel)}
 TEXT_CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM),
                 "mistral": (MistralConfig, MistralForCausalLM),
                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -82,6 +91,15 @@ def build_clip_vision(*, seed=0, randomize=True, attn_implementation=None,
                       **config_overrides):
     torch.manual_seed(seed)
     model = CLIPVisionModel(vision_config(**config_overrides))
+    return _finish(model, seed, randomize, attn_implementation)
+
+
+def build_qformer(model_type="blip_2_qformer", *, seed=0, randomize=True,
+                  attn_implementation=None, **config_overrides):
+    """A bare Blip2QFormerModel / InstructBlipQFormerModel (by `model_type`)."""
+    torch.manual_seed(seed)
+    config_cls, model_cls = QFORMER_CLASSES[model_type]
+    model = model_cls(config_cls(**{**QFORMER_DEFAULTS, **config_overrides}))
     return _finish(model, seed, randomize, attn_implementation)
 
 

@@ -1,8 +1,9 @@
 """Parameter paths <-> HF tensor names, with the fixed per-leaf transforms.
 
 Our paths are HF's names with Flax leaf names: `a/b/layers_3/q_proj/kernel` is
-`a.b.layers.3.q_proj.weight` transposed. Scanned stacks (`layers/...` with a leading layer
-axis) are handled by unstacking to the `layers_{i}` view first.
+`a.b.layers.3.q_proj.weight` transposed (BERT-style `encoder/layer_3` is `encoder.layer.3`).
+Scanned stacks (`layers/...` with a leading layer axis) are handled by unstacking to the
+`layers_{i}` view first.
 """
 import re
 
@@ -23,7 +24,7 @@ def canonical_key(key: str, model_type: str) -> str:
 def hf_name(path: tuple[str, ...]) -> str:
     """('language_model','model','layers_3','mlp','up_proj','kernel') ->
     'language_model.model.layers.3.mlp.up_proj.weight'."""
-    parts = [re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in path[:-1]]
+    parts = [re.sub(r"^(layers?)_(\d+)$", r"\1.\2", p) for p in path[:-1]]
     parts.append(LEAF_TO_HF.get(path[-1], path[-1]))
     return ".".join(parts)
 

@@ -115,10 +115,11 @@ class Embed(nn.Module):
     axes: tuple[str | None, str | None] = ("vocab", "embed")
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    init_std: float = 0.02
 
     def setup(self):
         self.embedding = self.param(
-            "embedding", with_axes(nn.initializers.normal(0.02), self.axes),
+            "embedding", with_axes(nn.initializers.normal(self.init_std), self.axes),
             (self.num_embeddings, self.features), self.param_dtype)
 
     def __call__(self, ids):
