@@ -4,6 +4,7 @@ HF tensors loaded through our key mapping, `last_hidden_state` compared; bitwise
 of the tensors and of the config."""
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -224,3 +225,61 @@ def test_registered_with_one_token_per_query():
     cfg = _connector_cfg(spec.config(num_query_tokens=QUERIES))
     assert spec.tokens_out(cfg, 577) == QUERIES
     assert spec.module is QFormerConnector
+
+
+def test_attention_dropout_path_is_the_same_attention():
+    """Training mode computes attention explicitly (to drop probabilities); with a
+    vanishing rate it must give the inference path's output, and with rate 0.5 it must not."""
+    hf = build_qformer("blip_2_qformer", use_qformer_text_input=True, seed=7)
+    q, params = _convert(hf)
+    queries, image = _inputs(seed=7)
+    mask = jnp.asarray(np.array([[1] * QUERIES, [1] * (QUERIES - 2) + [0, 0]]))
+
+    def run(rate, deterministic):
+        cfg = q.copy_and_resolve_references()
+        cfg.update(attention_probs_dropout_prob=rate, hidden_dropout_prob=0.0)
+        return QFormerModel(cfg).apply({"params": params}, jnp.asarray(queries),
+                                       jnp.asarray(image), attention_mask=mask,
+                                       deterministic=deterministic,
+                                       rngs={"dropout": jax.random.PRNGKey(1)})
+    reference = run(0.0, True)
+    assert float(jnp.max(jnp.abs(run(1e-9, False) - reference))) <= 1e-5
+    assert float(jnp.max(jnp.abs(run(0.5, False) - reference))) > 1e-2
+
+
+def test_as_the_connector_of_a_llava_model():
+    """Query tokens replace the patch tokens: the model, the pipeline and generation all
+    ask `tokens_per_image`, which is num_query_tokens; the config survives JSON."""
+    import mllm_jax
+    from mllm_jax import config as mc, presets
+    from mllm_jax.models.connectors.qformer import qformer_config
+    projector = qformer_config(num_query_tokens=4, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=48,
+                               encoder_hidden_size=32)
+    cfg = mc.llava_config(vision=presets.tiny_clip(), text=presets.tiny_llama(),
+                          projector=projector, image_token_index=255)
+    assert models.tokens_per_image(cfg) == 4
+    assert mc.config_from_json(cfg.to_json()).to_dict() == cfg.to_dict()
+    model = mllm_jax.build_model(cfg)
+    pixels, _ = _pixels()
+    # The encoder and the connector only (the LLM is not needed for image features), with
+    # random weights of std 0.1 around 0 (norm scales: around 1), drawn in numpy: compiling
+    # the initializers would take longer.
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x,
+                                                 method="image_features"), pixels)["params"]
+    shapes = nn.meta.unbox(shapes)
+    assert shapes["multi_modal_projector"]["query_tokens"].shape == (1, 4, 32)
+    assert "layer_1" in shapes["multi_modal_projector"]["qformer"]["encoder"]
+    rng = np.random.RandomState(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: (float(path[-1].key == "scale") + 0.1 * rng.standard_normal(s.shape))
+        .astype(np.float32), shapes)
+    feats = jax.jit(lambda p, x: model.apply({"params": p}, x, method="image_features"))(
+        params, jnp.asarray(pixels))
+    assert feats.shape == (2, 4, 64)
+    assert float(jnp.max(jnp.abs(feats[0] - feats[1]))) > 1e-2  # each image its own
+
+
+def _pixels():
+    from hf_factories import random_pixels
+    return random_pixels(2, 28)

@@ -144,7 +144,7 @@ def test_unknown_parts_are_named_with_the_registered_ones():
     with pytest.raises(mllm_jax.UnsupportedModelError, match=r"'clipp'.*clip"):
         mllm_jax.build_model(cfg).init(jax.random.PRNGKey(0), *models.init_inputs(cfg))
     cfg = presets.get("tiny-llava")
-    cfg.projector.type = "qformer"
+    cfg.projector.type = "resampler"
     with pytest.raises(mllm_jax.UnsupportedModelError, match="mlp2x_gelu"):
         mllm_jax.build_model(cfg).init(jax.random.PRNGKey(0), *models.init_inputs(cfg))
 
