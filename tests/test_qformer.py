@@ -11,10 +11,11 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from jax.sharding import PartitionSpec as P
 from transformers import Blip2QFormerConfig, InstructBlipQFormerConfig
 
 from hf_factories import build_qformer
-from mllm_jax import models
+from mllm_jax import models, sharding
 from mllm_jax.models.connectors import qformer_hf
 from mllm_jax.models.connectors.qformer import QFormerConnector, QFormerModel
 
@@ -283,3 +284,21 @@ def test_as_the_connector_of_a_llava_model():
 def _pixels():
     from hf_factories import random_pixels
     return random_pixels(2, 28)
+
+
+def test_every_parameter_has_logical_axes():
+    q = qformer_hf.qformer_from_hf({"model_type": "instructblip_qformer", "hidden_size": 32,
+                                    "num_attention_heads": 4, "intermediate_size": 48,
+                                    "num_hidden_layers": 2, "encoder_hidden_size": 24},
+                                   num_query_tokens=QUERIES)
+    connector = QFormerConnector(_connector_cfg(q))
+    boxed = jax.eval_shape(connector.init, jax.random.PRNGKey(0),
+                           jnp.zeros((1, 3, 24)))["params"]
+    leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+    specs = sharding.param_specs(boxed)
+    layer = specs["qformer"]["encoder"]["layer_0"]
+    assert layer["crossattention"]["attention"]["key"]["kernel"] == P("fsdp", "tensor")
+    assert layer["intermediate"]["dense"]["kernel"] == P("fsdp", "tensor")
+    assert specs["qformer"]["embeddings"]["word_embeddings"]["embedding"] == P("tensor", "fsdp")
+    assert specs["query_tokens"] == P(None, None, "fsdp")

@@ -3,8 +3,8 @@ that builds them from configs (`build_model`) and answers what the rest of the p
 of a model (`tokens_per_image`, `is_multimodal`, ...).
 
 Importing this package registers the built-in families: encoders `clip`; connectors
-`linear`, `mlp2x_gelu`; decoders `llama`, `mistral`, `qwen2`; models `llava`, `causal_lm`,
-`clip_vision`. A new family is a module plus a `registry.register_*` call.
+`linear`, `mlp2x_gelu`, `qformer`; decoders `llama`, `mistral`, `qwen2`; models `llava`,
+`causal_lm`, `clip_vision`. A new family is a module plus a `registry.register_*` call.
 """
 from mllm_jax.models import connectors, decoders, encoders  # noqa: F401  (registrations)
 from mllm_jax.models.llava import Llava
