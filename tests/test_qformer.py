@@ -90,6 +90,20 @@ def test_blip2_qformer_with_text_positions_matches_transformers():
     assert _max_diff(got, want) <= TOL
 
 
+def test_blip2_text_alone_matches_transformers():
+    """query_length=0 (BLIP-2's text encoder): no cross-attention, text feed-forward only."""
+    hf = build_qformer("blip_2_qformer", use_qformer_text_input=True, seed=8)
+    q, params = _convert(hf)
+    text = np.random.RandomState(8).standard_normal((BATCH, 6, 32)).astype(np.float32)
+    mask = np.array([[1] * 6, [1] * 4 + [0] * 2])
+    with torch.no_grad():
+        want = hf(query_embeds=torch.from_numpy(text), query_length=0,
+                  attention_mask=torch.from_numpy(mask)).last_hidden_state
+    got = QFormerModel(q).apply({"params": params}, jnp.asarray(text), None,
+                                attention_mask=jnp.asarray(mask), query_length=0)
+    assert _max_diff(got, want) <= TOL
+
+
 def test_instructblip_qformer_matches_transformers():
     hf = build_qformer("instructblip_qformer", seed=1)
     q, params = _convert(hf)

@@ -59,9 +59,9 @@ def qformer_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def _init(q):
-    # Query tokens too: LAVIS draws them from N(0, initializer_range). (transformers'
-    # `_init_weights` zeroes them: every query then starts identical, and only dropout
-    # tells them apart.)
+    # Kernels, embeddings and the query tokens draw from N(0, initializer_range), as in
+    # LAVIS. (transformers' `_init_weights` zeroes the query tokens: every query then starts
+    # identical, and only dropout tells them apart.)
     return nn.initializers.normal(q.initializer_range)
 
 
@@ -255,9 +255,9 @@ class QFormerModel(nn.Module):
     """HF's `Blip2QFormerModel` / `InstructBlipQFormerModel` (by `cfg.model_type`).
 
     query_embeds [n, q, d]: the query tokens (for BLIP-2 with text input, the text
-      embeddings may follow them: pass `query_length`).
-    image_features [n, tokens, encoder_hidden_size]; image_mask [n, tokens] (1 = attend),
-      default all ones.
+      embeddings may follow them: pass `query_length`; 0 for text alone).
+    image_features [n, tokens, encoder_hidden_size] (None with query_length=0); image_mask
+      [n, tokens] (1 = attend), default all ones.
     input_ids [n, t] (InstructBLIP only): the instruction tokens after the queries.
     attention_mask [n, q + t] over the whole sequence (HF's convention), default all ones.
     Returns `last_hidden_state` [n, q + t, d].
@@ -274,13 +274,20 @@ class QFormerModel(nn.Module):
         if c.model_type not in MODEL_TYPES:
             raise ValueError(f"Q-Former model_type {c.model_type!r} is not one of "
                              f"{', '.join(MODEL_TYPES)}")
+        if query_length is None:
+            query_length = query_embeds.shape[1]
+        if image_features is None:
+            if query_length:
+                raise ValueError("the queries cross-attend to image features: pass "
+                                 "image_features, or query_length=0 for text only")
+            # Text only (BLIP-2's text encoder): no cross-attention runs; a stand-in keeps
+            # the parameters created at init.
+            image_features = jnp.zeros((1, 1, c.encoder_hidden_size), self.dtype)
         if image_features.shape[-1] != c.encoder_hidden_size:
             raise ValueError(
                 f"image features have width {image_features.shape[-1]}, the Q-Former's "
                 f"encoder_hidden_size is {c.encoder_hidden_size}: set it to the encoder's "
                 "feature size")
-        if query_length is None:
-            query_length = query_embeds.shape[1]
         if c.model_type == "instructblip_qformer":
             x = QFormerEmbeddings(c, name="embeddings", **kw)(query_embeds, input_ids,
                                                               deterministic)
