@@ -104,8 +104,9 @@ def test_blip2_text_alone_matches_transformers():
     assert _max_diff(got, want) <= TOL
 
 
-def test_instructblip_qformer_matches_transformers():
-    hf = build_qformer("instructblip_qformer", seed=1)
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_instructblip_qformer_matches_transformers(attn_implementation):
+    hf = build_qformer("instructblip_qformer", seed=1, attn_implementation=attn_implementation)
     q, params = _convert(hf)
     queries, image = _inputs(seed=1)
     # Right-padded instructions of 6 and 3 tokens, as the processor gives them.
