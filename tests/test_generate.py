@@ -347,7 +347,7 @@ def test_sharded_decoding_equals_one_device(llava, beams):
     kw = dict(max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD, num_beams=beams)
     one = gen.generate(model, params, ids, mask, pixel_values=pixels, **kw)
     mesh = sharding.make_mesh(sharding.mesh_config(data=2, fsdp=2, tensor=2))
-    placed, sids, _, _ = gen.place_on_mesh(model, params, mesh, ids, mask, pixels)
+    placed, sids, _, _, _ = gen.place_on_mesh(model, params, mesh, ids, mask, pixels)
     assert len(sids.sharding.device_set) == 8 and not sids.sharding.is_fully_replicated
     q = placed["language_model"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.addressable_shards[0].data.size == q.size // 4  # fsdp x tensor

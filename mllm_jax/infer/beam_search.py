@@ -13,7 +13,8 @@ def _take_beams(x, idx):
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def beam_generate(model, settings, params, input_ids, attention_mask, pixel_values):
+def beam_generate(model, settings, params, input_ids, attention_mask, pixel_values,
+                  model_inputs):
     """HF's (vectorized) beam search, step for step: top (1 + #eos, at least 2) x beams
     continuations of the summed log-probabilities; finished hypotheses scored by sum /
     generated_length ** length_penalty and kept only from the first `num_beams` candidates;
@@ -28,7 +29,7 @@ def beam_generate(model, settings, params, input_ids, attention_mask, pixel_valu
     # Prefill once per prompt, then give every beam its own copy of the cache.
     cache = model.init_cache(b, s + max_new)
     logits, cache, last_pos = model.apply({"params": params}, input_ids, attention_mask, cache,
-                                          pixel_values, method="prefill")
+                                          pixel_values, method="prefill", **model_inputs)
     rows = jnp.repeat(jnp.arange(b), k)
     cache = model.reorder_cache(cache, rows)
     logits, pos = logits[rows], last_pos[rows]

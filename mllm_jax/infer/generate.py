@@ -39,12 +39,13 @@ def _ends_with_stop(out, step, stops):
     return hit
 
 
-def _generate(model, settings, params, input_ids, attention_mask, pixel_values, rng):
+def _generate(model, settings, params, input_ids, attention_mask, pixel_values, model_inputs,
+              rng):
     max_new, eos_ids, pad_id, sampling, stops = settings
     b, s = input_ids.shape
     cache = model.init_cache(b, s + max_new)
     logits, cache, last_pos = model.apply({"params": params}, input_ids, attention_mask, cache,
-                                          pixel_values, method="prefill")
+                                          pixel_values, method="prefill", **model_inputs)
     kv_mask = cache_kv_mask(attention_mask, s + max_new)
     eos = jnp.asarray(eos_ids, jnp.int32)
     sample = partial(sample_logits, **dict(sampling))
@@ -152,7 +153,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping: bool | str = False, stop_sequences=(), rng=None,
-             mesh=None) -> np.ndarray:
+             mesh=None, **model_inputs) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens per prompt. Returns int32 [b, n] (new tokens
     only); n < max_new_tokens when every sample emitted an EOS earlier. After its EOS a
     sample holds `pad_token_id` (default: the first EOS id), as HF `generate` does.
@@ -171,6 +172,9 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
 
     stop_sequences: token-id sequences that end a sample like an EOS does (kept in the
     output, as HF keeps a stop string); greedy and sampling only.
+    model_inputs: further arrays the model's `prefill` takes by keyword, under the HF
+    forward's names (InstructBLIP's `qformer_input_ids` / `qformer_attention_mask`), each
+    with the prompts' batch as its first axis.
     mesh: a `jax.sharding.Mesh` (`mllm_jax.sharding.make_mesh`) to decode on, with the
     parameters sharded by the logical rules as in training and the prompts split over the
     data axes; the tokens equal those of a one-device run.
@@ -212,9 +216,14 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
                            registry.image_token_id(model.cfg))
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.asarray(attention_mask, jnp.int32)
+    model_inputs = {k: jnp.asarray(v) for k, v in model_inputs.items() if v is not None}
+    for name, value in model_inputs.items():
+        if value.shape[:1] != ids.shape[:1]:
+            raise ValueError(f"{name} has shape {value.shape}; its first axis must be the "
+                             f"batch of {ids.shape[0]} prompts")
     if mesh is not None:
-        params, ids, mask, pixel_values = place_on_mesh(model, params, mesh, ids, mask,
-                                                        pixel_values)
+        params, ids, mask, pixel_values, model_inputs = place_on_mesh(
+            model, params, mesh, ids, mask, pixel_values, model_inputs)
     if num_beams > 1:
         # HF fills unused beam positions with `pad_token_id or eos_token_id[0]`: a pad id
         # of 0 counts as unset there.
@@ -231,13 +240,14 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
         if mesh is not None:
             stack.enter_context(jax.set_mesh(mesh))  # makes the logical constraints apply
             stack.enter_context(sharding.activation_rules_context())
-        out, *rest = fn(params, ids, mask, pixel_values, *args)
+        out, *rest = fn(params, ids, mask, pixel_values, model_inputs, *args)
     # Beam search returns the best hypotheses' lengths, the loop the number of steps run.
     n = int(np.max(np.asarray(rest[0]))) if num_beams > 1 else int(rest[0])
     return np.asarray(out)[:, :n]
 
 
-def place_on_mesh(model, params, mesh, input_ids, attention_mask, pixel_values=None):
+def place_on_mesh(model, params, mesh, input_ids, attention_mask, pixel_values=None,
+                  model_inputs=None):
     """Parameters sharded by the logical rules (as in training); prompts and images split
     over the (data, fsdp) axes when their count divides, replicated otherwise."""
     params = jax.device_put(params, sharding.param_shardings(
@@ -250,4 +260,5 @@ def place_on_mesh(model, params, mesh, input_ids, attention_mask, pixel_values=N
         sh = (sharding.batch_sharding(mesh, x.ndim) if x.shape[0] % ways == 0
               else sharding.replicated(mesh))
         return jax.device_put(x, sh)
-    return params, split(input_ids), split(attention_mask), split(pixel_values)
+    inputs = {k: split(v) for k, v in (model_inputs or {}).items()}
+    return params, split(input_ids), split(attention_mask), split(pixel_values), inputs

@@ -111,6 +111,12 @@ class DecoderSpec:
     to_hf: Optional[Callable[[Any], dict]] = None
     # (text cfg or a dict of its fields, where) -> None; raises InvalidConfigError.
     check: Optional[Callable[[Any, str], None]] = None
+    # (composed cfg) -> the language-model module composed models put under
+    # `language_model`; None: `CausalLM(cfg)` over `module`. An encoder-decoder LM (T5) gives
+    # its own, with CausalLM's methods (`embed`, `__call__(input_ids, pixel_values,
+    # attention_mask, *, inputs_embeds, ...)`, `init_cache`, `reorder_cache`, `prefill(...,
+    # inputs_embeds=)`, `decode_step`) and `decoder_input_ids` / `decoder_attention_mask`.
+    language_model: Optional[Callable[[Any], Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +193,16 @@ def check_config(cfg, where: str = "model config") -> None:
     check = family(cfg).check
     if check is not None:
         check(cfg, where)
+
+
+def language_model(cfg):
+    """The language-model module for a composed config's `text` section (see
+    `DecoderSpec.language_model`)."""
+    spec = DECODERS.get(cfg.text.model_type)
+    if spec.language_model is not None:
+        return spec.language_model(cfg)
+    from mllm_jax.models.llm import CausalLM
+    return CausalLM(cfg)
 
 
 def build_model(cfg: ml_collections.ConfigDict):
