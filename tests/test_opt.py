@@ -296,3 +296,30 @@ def test_flops_count_matmuls():
     s, d, f, w = 10, 64, 96, 32
     layer = 2 * s * (4 * d * d + 2 * d * f) + 4 * s * s * d
     assert opt.text_forward_flops(t, s) == 2 * layer + 4 * s * d * w + 2 * s * w * VOCAB
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_every_parameter_has_logical_axes(scan):
+    from flax import linen as nn
+    from jax.sharding import PartitionSpec as P
+
+    from mllm_jax import config as mc
+    from mllm_jax import sharding
+    text = opt.opt_text_config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                               ffn_dim=48, num_attention_heads=4, max_position_embeddings=32,
+                               word_embed_proj_dim=16, tie_word_embeddings=False)
+    model = mllm_jax.build_model(mc.llm_config(text, scan_layers=scan))
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                           *registry.init_inputs(model.cfg))["params"]
+    leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert len(leaves) > 10 and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+    specs = sharding.param_specs(boxed)
+    dec = specs["model"]["decoder"]
+    layer = dec["layers"] if scan else dec["layers_0"]
+    lead = (None,) if scan else ()
+    assert layer["self_attn"]["q_proj"]["kernel"] == P(*lead, "fsdp", "tensor")
+    assert layer["fc2"]["kernel"] == P(*lead, "tensor", "fsdp")
+    assert dec["embed_tokens"]["embedding"] == P("tensor", "fsdp")
+    assert dec["embed_positions"]["embedding"] == P(None, "fsdp")
+    assert dec["project_in"]["kernel"] == P(None, "fsdp")
+    assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")
