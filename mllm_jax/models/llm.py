@@ -1,8 +1,10 @@
 """A decoder-only LLM on its own (`model_type` causal_lm): `LlamaForCausalLM` and friends.
 
 Parameter paths mirror HF: `model/embed_tokens`, `model/layers_{i}/...`, `model/norm`,
-`lm_head` (absent when embeddings are tied). The model decodes itself: `init_cache`,
-`prefill` and `decode_step` are what `infer/` loops over.
+`lm_head` (absent when embeddings are tied) for LLaMA; the decoder family (`DECODERS`) owns
+everything under `model` and gives `embed`, `embedding_table` and `attend` (the tied head).
+The model decodes itself: `init_cache`, `prefill` and `decode_step` are what `infer/` loops
+over.
 """
 from typing import Any
 
@@ -64,12 +66,12 @@ class CausalLM(nn.Module):
         kernel [d, vocab], or the tied embedding [vocab, d]."""
         dtype = dtype_of(self.cfg.dtype)
         if self.cfg.text.tie_word_embeddings:
-            return self.model.embed_tokens.embedding.astype(dtype), True
+            return self.model.embedding_table().astype(dtype), True
         return self.lm_head.variables["params"]["kernel"].astype(dtype), False
 
     def logits_from_hidden(self, h):
         if self.cfg.text.tie_word_embeddings:
-            return self.model.embed_tokens.attend(h)
+            return self.model.attend(h)
         return self.lm_head(h)
 
     def __call__(self, input_ids=None, pixel_values=None, attention_mask=None, *,

@@ -119,6 +119,14 @@ class LlamaModel(nn.Module):
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
+    def embedding_table(self):
+        """The input embedding [vocab, d] (the output head when tied)."""
+        return self.embed_tokens.embedding
+
+    def attend(self, h):
+        """Logits of hidden states against the input embedding (tied output head)."""
+        return self.embed_tokens.attend(h)
+
     def __call__(self, inputs_embeds, attention_mask=None, segment_ids=None, position_ids=None,
                  *, cache=None, kv_mask=None, prefill=False):
         """Final normed hidden states [b, s, d]. With a KV cache (`init_cache`): the tokens
