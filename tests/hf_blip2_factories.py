@@ -41,6 +41,13 @@ def build(family: str, text: str, seed: int = 0):
                         image_token_index=IMAGE_TOKEN)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
+    if text == "t5":
+        # Flan-T5 has its own output head; transformers 5 ties it to `shared` unless the
+        # checkpoint stores its own, so give it one.
+        lm = model.language_model
+        lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.shared.weight))
+        model.all_tied_weights_keys.pop("language_model.lm_head.weight", None)
+        lm.all_tied_weights_keys.pop("lm_head.weight", None)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1 and ("norm" in name.lower() or name.endswith("layernorm.weight")):
