@@ -257,7 +257,13 @@ def _register():
             from_hf=lambda hf, where="config.json", name=name: blip2_hf.from_hf(
                 hf, where, name),
             to_hf=blip2_hf.to_hf, key_aliases=blip2_hf.KEY_ALIASES,
-            unused_keys=blip2_hf.unused_keys, train_flops=train_flops, check=blip2_hf.check))
+            unused_keys=blip2_hf.unused_keys, train_flops=train_flops, check=blip2_hf.check,
+            prompt_encoder=_prompt_encoder))
+
+
+def _prompt_encoder(cfg, checkpoint_dir):
+    from mllm_jax.models.blip2_prompts import Blip2PromptEncoder
+    return Blip2PromptEncoder(cfg, checkpoint_dir)
 
 
 _register()
