@@ -138,3 +138,47 @@ def _bench_small():
                        max_position_embeddings=2048, vocab_size=32000)
     c = mc.llava_config(vision=v, text=t, image_token_index=31999, image_seq_length=256)
     return c
+
+# ---- BLIP-2 / InstructBLIP -----------------------------------------------------------------
+# EVA ViT-g/14 at 224 px, a BERT-base Q-Former (cross-attention every 2nd layer) with 32
+# queries, and the LLM of the published Salesforce checkpoints (their config.json values).
+
+
+def _blip2(model_type, text, image_token_index):
+    from mllm_jax.models.blip2 import blip2_config
+    from mllm_jax.models.encoders.eva import eva_vision_config
+    return blip2_config(model_type, vision=eva_vision_config(), text=text,
+                        image_token_index=image_token_index)
+
+
+def opt_2_7b():
+    from mllm_jax.models.decoders.opt import opt_text_config
+    # BLIP-2 stops OPT at "\n" (id 50118), as its checkpoint's text_config says.
+    return opt_text_config(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32,
+                           num_attention_heads=32, vocab_size=50272, word_embed_proj_dim=2560,
+                           max_position_embeddings=2048, eos_token_id=50118)
+
+
+def flan_t5_xl():
+    from mllm_jax.models.decoders.t5_config import t5_text_config
+    return t5_text_config(vocab_size=32128, hidden_size=2048, head_dim=64,
+                          intermediate_size=5120, num_hidden_layers=24, num_decoder_layers=24,
+                          num_attention_heads=32, feed_forward_proj="gated-gelu",
+                          tie_word_embeddings=False, scale_decoder_outputs=False)
+
+
+def vicuna_7b_instructblip():
+    # Vicuna-7B v1.1 with LAVIS's added [PAD] token (id 32000): 32001 embeddings.
+    t = llama2_7b(vocab_size=32001)
+    t.max_position_embeddings = 2048
+    t.rms_norm_eps = 1e-6
+    t.pad_token_id = 32000
+    return t
+
+
+# The image token ids: the `<image>` token the processors of the updated checkpoints add.
+register("blip2-opt-2.7b")(lambda: _blip2("blip2", opt_2_7b(), 50265))
+register("blip2-flan-t5-xl")(lambda: _blip2("blip2", flan_t5_xl(), 32100))
+register("instructblip-vicuna-7b")(lambda: _blip2("instructblip", vicuna_7b_instructblip(),
+                                                  32001))
+register("instructblip-flan-t5-xl")(lambda: _blip2("instructblip", flan_t5_xl(), 32100))

@@ -72,6 +72,13 @@ class Tokenizer:
                 ctx = MIDDLE
         return ids
 
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Token ids as the HF tokenizer's `__call__` gives them (add_special_tokens=True):
+        with the special tokens its post-processor adds (BOS for LLaMA / OPT, EOS after
+        the text for T5, [CLS] ... [SEP] for BERT). Without a post-processor (SentencePiece
+        `tokenizer.model`): BOS, then the text."""
+        return self.encode(text, add_bos=self.bos_id is not None)
+
     def encode_segments(self, texts, *, extra_special: dict | None = None) -> list[list[int]]:
         """Tokenizes each text separately, each in the context it has in "".join(texts)."""
         pattern, specials = self._pattern(extra_special, native=True)
@@ -404,6 +411,9 @@ class HFTokenizer(Tokenizer):
 
     def _native(self, tok, text):
         return tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def _encode_chunk(self, text, ctx):
         if ctx == START:

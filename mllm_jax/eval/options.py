@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text put after every question in place of the task's "
                              "answer-format instruction (default: what the checkpoint records "
                              "for that kind of instruction, else the task's own)")
+    parser.add_argument("--prompt-format", default="{}", metavar="TEXT",
+                        help="each question (with its suffix) put into this text at '{}', "
+                             "e.g. BLIP-2's zero-shot VQA prompt 'Question: {} Short answer:' "
+                             "with --prompt-suffix '' --num-beams 5 --length-penalty -1")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="parameter dtype (default: as stored)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -114,6 +118,9 @@ class EvalOptions:
     """Text after every question in place of the task's answer-format instruction (e.g.
     "" for the bare question); None: what the checkpoint records for that kind of
     instruction, else the task's own (`prompt_suffix` of `eval.tasks`)."""
+    prompt_format: str = "{}"
+    """Each question with its suffix put into this text at "{}" (e.g. BLIP-2's zero-shot
+    VQA prompt "Question: {} Short answer:", with prompt_suffix "")."""
     num_fewshot: int = 0
     """In-context demonstrations per prompt, drawn from the same data."""
     cot: bool = False
@@ -153,6 +160,8 @@ class EvalOptions:
             object.__setattr__(self, "stop", tuple(self.stop))
         if not self.ckpt and not self.copy_to:
             raise ValueError("mllm-jax eval needs --ckpt (or --copy-to to copy the data only)")
+        _check(self.prompt_format.count("{}") == 1, "--prompt-format", self.prompt_format,
+               "a text with one '{}'", "write '{}' where the question goes")
         _check(self.limit is None or self.limit >= 1, "--limit", self.limit, ">= 1",
                "leave it unset to evaluate every sample")
         _check(self.num_fewshot >= 0, "--num-fewshot", self.num_fewshot, ">= 0",

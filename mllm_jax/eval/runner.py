@@ -142,8 +142,9 @@ def answer_text(task, sample) -> str:
     return str(target)
 
 
-def user_text(sample, suffix: str) -> str:
-    return "<image>\n" * len(sample.images) + sample.question + suffix
+def user_text(sample, suffix: str, question_format: str = "{}") -> str:
+    return "<image>\n" * len(sample.images) + question_format.replace(
+        "{}", sample.question + suffix)
 
 
 def fewshot_indices(n: int, query: int, k: int, seed: int) -> list[int]:
@@ -156,7 +157,8 @@ def fewshot_indices(n: int, query: int, k: int, seed: int) -> list[int]:
     return [int(i) + (i >= query) for i in picks]
 
 
-def build_conversation(task, pool, query: int, *, suffix: str, demos=(), cot=False):
+def build_conversation(task, pool, query: int, *, suffix: str, demos=(), cot=False,
+                       question_format: str = "{}"):
     """The user message for pool[query]: the demonstrations pool[i] for i in `demos`
     ("<image>\\nQ<suffix>\\nA", blank line separated; with `cot` the answer reads
     "Answer: A", the format asked for), then the query; the images in the same order."""
@@ -164,8 +166,9 @@ def build_conversation(task, pool, query: int, *, suffix: str, demos=(), cot=Fal
     demos = [pool[i] for i in demos]
     sample = pool[query]
     answer = "Answer: {}" if cot else "{}"
-    parts = [user_text(d, suffix) + "\n" + answer.format(answer_text(task, d)) for d in demos]
-    parts.append(user_text(sample, suffix))
+    parts = [user_text(d, suffix, question_format) + "\n" + answer.format(answer_text(task, d))
+             for d in demos]
+    parts.append(user_text(sample, suffix, question_format))
     images = [img for d in demos for img in d.images] + list(sample.images)
     return Conversation([{"from": "human", "value": "\n\n".join(parts)}], images,
                         sample_id=sample.sample_id)
@@ -287,32 +290,40 @@ def run_task(runtime, options: EvalOptions, name, data, image_root, prompting=No
     prompting = prompting or prompting_for(options)
     cot = uses_cot(options, task)
     suffix = prompt_suffix(options, task, prompting)
-    conversations = [build_conversation(task, pool, i, suffix=suffix, demos=demos[i], cot=cot)
+    conversations = [build_conversation(task, pool, i, suffix=suffix, demos=demos[i], cot=cot,
+                                        question_format=options.prompt_format)
                      for i in range(n_eval)]
     gen = generation_kwargs(options, task)
     sampling = {} if mesh is None else {"mesh": mesh}
     if gen.get("do_sample"):
         import jax
         sampling["rng"] = jax.random.fold_in(jax.random.PRNGKey(options.seed), _stable(name))
+    # A family whose HF processor builds its inputs (BLIP-2) encodes them itself.
+    encoder = batching.prompt_encoder_for(model, options.ckpt)
     with tqdm(total=n_eval, desc=name, file=sys.stderr) as bar:
         try:
             responses = batching.generate_all(model, params, tokenizer, image_cfg,
                                               conversations, prompting.name,
                                               system=prompting.system,
                                               batch_size=options.batch_size,
-                                              progress=bar.update, **sampling, **gen)
+                                              progress=bar.update,
+                                              prompt_encoder=encoder, **sampling, **gen)
         except ValueError as e:
             raise ValueError(f"task {name!r}: {e}") from e
     filtered = [task.extract_answer(r) if cot else r for r in responses]
     processed = [task.process_result(s, f) for s, f in zip(samples, filtered)]
     metrics = task.aggregate(processed, samples)
-    records = [sample_record(s, render_text(c.messages, prompting.name, tokenizer,
-                                            system=prompting.system, generation=True),
-                             c.images, gen, r, f, p)
+    def shown(c):  # the prompt text as the model read it
+        if encoder is not None:
+            return encoder.render(c)
+        return render_text(c.messages, prompting.name, tokenizer, system=prompting.system,
+                           generation=True)
+    records = [sample_record(s, shown(c), c.images, gen, r, f, p)
                for s, c, r, f, p in zip(samples, conversations, responses, filtered, processed)]
     info = {"task": task, "original": len(pool), "effective": n_eval, "gen": gen,
-            "suffix": suffix, "cot": cot, "template": prompting.name,
-            "system": prompting.system}
+            "suffix": suffix, "cot": cot,
+            "template": prompting.name if encoder is None else None,
+            "system": prompting.system if encoder is None else None}
     return task_results(name, metrics, processed), records, info
 
 
@@ -324,7 +335,8 @@ def task_config(name, data, image_root, info, options: EvalOptions) -> dict:
     task = info["task"]
     return {"task": name, "output_type": task.output_type, "dataset_path": data,
             "image_root": image_root, "num_fewshot": options.num_fewshot,
-            "fewshot_seed": options.seed, "prompt_suffix": info["suffix"], "cot": info["cot"],
+            "fewshot_seed": options.seed, "prompt_suffix": info["suffix"],
+            "prompt_format": options.prompt_format, "cot": info["cot"],
             "answer_from_end": task.answer_from_end, "template": info["template"],
             "system_prompt": info["system"],
             "generation_kwargs": info["gen"]}

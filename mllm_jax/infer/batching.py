@@ -69,6 +69,25 @@ def read_image(image):
     return image_lib.read_image(image)
 
 
+def prompt_encoder_for(model, checkpoint_dir):
+    """The model family's own prompt encoder (`ModelFamily.prompt_encoder`: models whose HF
+    processor builds the inputs), or None: the conversation templates."""
+    make = registry.family(model.cfg).prompt_encoder
+    return None if make is None else make(model.cfg, checkpoint_dir)
+
+
+def encode_prompts(model, tokenizer, conversations, template, *, system=None,
+                   prompt_encoder=None):
+    """(prompt ids, extras): `encode_prompt` of each conversation, or the family's
+    `prompt_encoder` (whose extras, e.g. InstructBLIP's Q-Former tokens, become model
+    inputs in `generate_encoded`; None without one)."""
+    if prompt_encoder is None:
+        return ([encode_prompt(model, tokenizer, c, template, system=system)
+                 for c in conversations], None)
+    encoded = [prompt_encoder.encode(c) for c in conversations]
+    return [ids for ids, _ in encoded], [extra for _, extra in encoded]
+
+
 def encode_prompt(model, tokenizer, conversation: Conversation, template, *,
                   system=None) -> np.ndarray:
     """int32 prompt ids (image placeholders expanded to the model's image tokens)."""
@@ -154,16 +173,23 @@ def stop_sequences(tokenizer, stop_strings) -> list:
 
 
 def generate_encoded(model, params, tokenizer, prompts, pixels, *, pad_to_multiple=32,
-                     batch_rows=None, stop_strings=(), **gen) -> list[str]:
+                     batch_rows=None, stop_strings=(), extras=None, prompt_encoder=None,
+                     **gen) -> list[str]:
     """Answers for already encoded prompts (list of id arrays) and their preprocessed
     images (one list of arrays per prompt). `gen` goes to `generate` as keywords;
-    `stop_strings` end an answer like EOS and are cut from it."""
+    `stop_strings` end an answer like EOS and are cut from it. `extras`: the prompts'
+    extras from `prompt_encoder.encode`, batched by `prompt_encoder.batch` into model
+    inputs."""
     if not prompts:
         return []
     n = len(prompts)
     if batch_rows is not None and n < batch_rows:
         prompts = list(prompts) + [prompts[-1]] * (batch_rows - n)
         pixels = list(pixels) + [pixels[-1]] * (batch_rows - n)
+        if extras is not None:
+            extras = list(extras) + [extras[-1]] * (batch_rows - n)
+    if extras is not None:
+        gen.update(prompt_encoder.batch(extras))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     ids, mask = left_pad(prompts, pad, pad_to_multiple)
     flat = [p for per_prompt in pixels for p in per_prompt]
@@ -176,30 +202,33 @@ def generate_encoded(model, params, tokenizer, prompts, pixels, *, pad_to_multip
 
 
 def generate_batch(model, params, tokenizer, image_cfg, conversations, template="vicuna_v1",
-                   *, system=None, pad_to_multiple=32, batch_rows=None, **gen) -> list[str]:
+                   *, system=None, pad_to_multiple=32, batch_rows=None, prompt_encoder=None,
+                   **gen) -> list[str]:
     """One answer per conversation, generated together in one left-padded batch.
 
     `gen` are `generate`'s keywords (max_new_tokens, do_sample, temperature, num_beams,
-    ...); eos_token_id defaults to the tokenizer's EOS."""
-    prompts = [encode_prompt(model, tokenizer, c, template, system=system)
-               for c in conversations]
+    ...); eos_token_id defaults to the tokenizer's EOS. `prompt_encoder`
+    (`prompt_encoder_for`) replaces the template when the model family has one."""
+    prompts, extras = encode_prompts(model, tokenizer, conversations, template, system=system,
+                                     prompt_encoder=prompt_encoder)
     check_encoded(model, conversations, prompts)
     pixels = [load_pixels(c, image_cfg) for c in conversations]
     return generate_encoded(model, params, tokenizer, prompts, pixels,
-                            pad_to_multiple=pad_to_multiple, batch_rows=batch_rows, **gen)
+                            pad_to_multiple=pad_to_multiple, batch_rows=batch_rows,
+                            extras=extras, prompt_encoder=prompt_encoder, **gen)
 
 
 def generate_all(model, params, tokenizer, image_cfg, conversations, template="vicuna_v1",
                  *, batch_size=8, system=None, pad_to_multiple=32, progress=None, rng=None,
-                 **gen) -> list[str]:
+                 prompt_encoder=None, **gen) -> list[str]:
     """Answers for any number of conversations, in their order. Prompts are batched
     longest first (similar lengths share a batch, less padding); images are read one batch
     at a time. `progress(n)` is called after each batch with its size. With sampling, batch
     k draws from `fold_in(rng, k)`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = [encode_prompt(model, tokenizer, c, template, system=system)
-               for c in conversations]
+    prompts, extras = encode_prompts(model, tokenizer, conversations, template, system=system,
+                                     prompt_encoder=prompt_encoder)
     check_encoded(model, conversations, prompts)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     answers = [None] * len(prompts)
@@ -210,7 +239,8 @@ def generate_all(model, params, tokenizer, image_cfg, conversations, template="v
                                [load_pixels(conversations[i], image_cfg) for i in chunk],
                                pad_to_multiple=pad_to_multiple,
                                batch_rows=batch_size if len(order) > batch_size else None,
-                               **extra, **gen)
+                               extras=None if extras is None else [extras[i] for i in chunk],
+                               prompt_encoder=prompt_encoder, **extra, **gen)
         for i, answer in zip(chunk, out):
             answers[i] = answer
         if progress is not None:

@@ -25,6 +25,7 @@ class Session:
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.multimodal = registry.is_multimodal(model.cfg)
         self.image_cfg = image_config_for(model, checkpoint_dir) if self.multimodal else None
+        self.prompt_encoder = batching.prompt_encoder_for(model, checkpoint_dir)
         self.turns, self.images = [], []
 
     def ask(self, text, images=()):
@@ -37,7 +38,7 @@ class Session:
             self.model, self.params, self.tokenizer, self.image_cfg,
             [batching.Conversation(conversation, every_image)], self.template,
             system=self.system, pad_to_multiple=1, max_new_tokens=self.max_new_tokens,
-            **self.sampling)[0]
+            prompt_encoder=self.prompt_encoder, **self.sampling)[0]
         self.images = every_image
         self.turns = conversation + [{"from": "gpt", "value": answer}]
         return answer

@@ -150,6 +150,7 @@ def _train_flops(cfg, batch, seq, images_per_sample, trainable) -> float:
 register_model("causal_lm", ModelFamily(
     module=CausalLM, config=mc.llm_config,
     init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
-    hf_model_types=lambda: tuple(n for n, d in DECODERS.items() if d.from_hf is not None),
+    hf_model_types=lambda: tuple(n for n, d in DECODERS.items()
+                                 if d.from_hf is not None and d.language_model is None),
     from_hf=_from_hf, to_hf=_to_hf,
     unused_keys=_unused_keys, train_flops=_train_flops, check=_check))

@@ -147,6 +147,12 @@ class ModelFamily:
     # (cfg, where) -> None: checks the composed config, its parts through their own `check`;
     # raises InvalidConfigError. `from_hf` should check the HF values before building.
     check: Optional[Callable[[Any, str], None]] = None
+    # (cfg, checkpoint directory) -> the family's own prompt encoder, for models whose HF
+    # processor builds the inputs instead of a conversation template (BLIP-2: image tokens
+    # before the tokenized text; InstructBLIP: also the Q-Former's tokens). It has
+    # `encode(conversation) -> (input ids, extra)` and `batch(extras) -> {keyword: array}`
+    # (the extra model inputs of a batch of prompts); see `infer.batching`. None: templates.
+    prompt_encoder: Optional[Callable[[Any, str], Any]] = None
 
 
 ENCODERS = Registry("encoder", "vision.type")

@@ -1,0 +1,109 @@
+"""`mllm-jax generate` and `eval` on a tiny InstructBLIP (LLaMA) checkpoint directory laid
+out as HF writes it (the model, then `InstructBlipProcessor.save_pretrained`: the LLM's
+tokenizer, `qformer_tokenizer/`, the image processor): the answers equal HF's processor +
+`generate`, including BLIP-2's zero-shot VQA setting (prompt "Question: {} Short answer:",
+5 beams, length penalty -1)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+import hf_blip2_factories as F
+from mllm_jax.cli import main
+from mllm_jax.models import blip2  # noqa: F401  (registers the families)
+from mllm_jax.models.registry import ENCODERS
+
+pytestmark = pytest.mark.skipif("eva" not in ENCODERS,
+                                reason="needs the eva encoder (BLIP-2's ViT)")
+
+WORDS = ["what", "is", "in", "the", "picture", "question", "short", "answer", ":", "?",
+         "a", "red", "square", "left", "color"] + [f"w{i}" for i in range(200)]
+
+
+def _tokenizer(specials, n_words, template, **names):
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for w in WORDS[:n_words]:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=names["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(s, vocab[s]) for s in specials
+                                         if s in template.split()])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(directory, HF model, HF processor, image path)."""
+    root = tmp_path_factory.mktemp("instructblip_cli")
+    d = str(root / "ckpt")
+    hf = F.build("instructblip", "llama", seed=3)
+    hf.save_pretrained(d)
+    # The LLM's vocabulary fills ids 0..126, so the processor's added "<image>" is 127.
+    llm_tok = _tokenizer(["<pad>", "<s>", "</s>", "<unk>"], F.IMAGE_TOKEN - 4, "<s> $A",
+                         bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                         unk_token="<unk>")
+    qformer_tok = _tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], 60, "[CLS] $A [SEP]",
+                             pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                             sep_token="[SEP]")
+    size = F.VISION["image_size"]
+    images = transformers.BlipImageProcessor(size={"height": size, "width": size})
+    processor = transformers.InstructBlipProcessor(images, llm_tok, qformer_tok,
+                                                   num_query_tokens=F.NUM_QUERIES)
+    processor.save_pretrained(d)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == F.IMAGE_TOKEN
+    rng = np.random.RandomState(0)
+    image = str(root / "picture.png")
+    Image.fromarray(rng.randint(0, 256, (size, size, 3), np.uint8)).save(image)
+    return d, hf, processor, image
+
+
+def _hf_answer(checkpoint, prompt, **gen):
+    _, hf, processor, image = checkpoint
+    inputs = processor(images=Image.open(image).convert("RGB"), text=prompt,
+                       return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**inputs, do_sample=False, **gen)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_generate_answers_as_transformers(checkpoint, capsys):
+    d, _, _, image = checkpoint
+    prompt = "what is in the picture ?"
+    assert main(["generate", "--ckpt", d, "--image", image, "--prompt", prompt,
+                 "--max-new-tokens", "6"]) == 0
+    got = capsys.readouterr().out.strip()
+    want = _hf_answer(checkpoint, prompt, max_new_tokens=6)
+    assert want and got == want
+
+
+def test_eval_with_blip2_vqa_prompt_and_beams(checkpoint, tmp_path, capsys):
+    d, _, _, image = checkpoint
+    data = tmp_path / "gqa"
+    data.mkdir()
+    Image.open(image).save(data / "n0.png")
+    os.rename(data / "n0.png", data / "n0.jpg")  # GQA names images {imageId}.jpg
+    questions = {"q0": {"imageId": "n0", "question": "what color is the square ?",
+                        "answer": "red"}}
+    path = data / "testdev_balanced_questions.json"
+    path.write_text(json.dumps(questions))
+    out = tmp_path / "out"
+    assert main(["eval", "--ckpt", d, "--task", "gqa", "--data", str(path), "--output",
+                 str(out), "--prompt-format", "question : {} short answer :",
+                 "--prompt-suffix", "", "--num-beams", "5", "--length-penalty", "-1",
+                 "--max-new-tokens", "5", "--batch-size", "1"]) == 0
+    capsys.readouterr()
+    (model_dir,) = os.listdir(out)
+    (samples,) = [f for f in os.listdir(out / model_dir) if "samples_gqa" in f]
+    with open(out / model_dir / samples) as f:
+        record = json.loads(f.readline())
+    want = _hf_answer(checkpoint, "question : what color is the square ? short answer :",
+                      max_new_tokens=5, num_beams=5, length_penalty=-1.0)
+    assert want and record["resps"] == [want]
+    assert record["input"] == "<image>question : what color is the square ? short answer :"
