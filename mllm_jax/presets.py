@@ -141,7 +141,10 @@ def _bench_small():
 
 # ---- BLIP-2 / InstructBLIP -----------------------------------------------------------------
 # EVA ViT-g/14 at 224 px, a BERT-base Q-Former (cross-attention every 2nd layer) with 32
-# queries, and the LLM of the published Salesforce checkpoints (their config.json values).
+# queries, and the LLM of the published Salesforce checkpoints. Their updated config.json
+# files add the processor's `<image>` token at the end of the tokenizer and resize the LLM's
+# embeddings to the tokenizer's length rounded up to a multiple of 64 (blip2-opt-2.7b:
+# token 50265, 50304 embeddings; Flan-T5's 32128 rows already hold token 32100).
 
 
 def _blip2(model_type, text, image_token_index):
@@ -155,7 +158,7 @@ def opt_2_7b():
     from mllm_jax.models.decoders.opt import opt_text_config
     # BLIP-2 stops OPT at "\n" (id 50118), as its checkpoint's text_config says.
     return opt_text_config(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32,
-                           num_attention_heads=32, vocab_size=50272, word_embed_proj_dim=2560,
+                           num_attention_heads=32, vocab_size=50304, word_embed_proj_dim=2560,
                            max_position_embeddings=2048, eos_token_id=50118)
 
 
@@ -168,8 +171,9 @@ def flan_t5_xl():
 
 
 def vicuna_7b_instructblip():
-    # Vicuna-7B v1.1 with LAVIS's added [PAD] token (id 32000): 32001 embeddings.
-    t = llama2_7b(vocab_size=32001)
+    # Vicuna-7B v1.1 with LAVIS's added [PAD] token (id 32000) and the processor's `<image>`
+    # (id 32001): 32002 tokens, 32064 embeddings.
+    t = llama2_7b(vocab_size=32064)
     t.max_position_embeddings = 2048
     t.rms_norm_eps = 1e-6
     t.pad_token_id = 32000

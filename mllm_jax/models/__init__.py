@@ -2,11 +2,12 @@
 that builds them from configs (`build_model`) and answers what the rest of the package asks
 of a model (`tokens_per_image`, `is_multimodal`, ...).
 
-Importing this package registers the built-in families: encoders `clip`; connectors
-`linear`, `mlp2x_gelu`, `qformer`; decoders `llama`, `mistral`, `qwen2`; models `llava`,
-`causal_lm`, `clip_vision`. A new family is a module plus a `registry.register_*` call.
+Importing this package registers the built-in families: encoders `clip`, `eva`; connectors
+`linear`, `mlp2x_gelu`, `qformer`; decoders `llama`, `mistral`, `qwen2`, `opt`, `t5`
+(encoder-decoder); models `llava`, `causal_lm`, `seq2seq_lm`, `clip_vision`, `blip2`,
+`instructblip`. A new family is a module plus a `registry.register_*` call.
 """
-from mllm_jax.models import connectors, decoders, encoders  # noqa: F401  (registrations)
+from mllm_jax.models import blip2, connectors, decoders, encoders  # noqa: F401  (registrations)
 from mllm_jax.models.llava import Llava
 from mllm_jax.models.llm import CausalLM
 from mllm_jax.models.registry import (ConnectorSpec, DecoderSpec, EncoderSpec,
