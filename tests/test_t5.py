@@ -189,27 +189,27 @@ def test_load_accepts_stored_embedding_copies(pair, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
 
 
-def left_pad_prompts():
+def left_pad_prompts(n=2):
     rs = np.random.RandomState(7)
-    samples = [list(rs.randint(2, VOCAB, 9)) + [EOS], list(rs.randint(2, VOCAB, 4)) + [EOS]]
+    samples = [list(rs.randint(2, VOCAB, k)) + [EOS] for k in (9, 4, 6, 2)[:n]]
     s = max(len(x) for x in samples)
-    ids = np.full((2, s), PAD, np.int64)
-    mask = np.zeros((2, s), np.int64)
+    ids = np.full((n, s), PAD, np.int64)
+    mask = np.zeros((n, s), np.int64)
     for i, x in enumerate(samples):
         ids[i, s - len(x):] = x
         mask[i, s - len(x):] = 1
     return ids, mask
 
 
-def hf_generate(ref, ids, mask, **kw):
+def hf_generate(ref, ids, mask, eos=EOS, **kw):
     # HF sizes the cache it makes by num_layers (the encoder's); this decoder has more
     # layers, so give it caches that grow per layer.
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     with torch.no_grad():
         out = ref.generate(input_ids=torch.from_numpy(ids),
                            attention_mask=torch.from_numpy(mask), do_sample=False,
-                           max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD,
-                           past_key_values=cache, **kw)
+                           max_new_tokens=NEW, eos_token_id=eos, pad_token_id=PAD,
+                           cache=cache, **kw)
     assert (out[:, 0] == PAD).all()  # the decoder start token
     return out[:, 1:].numpy()
 
@@ -217,19 +217,26 @@ def hf_generate(ref, ids, mask, **kw):
 def test_greedy_matches_hf(flan):
     ref, _, model, params = flan
     ids, mask = left_pad_prompts()
-    want = hf_generate(ref, ids, mask)
-    got = generate(model, params, ids, mask, max_new_tokens=NEW, eos_token_id=EOS,
+    # A second EOS id that the second sample emits at its third step: it stops there and
+    # is padded after, as HF pads it.
+    eos = [EOS, int(hf_generate(ref, ids, mask)[1, 2])]
+    want = hf_generate(ref, ids, mask, eos=eos)
+    got = generate(model, params, ids, mask, max_new_tokens=NEW, eos_token_id=eos,
                    pad_token_id=PAD)
     np.testing.assert_array_equal(got, want)
-    assert len(set(want.ravel().tolist())) > 3  # not one token repeated
+    assert (want[1, 3:] == PAD).all() and got.shape == (2, NEW)
+    assert len(set(want[0].tolist())) > 3  # not one token repeated
 
 
-def test_beam_search_matches_hf(flan):
+def test_beam_search_matches_hf_on_a_mesh(flan):
+    """Beam search with the parameters sharded by the training rules on a (data=2, fsdp=2,
+    tensor=2) mesh and the prompts (and so the cache) split over data x fsdp."""
     ref, _, model, params = flan
-    ids, mask = left_pad_prompts()
+    ids, mask = left_pad_prompts(4)
     want = hf_generate(ref, ids, mask, num_beams=3, length_penalty=0.6)
+    mesh = sharding.make_mesh(sharding.mesh_config(data=2, fsdp=2, tensor=2))
     got = generate(model, params, ids, mask, max_new_tokens=NEW, eos_token_id=EOS,
-                   pad_token_id=PAD, num_beams=3, length_penalty=0.6)
+                   pad_token_id=PAD, num_beams=3, length_penalty=0.6, mesh=mesh)
     np.testing.assert_array_equal(got, want)
 
 

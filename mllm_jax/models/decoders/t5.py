@@ -84,8 +84,9 @@ class T5Attention(nn.Module):
         self.v = Dense(inner, ("embed", "heads"), **kw)
         self.o = Dense(c.hidden_size, ("heads", "embed"), **kw)
         if self.relative_bias:
+            # [buckets, heads]: a few thousand numbers, replicated.
             self.relative_attention_bias = Embed(
-                c.relative_attention_num_buckets, c.num_attention_heads, axes=(None, "heads"),
+                c.relative_attention_num_buckets, c.num_attention_heads, axes=(None, None),
                 dtype=jnp.float32, param_dtype=self.param_dtype)
 
     def position_bias(self, q_len: int, k_len: int, q_offset=0):
