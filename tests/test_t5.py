@@ -350,6 +350,7 @@ def test_flop_count_matches_xla():
     cost = fn.lower(params, ids, dec).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = t5_config.text_forward_flops(model.cfg.text, 48)
+    print(f"XLA flops / counted: {cost['flops'] / flops:.3f}")
     assert 1.0 <= cost["flops"] / flops <= 1.08, cost["flops"] / flops
 
 
