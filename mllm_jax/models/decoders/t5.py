@@ -16,6 +16,7 @@ each `decode_step` runs the decoder on one token against its self-attention KV c
 Relative positions make left padding harmless: a real token sees the same distances to
 the other real tokens as with right padding.
 """
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -84,8 +85,9 @@ class T5Attention(nn.Module):
         self.v = Dense(inner, ("embed", "heads"), **kw)
         self.o = Dense(c.hidden_size, ("heads", "embed"), **kw)
         if self.relative_bias:
+            # [buckets, heads]: a few thousand numbers, replicated.
             self.relative_attention_bias = Embed(
-                c.relative_attention_num_buckets, c.num_attention_heads, axes=(None, "heads"),
+                c.relative_attention_num_buckets, c.num_attention_heads, axes=(None, None),
                 dtype=jnp.float32, param_dtype=self.param_dtype)
 
     def position_bias(self, q_len: int, k_len: int, q_offset=0):
@@ -417,6 +419,18 @@ def reorder_cache(cache, rows, scan_layers: bool = False):
     return out
 
 
+def unused_keys(t, prefix: str = "") -> list:
+    """Checkpoint keys a T5 language model under `prefix` (e.g. "language_model.") reads
+    past: the stacks' copies of the shared embeddings, the tied head when stored, and the
+    unused cross-attention bias table of old checkpoints."""
+    p = r"(^|\.)" + re.escape(prefix)
+    keys = [p + r"(encoder|decoder)\.embed_tokens\.weight$",
+            p + r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$"]
+    if t.tie_word_embeddings:
+        keys.append(p + r"lm_head\.weight$")
+    return keys
+
+
 def _no_decoder_only(*args, **kwargs):
     raise UnsupportedModelError(
         "t5 is an encoder-decoder model, not a decoder-only stack: build its language model "
@@ -428,7 +442,8 @@ registry.register_decoder("t5", DecoderSpec(
     module=_no_decoder_only, config=t5_config.t5_text_config, init_cache=init_cache,
     reorder_cache=reorder_cache, flops=t5_config.text_forward_flops,
     from_hf=t5_config.text_from_hf, to_hf=t5_config.text_to_hf,
-    check=t5_config.check_text, language_model=T5ForConditionalGeneration))
+    check=t5_config.check_text, language_model=T5ForConditionalGeneration,
+    unused_keys=unused_keys))
 
 
 # ---- the encoder-decoder LM on its own (`model_type` seq2seq_lm) -------------------------
@@ -452,18 +467,6 @@ def _to_hf(cfg) -> dict:
     return registry.DECODERS.get(cfg.text.model_type).to_hf(cfg.text)
 
 
-def unused_keys(t, prefix: str = "") -> list:
-    """Checkpoint keys a T5 language model under `prefix` (e.g. "language_model.") reads
-    past: the stacks' copies of the shared embeddings, the tied head when stored, and the
-    unused cross-attention bias table of old checkpoints."""
-    p = r"(^|\.)" + prefix.replace(".", r"\.")
-    keys = [p + r"(encoder|decoder)\.embed_tokens\.weight$",
-            p + r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$"]
-    if t.tie_word_embeddings:
-        keys.append(p + r"lm_head\.weight$")
-    return keys
-
-
 def _train_flops(cfg, batch, seq, images_per_sample, trainable) -> float:
     del images_per_sample
     fwd = registry.DECODERS.get(cfg.text.model_type).flops(cfg.text, seq) * batch
@@ -474,4 +477,5 @@ registry.register_model("seq2seq_lm", ModelFamily(
     module=lambda cfg: registry.language_model(cfg), config=t5_config.seq2seq_config,
     init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
     hf_model_types=_seq2seq_decoders, from_hf=_from_hf, to_hf=_to_hf,
-    unused_keys=lambda cfg: unused_keys(cfg.text), train_flops=_train_flops, check=_check))
+    unused_keys=lambda cfg: registry.DECODERS.get(cfg.text.model_type).unused_keys(cfg.text, ""),
+    train_flops=_train_flops, check=_check))
