@@ -18,7 +18,7 @@ REMAT_POLICIES = {
 }
 
 
-def _remat(block_cls, policy_name: str):
+def remat_block(block_cls, policy_name: str):
     if policy_name not in REMAT_POLICIES:
         raise ValueError(f"unknown remat_policy {policy_name!r}; known: {sorted(REMAT_POLICIES)}")
     if policy_name == "none":
@@ -68,7 +68,7 @@ class LayerStack(nn.Module):
     @nn.compact
     def __call__(self, x, *args, cache=None, prefill=False):
         # Rematerialization only pays in a backward pass; decoding with a cache has none.
-        block_cls = _remat(self.block_cls, self.remat_policy if cache is None else "none")
+        block_cls = remat_block(self.block_cls, self.remat_policy if cache is None else "none")
         if not self.scan:
             outs, ks, vs = [], [], []
             for i in range(self.num_layers):

@@ -27,7 +27,7 @@ from mllm_jax.models import attention, registry
 from mllm_jax.models.decoders import t5_config
 from mllm_jax.models.layers import Dense, Embed, RMSNorm, activation, dtype_of
 from mllm_jax.models.registry import DecoderSpec, ModelFamily, UnsupportedModelError
-from mllm_jax.models.stack import _remat
+from mllm_jax.models.stack import remat_block
 
 ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
 CACHE_AXES = ("activation_batch", "activation_kv_heads", "activation_length", None)
@@ -238,7 +238,7 @@ class T5Stack(nn.Module):
     def setup(self):
         c = self.cfg
         n = c.num_decoder_layers if self.is_decoder else c.num_hidden_layers
-        block_cls = _remat(T5Block, self.remat_policy)
+        block_cls = remat_block(T5Block, self.remat_policy)
         self.block = [block_cls(c, self.is_decoder, i == 0, dtype=self.dtype,
                                 param_dtype=self.param_dtype) for i in range(n)]
         self.final_layer_norm = RMSNorm(c.layer_norm_epsilon, dtype=self.dtype,
