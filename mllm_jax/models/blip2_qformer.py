@@ -233,7 +233,7 @@ class Blip2QFormerPretraining(nn.Module):
         token replaced by `dec_token_id`, after the queries, under `itg_attention_mask`.
         The query positions are computed again in this pass; with that mask they equal
         `query_features` (LAVIS reuses the image pass's keys and values instead)."""
-        ids = input_ids.at[:, 0].set(self.cfg.dec_token_id)
+        ids = jnp.asarray(input_ids).at[:, 0].set(self.cfg.dec_token_id)
         x = jnp.concatenate([self._queries(ids.shape[0]).astype(self.qformer.dtype),
                              self.embeddings(ids)], axis=1)
         out = self.qformer(x, image_embeds,

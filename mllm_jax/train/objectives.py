@@ -95,6 +95,11 @@ def names() -> list[str]:
     return sorted(_OBJECTIVES)
 
 
+def data_mode(name: str) -> str:
+    """The pipeline mode the registered objective `name` reads."""
+    return _OBJECTIVES[name].data_mode
+
+
 def make_objective(stage, chunk_size: int) -> Objective:
     """The objective `stage.objective` names, with `stage.objective_kwargs`."""
     name = stage.objective
