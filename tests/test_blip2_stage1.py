@@ -312,6 +312,14 @@ class _Tok:
         return [ord(ch) for ch in text]
 
 
+class _SmallTok(_Tok):
+    """Ids inside the tiny model's vocabulary."""
+    special_tokens = {"[CLS]": 11, "[SEP]": 12}
+
+    def encode(self, text, add_bos=False):
+        return [ord(ch) % 10 + 1 for ch in text]
+
+
 def test_image_text_pipeline(tmp_path):
     import json
 
@@ -378,3 +386,34 @@ def test_copy_into_a_llava_qformer_gives_the_same_qformer(model_and_params):
     bad = dict(no_ln, query_tokens=np.zeros((1, N_Q + 1, 16), np.float32))
     with pytest.raises(ValueError, match="query_tokens"):
         B.copy_qformer(bad, dst)
+
+
+# ---- retrieval ---------------------------------------------------------------------------------
+
+def test_retrieval_metrics_by_hand():
+    from mllm_jax.pretrain.blip2_retrieval import retrieval_metrics
+    # Image 0 and 1 show caption 0, image 2 caption 1; one query of image 2 points at
+    # caption 0 less than its other query points at caption 1.
+    img = np.array([[[1, 0], [0, 0]], [[0, 1], [0.9, 0.1]], [[0.5, 0], [0, 0.8]]], np.float32)
+    txt = np.array([[1, 0], [0, 1]], np.float32)
+    m = retrieval_metrics(img, txt, [0, 0, 1], ["a", "b"])
+    # i2t: image 0 -> a (hit), image 1 -> b (0.9 < 1.0: miss), image 2 -> b (hit).
+    assert m["i2t_r1"] == pytest.approx(2 / 3) and m["i2t_chance"] == 0.5
+    # t2i: a -> image 0 (hit), b -> image 1 (1.0 > 0.8: miss).
+    assert m["t2i_r1"] == 0.5 and m["t2i_chance"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+
+
+def test_retrieval_of_a_model(tmp_path, model_and_params):
+    import json
+
+    from mllm_jax.pretrain.blip2_retrieval import retrieval_r1
+    _, model, params = model_and_params
+    entries = []
+    for k in range(3):
+        Image.fromarray(np.full((20, 20, 3), 60 * k, np.uint8)).save(tmp_path / f"{k}.png")
+        entries.append({"id": str(k), "image": f"{k}.png", "caption": "ab"[k % 2]})
+    (tmp_path / "val.json").write_text(json.dumps(entries))
+    m = retrieval_r1(model, params, str(tmp_path / "val.json"), _SmallTok(),
+                     max_length=4)
+    assert m["images"] == 3 and m["captions"] == 2 and m["i2t_chance"] == 0.5
+    assert 0 <= m["i2t_r1"] <= 1 and m["i2t_r1"] * 3 == round(m["i2t_r1"] * 3)

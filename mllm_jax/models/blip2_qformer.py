@@ -218,6 +218,16 @@ class Blip2QFormerPretraining(nn.Module):
             self.text_features(input_ids, attention_mask, deterministic)[:, 0])
         return _normalize(img), _normalize(txt)
 
+    def encode_image(self, pixel_values):
+        """Pixels -> the normalised ITC vectors of the queries [n, q, e] (retrieval)."""
+        feats = self.query_features(self.image_embeds(pixel_values))
+        return _normalize(self.vision_projection(feats))
+
+    def encode_text(self, input_ids, attention_mask):
+        """Captions -> their normalised ITC vectors [n, e] (retrieval)."""
+        return _normalize(self.text_projection(
+            self.text_features(input_ids, attention_mask)[:, 0]))
+
     def itm_logits(self, image_embeds, input_ids, attention_mask, deterministic=True):
         """[n, 2] (not matched, matched): `itm_head` on each query output of the
         bidirectional [queries | text] pass, averaged over the queries."""
