@@ -417,3 +417,47 @@ def test_retrieval_of_a_model(tmp_path, model_and_params):
                      max_length=4)
     assert m["images"] == 3 and m["captions"] == 2 and m["i2t_chance"] == 0.5
     assert 0 <= m["i2t_r1"] <= 1 and m["i2t_r1"] * 3 == round(m["i2t_r1"] * 3)
+
+
+# ---- initialisation from BERT ------------------------------------------------------------------
+
+def test_qformer_from_bert_matches_transformers(model_and_params):
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from mllm_jax.models.blip2_qformer_bert import from_bert
+    cfg, model, params = model_and_params
+    torch.manual_seed(0)
+    hf = BertForMaskedLM(BertConfig(vocab_size=VOCAB - 1, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32,
+                                    max_position_embeddings=8, layer_norm_eps=1e-6,
+                                    hidden_act="gelu")).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+        # LAVIS's BERT embeddings have no token types: with zero type embeddings the two
+        # compute the same.
+        hf.bert.embeddings.token_type_embeddings.weight.zero_()
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    got = from_bert(params, state)
+    layer = got["qformer"]["encoder"]["layer_0"]
+    np.testing.assert_array_equal(layer["intermediate_query"]["dense"]["kernel"],
+                                  layer["intermediate"]["dense"]["kernel"])
+    np.testing.assert_array_equal(got["embeddings"]["word_embeddings"]["embedding"][-1],
+                                  params["embeddings"]["word_embeddings"]["embedding"][-1])
+    b = _batch(2)
+    with torch.no_grad():
+        out = hf.bert(torch.from_numpy(b["input_ids"]).long(),
+                      attention_mask=torch.from_numpy(b["attention_mask"]).long())
+        want_h = out.last_hidden_state
+        want_logits = hf.cls(want_h)
+    h = model.apply({"params": got}, b["input_ids"], b["attention_mask"],
+                    method="text_features")
+    valid = b["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(h)[valid], want_h.numpy()[valid], atol=1e-5)
+    logits = model.apply({"params": got}, jnp.asarray(want_h.numpy()), method="lm_logits")
+    np.testing.assert_allclose(np.asarray(logits)[..., :VOCAB - 1], want_logits.numpy(),
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="not mapped"):
+        from_bert(params, {**state, "bert.encoder.layer.0.extra.weight": np.zeros(2)})
