@@ -461,3 +461,31 @@ def test_qformer_from_bert_matches_transformers(model_and_params):
                                atol=1e-4)
     with pytest.raises(ValueError, match="not mapped"):
         from_bert(params, {**state, "bert.encoder.layer.0.extra.weight": np.zeros(2)})
+
+
+def test_data_source_reads_a_pairs_file_for_the_objective(tmp_path):
+    import json
+
+    from test_templates import make_hf
+
+    from mllm_jax.data.sources import make_data
+    from mllm_jax.data.tokenizer import load_tokenizer
+    for k in range(4):
+        Image.fromarray(np.full((20, 20, 3), 50 * k, np.uint8)).save(tmp_path / f"{k}.png")
+    (tmp_path / "pairs.json").write_text(json.dumps(
+        [{"id": str(k), "image": f"{k}.png", "caption": f"a shape number {k}"}
+         for k in range(4)]))
+    tok_dir = make_hf(str(tmp_path / "tok"), "bytelevel")
+    c = _train_config()
+    c.data.update(source="llava_json", json=str(tmp_path / "pairs.json"), tokenizer=tok_dir,
+                  max_length=8, workers=0)
+    c.train.global_batch_size = 4
+    batch = next(make_data(c, 0, 1, str(tmp_path / "work")))
+    assert sorted(batch) == ["attention_mask", "image_ids", "input_ids", "pixel_values"]
+    assert batch["pixel_values"].shape == (4, 16, 16, 3)
+    tok = load_tokenizer(tok_dir)
+    ids = batch["input_ids"]
+    assert (ids[:, 0] == tok.bos_id).all()
+    ends = batch["attention_mask"].sum(1) - 1
+    assert (ids[np.arange(4), ends] == tok.eos_id).all()
+    assert sorted(batch["image_ids"]) == [0, 1, 2, 3]
