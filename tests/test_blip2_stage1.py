@@ -36,7 +36,7 @@ def tiny_config():
 def model_and_params():
     cfg = tiny_config()
     model = B.Blip2QFormerPretraining(cfg)
-    params = init_params(model, 0, *B._init_inputs(cfg), overrides={"temp": 0.07})
+    params = init_params(model, 0, *B.init_inputs(cfg), overrides={"temp": 0.07})
     params["ln_vision"]["scale"] = params["ln_vision"]["scale"] + 0.3  # not the identity
     return cfg, model, params
 

@@ -27,7 +27,6 @@ from typing import Any
 
 import flax
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -400,24 +399,16 @@ def train_flops(cfg, batch, seq, images_per_sample, trainable) -> float:
     return batch * (vis + 3 * per)
 
 
-def _init_inputs(cfg):
+def init_inputs(cfg):
     v = cfg.vision
     return (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32),
             jnp.zeros((1, 2), jnp.int32))
 
 
 register_model("blip2_qformer", ModelFamily(
-    module=Blip2QFormerPretraining, config=blip2_qformer_config, init_inputs=_init_inputs,
+    module=Blip2QFormerPretraining, config=blip2_qformer_config, init_inputs=init_inputs,
     # Images enter through the queries, not as tokens of the caption.
     tokens_per_image=lambda cfg, image_size=None: 0,
     image_token_id=lambda cfg: None, generates=False, train_flops=train_flops,
     check=check))
 
-
-def stage1_parameter_count(cfg) -> dict:
-    """{top-level part: parameter count} of a blip2_qformer config (nothing allocated)."""
-    model = Blip2QFormerPretraining(cfg)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *_init_inputs(cfg))["params"]
-    shapes = nn.meta.unbox(shapes)
-    return {k: int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(v)))
-            for k, v in shapes.items()}
