@@ -62,7 +62,7 @@ def test_an_override_value_of_the_wrong_type_names_the_override_field_and_type(
     ("train.lr_groups=[['proj','[',1e-3]]", "train.lr_groups[0] regex = '[' is not a valid "
                                             "regular expression: unterminated character set"),
     ("stage.objective=ppo", "stage.objective = 'ppo' is not a registered objective; known: "
-                            "dpo, lm"),
+                            "blip2_stage1, dpo, lm"),
     # The model family's own checks run on the training config's model section too.
     ("model.text.num_attention_heads=5", "num_key_value_heads = 2 does not divide "
                                          "num_attention_heads = 5"),
