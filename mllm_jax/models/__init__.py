@@ -5,9 +5,11 @@ of a model (`tokens_per_image`, `is_multimodal`, ...).
 Importing this package registers the built-in families: encoders `clip`, `eva`; connectors
 `linear`, `mlp2x_gelu`, `qformer`; decoders `llama`, `mistral`, `qwen2`, `opt`, `t5`
 (encoder-decoder); models `llava`, `causal_lm`, `seq2seq_lm`, `clip_vision`, `blip2`,
-`instructblip`. A new family is a module plus a `registry.register_*` call.
+`instructblip`, `blip2_qformer` (BLIP-2's stage-1 Q-Former pre-training). A new family is
+a module plus a `registry.register_*` call.
 """
-from mllm_jax.models import blip2, connectors, decoders, encoders  # noqa: F401  (registrations)
+from mllm_jax.models import (blip2, blip2_qformer, connectors, decoders,  # noqa: F401
+                             encoders)  # (registrations)
 from mllm_jax.models.llava import Llava
 from mllm_jax.models.llm import CausalLM
 from mllm_jax.models.registry import (ConnectorSpec, DecoderSpec, EncoderSpec,
