@@ -248,3 +248,29 @@ def test_eval_uses_the_recorded_template_system_and_suffix(recorded, tmp_path):
     assert samples[0]["input"] == render_text(
         [{"from": "human", "value": "<image>\nis there a dog in the image?" + SHORT_ANSWER}],
         "vicuna_v1", tok, generation=True)
+
+
+def test_generation_past_a_learned_position_table_is_an_error():
+    """OPT's positions are rows of a table: prompt + new tokens must fit in it, where a
+    rotary decoder would read past nothing."""
+    import jax
+    from flax.linen import meta
+
+    from mllm_jax import config as mc
+    from mllm_jax.models.decoders.opt import opt_text_config
+    cfg = mc.llm_config(opt_text_config(vocab_size=64, hidden_size=16, ffn_dim=32,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=16))
+    model = mllm_jax.build_model(cfg)
+    params = meta.unbox(model.init(jax.random.PRNGKey(0),
+                                   *mllm_jax.models.init_inputs(cfg))["params"])
+    ids = np.full((2, 10), 5)
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0  # the longest prompt is row 1's 10 tokens
+    with pytest.raises(ValueError) as e:
+        generate(model, params, ids, mask, max_new_tokens=7, eos_token_id=None)
+    msg = str(e.value)
+    assert "longest prompt (10 tokens) plus max_new_tokens=7 needs 17 positions" in msg
+    assert "learned table of 16 (max_position_embeddings)" in msg and "at most 6" in msg
+    out = generate(model, params, ids, mask, max_new_tokens=6, eos_token_id=None)
+    assert out.shape == (2, 6) and np.all((out >= 0) & (out < 64))

@@ -129,6 +129,23 @@ def check_prompts(model, input_ids, attention_mask=None) -> np.ndarray:
     return ids
 
 
+def check_position_table(model, attention_mask, max_new_tokens: int) -> None:
+    """A decoder whose positions are rows of a learned table (OPT) has no position past
+    `max_position_embeddings`: the longest prompt plus `max_new_tokens` must fit in it
+    (a ValueError naming the lengths, instead of reading outside the table)."""
+    text = model.cfg.get("text")
+    if text is None or not registry.DECODERS.get(text.model_type).learned_positions:
+        return
+    longest = int(np.max(np.sum(np.asarray(attention_mask) != 0, axis=1)))
+    table = int(text.max_position_embeddings)
+    if longest + max_new_tokens > table:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} "
+            f"needs {longest + max_new_tokens} positions, but this model's {text.model_type} "
+            f"decoder has a learned table of {table} (max_position_embeddings); lower "
+            f"max_new_tokens to at most {max(table - longest, 0)} or shorten the prompt")
+
+
 _COMPILED = {}  # (model class, model config, loop, settings) -> jitted loop
 
 
@@ -189,6 +206,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     input_ids = check_prompts(model, input_ids, attention_mask)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_position_table(model, attention_mask, max_new_tokens)
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if num_beams > 1 and do_sample:

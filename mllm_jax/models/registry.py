@@ -118,6 +118,9 @@ class DecoderSpec:
     # attention_mask, *, inputs_embeds, ...)`, `init_cache`, `reorder_cache`, `prefill(...,
     # inputs_embeds=)`, `decode_step`) and `decoder_input_ids` / `decoder_attention_mask`.
     language_model: Optional[Callable[[Any], Any]] = None
+    # Positions are rows of a learned table (OPT): a sequence may not run past
+    # `max_position_embeddings`, generated tokens included.
+    learned_positions: bool = False
     # (text cfg, prefix) -> regexes of checkpoint keys under `prefix` (e.g.
     # "language_model.") that the language model reads past (stored copies of tied tensors);
     # composed families add them to their own `unused_keys`.

@@ -312,4 +312,4 @@ def text_to_hf(t) -> dict:
 register_decoder("opt", DecoderSpec(
     module=OPTModel, config=opt_text_config, init_cache=init_cache,
     reorder_cache=llama.reorder_cache, flops=text_forward_flops, from_hf=text_from_hf,
-    to_hf=text_to_hf, check=check_text))
+    to_hf=text_to_hf, check=check_text, learned_positions=True))
