@@ -1,0 +1,108 @@
+"""`mllm-jax demo --connector qformer`: BLIP-2's recipe on the shapes world.
+
+The same world and the same pre-trained ViT and LLM as the LLaVA demo; between them a
+Q-Former (`configs.qformer_config`) whose `qformer_queries` outputs replace the ViT's patch
+tokens in the LLM's input. Phases after the towers' pre-training:
+
+1. Q-Former stage-1 representation pre-training (`pretrain_phase`, workdir qformer/): the
+   queries learn to read the frozen ViT's features with BLIP-2's image-text contrastive,
+   matching and image-grounded generation losses (`train.blip2_stage1`) on the world's
+   image-caption pairs; scored by held-out image-to-text retrieval (R@1 against chance,
+   1 / candidates).
+2. Stage 1, BLIP-2's generative pre-training: the demo's caption stage with the Q-Former
+   connector initialised from phase 1 (`blip2_qformer.copy_qformer`), the Q-Former and its
+   `language_projection` trained, ViT and LLM frozen.
+3. Stage 2, instruction tuning on the world's instructions (`configs.QFORMER_STAGES` says
+   what trains, and why).
+
+Each LLaVA stage is evaluated on the held-out split as in the LLaVA demo.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from mllm_jax.train import recipe
+
+STAGE1_TRAINABLE = r"^(?!vision_model/)"  # everything but the ViT
+
+
+def stage1_model_config(s, model_cfg) -> ml_collections.ConfigDict:
+    """The `blip2_qformer` config of the stage-1 phase: the LLaVA model's ViT and its
+    features exactly as the connector reads them (the same layer and tokens, no LAVIS
+    `ln_vision`, which the LLaVA model would not apply), the connector's Q-Former with text
+    feed-forward weights, the world's vocabulary plus BLIP-2's decoder token."""
+    from mllm_jax.models.blip2_qformer import blip2_qformer_config
+    q = ml_collections.ConfigDict(model_cfg.projector.to_dict())
+    del q["type"]
+    q.update(use_qformer_text_input=True, vocab_size=s.vocab_size + 1,
+             encoder_hidden_size=model_cfg.vision.hidden_size)
+    from mllm_jax.models.connectors.qformer import qformer_config
+    return blip2_qformer_config(
+        vision=ml_collections.ConfigDict(model_cfg.vision.to_dict()),
+        qformer=qformer_config(**q.to_dict()),
+        vision_feature_layer=model_cfg.vision_feature_layer,
+        vision_feature_select_strategy=model_cfg.vision_feature_select_strategy,
+        ln_vision=False, image_text_hidden_size=s.qformer_hidden, dec_token_id=s.vocab_size)
+
+
+def stage1_config(s, model_cfg, paths, init_dir) -> ml_collections.ConfigDict:
+    """The `train.loop.train` config of the Q-Former's stage-1 pre-training."""
+    run = s.qformer_pretrain
+    c = recipe.base("tiny-llava")
+    c.model = stage1_model_config(s, model_cfg)
+    c.init.orbax_checkpoint = init_dir
+    c.stage.update(name="qformer_stage1", trainable=[STAGE1_TRAINABLE],
+                   objective="blip2_stage1")
+    c.train.update(lr=run.lr, warmup_ratio=run.warmup, weight_decay=0.05)
+    c.train.update(global_batch_size=run.batch, num_steps=run.steps, seed=s.seed,
+                   log_every=max(1, run.steps // 10), checkpoint_every=run.steps + 1,
+                   keep_checkpoints=1, async_checkpointing=False, export_final=True)
+    c.data.update(source="image_text", json=paths["pairs_train"],
+                  image_root=os.path.dirname(paths["pairs_train"]),
+                  tokenizer=paths["tokenizer"], max_length=run.max_length, workers=2,
+                  images=1, seed=s.seed)
+    return c
+
+
+def pretrain_phase(s, model_cfg, vision, paths, workdir, progress):
+    """Q-Former stage-1 pre-training in `workdir`/qformer with the ViT `vision` frozen.
+    Returns (the `multi_modal_projector` entries it trained: `query_tokens`, `qformer`;
+    metrics: held-out retrieval R@1 both ways, chance, the final losses)."""
+    raise NotImplementedError
+
+
+def report_text(settings, pretrain) -> str:
+    """The report's account of the Q-Former run."""
+    q = pretrain.get("qformer", {})
+    s = settings
+    retrieval = ""
+    if "i2t_r1" in q:
+        retrieval = (f" On the held-out split it retrieves the right caption among "
+                     f"{q['candidates']} for {q['i2t_r1']:.1%} of the images (R@1; chance "
+                     f"{q['chance']:.1%}) and the right image for {q['t2i_r1']:.1%} of the "
+                     f"captions.")
+    stage2 = {n: t for n, t, *_ in _stages()}["stage2"]
+    llm = ("the Q-Former, its projection and the LLM" if recipe.LLM in stage2 else
+           "the Q-Former and its projection (LLM frozen, as in InstructBLIP)")
+    return f"""The ViT is pre-trained contrastively on image-caption and region-phrase
+pairs, then frozen; the LLM is pre-trained on the world's text. Between them sits a Q-Former
+({s.qformer_layers} layers of width {s.qformer_hidden}, each cross-attending to the ViT's
+features): its {s.qformer_queries} query outputs, projected, are the image tokens the LLM
+reads. Q-Former stage 1 (BLIP-2's representation learning) trains the queries and the
+Q-Former with the image-text contrastive, matching and generation losses on the world's
+image-caption pairs ({s.qformer_pretrain.steps} steps of {s.qformer_pretrain.batch}).{retrieval}
+Stage 1 (BLIP-2's generative pre-training) then trains the Q-Former and its projection on
+captions, ViT and LLM frozen; stage 2 (instruction tuning) trains {llm} on the world's
+instructions. There is no DPO stage in this run."""
+
+
+def _stages():
+    from mllm_jax.demo import configs
+    return configs.QFORMER_STAGES
+
+
+def _device_get(tree):
+    return jax.device_get(tree)

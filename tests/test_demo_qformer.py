@@ -1,0 +1,80 @@
+"""`mllm-jax demo --connector qformer` at its "test" scale: every phase runs (the Q-Former's
+stage-1 pre-training with held-out retrieval, stages 1 and 2 with the Q-Former connector,
+their evaluations), the report and metrics are written, and the numbers are in range."""
+import json
+import os
+
+import flax
+import numpy as np
+import pytest
+
+from mllm_jax.demo import configs, report, run
+from mllm_jax.train import recipe
+
+STAGES = [name for name, *_ in configs.QFORMER_STAGES]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    return run(str(tmp_path_factory.mktemp("demo_qformer")), scale="test", progress=False,
+               connector="qformer")
+
+
+def test_every_phase_runs_and_the_metrics_are_in_range(result):
+    assert result["connector"] == "qformer"
+    assert list(result["metrics"]) == STAGES
+    for phase in ["data", "contrastive pre-training", "language-model pre-training",
+                  "Q-Former pre-training"] + STAGES + [f"evaluate {s}" for s in STAGES]:
+        assert phase in result["times"], phase
+    for name in STAGES:
+        m = result["metrics"][name]
+        for key in ("vqa_mean", "vqa_existence", "vqa_count", "vqa_colour", "pope_random_f1",
+                    "pope_popular_f1", "pope_adversarial_f1", "chair_i", "chair_s"):
+            assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
+        assert m["cider"] >= 0.0
+    q = result["pretrain"]["qformer"]
+    s = result["settings"]
+    for key in ("i2t_r1", "t2i_r1"):
+        assert 0.0 <= q[key] <= 1.0, (key, q[key])
+    assert q["candidates"] == s.eval_scenes and q["chance"] == pytest.approx(1 / s.eval_scenes)
+    for key in ("loss_itc", "loss_itm", "loss_itg"):
+        assert np.isfinite(q[key]) and q[key] > 0, (key, q[key])
+
+
+def test_the_stages_train_the_q_former_that_stage_1_pre_trained(result):
+    """The LLaVA stages start from the pre-trained Q-Former (not a random one), stage 1
+    trains only the connector, and the LLM trains in stage 2 as `QFORMER_STAGES` says."""
+    from mllm_jax.convert import load_orbax
+    workdir = result["paths"]["workdir"]
+    flat = {}
+    for part in ("init", "stage1/final", "stage2/final"):
+        _, params = load_orbax(os.path.join(workdir, part))
+        flat[part] = flax.traverse_util.flatten_dict(params, sep="/")
+    init, s1, s2 = flat["init"], flat["stage1/final"], flat["stage2/final"]
+    qformer = [k for k in init if k.startswith("multi_modal_projector/qformer/")]
+    assert qformer and "multi_modal_projector/query_tokens" in init
+    # Stage 1 changes the connector, and only the connector.
+    for k in init:
+        same = np.array_equal(init[k], s1[k])
+        assert same != k.startswith("multi_modal_projector/"), k
+    spec = {n: t for n, t, *_ in configs.QFORMER_STAGES}
+    llm_trains = recipe.LLM in spec["stage2"]
+    llm = [k for k in s1 if k.startswith("language_model/")]
+    assert any(not np.array_equal(s1[k], s2[k]) for k in llm) == llm_trains
+    assert all(np.array_equal(s1[k], s2[k]) for k in s1 if k.startswith("vision_tower/"))
+
+
+def test_the_report_shows_the_q_former_phases_and_numbers(result):
+    paths = result["paths"]
+    text = open(paths["report"]).read()
+    assert "Q-Former" in text and report.table(result["metrics"]) in text
+    q = result["pretrain"]["qformer"]
+    assert f"{q['i2t_r1']:.3f}" in text and f"{q['chance']:.3f}" in text
+    for what, value, met in report.targets(result["metrics"], result["total"],
+                                           result["pretrain"]):
+        assert f"| {what} | {value} | {'yes' if met else '**no**'} |" in text
+    for phase in result["times"]:
+        assert f"| {phase} |" in text
+    saved = json.load(open(paths["metrics"]))
+    assert saved["connector"] == "qformer" and saved["metrics"] == result["metrics"]
+    assert saved["pretrain"]["qformer"]["i2t_r1"] == q["i2t_r1"]
