@@ -20,6 +20,14 @@ def vision_config(**overrides) -> ml_collections.ConfigDict:
     c.patch_bias = False  # OpenAI CLIP's patch conv has no bias
     c.pre_layernorm = True  # HF spells the key `pre_layrnorm`
     c.post_layernorm = True
+    # BLIP-2's EVA ViT (`vision.type = "eva"`) as settings of the same tower:
+    c.fused_qkv = False  # one `qkv` projection [d, 3d] instead of q_proj / k_proj / v_proj
+    c.attn_out_name = "out_proj"  # BLIP: "projection"
+    # class / position embeddings as plain [1, 1, d] / [1, n+1, d] parameters (BLIP) instead
+    # of a [d] vector and an Embedding
+    c.embeddings_as_parameters = False
+    # post LayerNorm on every token of the last hidden state (BLIP), not only on the pooled one
+    c.post_layernorm_tokens = False
     c.update(overrides)
     return c
 

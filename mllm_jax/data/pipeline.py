@@ -57,6 +57,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mllm_jax.data import image as image_lib
+from mllm_jax.data import pairs
 from mllm_jax.data import templates as T
 from mllm_jax.data.collate import collate
 from mllm_jax.data.llava_json import RefusedImage
@@ -81,7 +82,7 @@ REASONS = (MISSING_IMAGE, UNREADABLE_IMAGE, MALFORMED_CONVERSATION, IMAGE_COUNT_
            T.IMAGE_DOES_NOT_FIT)
 
 
-MODES = ("lm", "dpo")
+MODES = ("lm", "dpo", "image_text")  # image_text: one image and its caption (data.pairs)
 
 
 class Bad(NamedTuple):
@@ -195,7 +196,11 @@ class LlavaPipeline:
         self.image_cfg = image_lib.as_image_config(image_cfg)
         self.image_shape = _image_shape(self.image_cfg)
         self.template = T.get_template(template)
-        self.template.check_tokenizer(tokenizer)
+        if mode == "image_text":  # captions alone, in the Q-Former's tokenizer; no template
+            self._specials = pairs.special_ids(tokenizer)
+            self._image_ids = pairs.image_index(self.records)
+        else:
+            self.template.check_tokenizer(tokenizer)
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
         self.max_length = max_length
@@ -319,6 +324,8 @@ class LlavaPipeline:
         record gives prompt + chosen). mode "dpo": {"chosen": ex, "rejected": ex} of a
         preference record (the prompt is the user turn, each answer the assistant's)."""
         n_images = len(record.images)
+        if self.mode == "image_text":
+            return self._pair_example(record, image_future)
         if self.mode == "dpo":
             pair = preference_conversations(record)
             if isinstance(pair, Bad):
@@ -351,6 +358,22 @@ class LlavaPipeline:
         ex["pixels"] = pixels
         ex["sample_id"] = record.id
         return ex
+
+    def _pair_example(self, record, image_future):
+        """mode "image_text": {"input_ids", "pixels", "image_id", "sample_id"} or a `Bad`."""
+        if len(record.images) != 1:
+            return Bad(IMAGE_COUNT_MISMATCH, f"{len(record.images)} images; an image-caption "
+                                             "pair has one")
+        caption = pairs.caption_of(record)
+        if isinstance(caption, tuple):
+            return Bad(*caption)
+        pixels = image_future.result()
+        if isinstance(pixels[0], Bad):
+            return pixels[0]
+        return {"input_ids": pairs.caption_ids(caption, self.tokenizer, self.max_length,
+                                               self._specials),
+                "pixels": pixels, "image_id": self._image_ids[pairs.image_key(record.images[0])],
+                "sample_id": record.id}
 
     def _record_bad(self, pending: _Pending, bad: Bad):
         if pending.index in self._bad:
@@ -398,6 +421,11 @@ class LlavaPipeline:
         return self._batch(rows, ids)
 
     def _batch(self, rows, ids) -> dict:
+        if self.mode == "image_text":
+            return pairs.collate_pairs(rows, batch_size=self.local_batch_size,
+                                       max_length=self.max_length,
+                                       image_shape=self.image_shape, pad_id=self._specials[2],
+                                       sample_ids=ids if self.return_sample_ids else None)
         return collate(rows, self.mode, batch_size=self.local_batch_size,
                        max_length=self.max_length, max_images=self.max_images,
                        image_shape=self.image_shape, pad_id=self.pad_id,

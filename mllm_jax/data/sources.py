@@ -15,7 +15,10 @@ def make_data(cfg, process_index, process_count, workdir=None, objective=None):
 
     With an objective whose `data_mode` is "dpo" (stage.objective "dpo") the JSON file (or
     TFDS dataset) holds preference pairs {id, image, prompt, chosen, rejected} and the
-    pipeline yields the DPO batch keys. `objective` defaults to the one the config names.
+    pipeline yields the DPO batch keys; with "image_text" (stage.objective "blip2_stage1")
+    it holds image-caption pairs (LLaVA records with one caption turn, or {id, image,
+    caption} entries; see `data.pairs`), data.tokenizer is the Q-Former's tokenizer and
+    data.max_length the caption length. `objective` defaults to the one the config names.
     A non-empty `data.mixture` ([{"json" or "tfds_dir", "image_root", "weight"}, ...]) mixes
     several such sources with `data.pipeline.MixturePipeline` (seeded by data.seed)."""
     d = cfg.data
@@ -56,7 +59,9 @@ def _records(source, spec, mode, allow_absolute=False):
     if not spec.get("json"):
         raise ValueError(f"data.source={source} needs data.json (a path)")
     from mllm_jax.data.llava_json import read_llava_json, read_preference_json
-    read = read_preference_json if mode == "dpo" else read_llava_json
+    from mllm_jax.data.pairs import read_caption_records
+    read = {"dpo": read_preference_json,
+            "image_text": read_caption_records}.get(mode, read_llava_json)
     allow = bool(spec.get("allow_absolute_image_paths", allow_absolute))
     return read(spec["json"], spec.get("image_root") or None,
                 allow_absolute_image_paths=allow)
@@ -67,9 +72,10 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
     from mllm_jax.data.pipeline import LlavaPipeline, MixturePipeline
     from mllm_jax.data.tokenizer import load_tokenizer
     d, m = cfg.data, cfg.model
-    if mode not in ("lm", "dpo"):
-        raise ValueError(f"data.source={d.source} feeds objectives that read lm or dpo "
-                         f"batches, not {mode!r} (stage.objective {cfg.stage.objective!r})")
+    if mode not in ("lm", "dpo", "image_text"):
+        raise ValueError(f"data.source={d.source} feeds objectives that read lm, dpo or "
+                         f"image_text batches, not {mode!r} (stage.objective "
+                         f"{cfg.stage.objective!r})")
     if d.images and not registry.is_multimodal(m):
         raise ValueError(f"data.images={d.images} but model_type {m.model_type!r} takes no "
                          "images; set data.images=0")

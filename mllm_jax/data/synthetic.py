@@ -53,6 +53,8 @@ class SyntheticSource:
 
     @property
     def seq_len(self) -> int:
+        if self.objective == "image_text":
+            return self.text_len
         return 1 + self.images * self._image_tokens() + self.text_len
 
     def _image_tokens(self) -> int:
@@ -79,11 +81,30 @@ class SyntheticSource:
         labels = np.where(mask & (text_pos >= prompt[:, None]), ids, IGNORE_INDEX)
         return ids.astype(np.int32), mask.astype(np.int32), labels.astype(np.int32)
 
+    def _pairs(self, rng, b, index, content) -> dict:
+        """Image-caption pairs (data mode image_text): one image per sample, a caption of
+        random tokens below `cfg.qformer.vocab_size - 1` (the last id is kept for the
+        decoder token) of random length, distinct image ids."""
+        v = self.cfg.vision
+        vocab = self.cfg.qformer.vocab_size - 1
+        ids = rng.integers(1, vocab, size=(b, self.text_len))
+        lengths = rng.integers(max(2, self.text_len // 2), self.text_len + 1, size=b)
+        mask = np.arange(self.text_len)[None, :] < lengths[:, None]
+        pix = rng.standard_normal((b, v.image_size, v.image_size, v.num_channels),
+                                  dtype=np.float32)
+        if index in self.nan_batches:
+            pix[:] = np.nan
+        return {"pixel_values": pix, "input_ids": np.where(mask, ids, 0).astype(np.int32),
+                "attention_mask": mask.astype(np.int32),
+                "image_ids": (content * b + np.arange(b)).astype(np.int32)}
+
     def global_batch(self, index: int) -> dict:
         content = index % self.distinct_batches if self.distinct_batches else index
         rng = np.random.default_rng([self.seed, content])
         b = self.global_batch_size
         out = {}
+        if self.objective == "image_text":
+            return self._pairs(rng, b, index, content)
         if self.objective == "dpo":
             for side in ("chosen", "rejected"):
                 ids, mask, labels = self._sequence(rng, b)

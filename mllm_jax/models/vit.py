@@ -3,6 +3,11 @@
 Paths mirror HF's `CLIPVisionModel`: `vision_model/embeddings/{patch_embedding,
 class_embedding, position_embedding}`, `vision_model/pre_layrnorm`,
 `vision_model/encoder/layers_{i}/...`, `vision_model/post_layernorm`.
+
+BLIP-2's EVA ViT (HF `Blip2VisionModel`) is the same tower with `fused_qkv` (one
+`self_attn/qkv` projection, its [3d] bias stored as HF stores it), `attn_out_name =
+"projection"`, `patch_bias`, `embeddings_as_parameters` (`class_embedding` [1, 1, d],
+`position_embedding` [1, n+1, d]), no pre LayerNorm and `post_layernorm_tokens`.
 """
 from typing import Any
 
@@ -63,17 +68,24 @@ class VisionEmbeddings(nn.Module):
                            name="patch_embedding")(pixel_values)
         b = x.shape[0]
         prefix = 0
+        # BLIP stores both as plain parameters with leading unit axes.
+        lead = (1, 1) if c.embeddings_as_parameters else ()
         if c.use_class_token:
             cls = self.param("class_embedding", with_axes(nn.initializers.normal(0.02),
-                                                          ("embed",)),
-                             (c.hidden_size,), self.param_dtype)
+                                                          (None,) * len(lead) + ("embed",)),
+                             lead + (c.hidden_size,), self.param_dtype)
             x = jnp.concatenate(
                 [jnp.broadcast_to(cls.astype(self.dtype), (b, 1, c.hidden_size)), x], axis=1)
             prefix = 1
         grid = c.image_size // p
-        pos = Embed(prefix + grid * grid, c.hidden_size, axes=(None, "embed"),
-                    dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="position_embedding").embedding
+        if c.embeddings_as_parameters:
+            pos = self.param("position_embedding", with_axes(nn.initializers.normal(0.02),
+                                                             (None, None, "embed")),
+                             (1, prefix + grid * grid, c.hidden_size), self.param_dtype)[0]
+        else:
+            pos = Embed(prefix + grid * grid, c.hidden_size, axes=(None, "embed"),
+                        dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="position_embedding").embedding
         # Other resolutions: bicubic resize of the position grid, as torch does it.
         pos = interpolate_position_embedding(pos.astype(self.dtype), (grid, grid),
                                              (h // p, w // p), num_prefix_tokens=prefix)
@@ -106,13 +118,16 @@ class VisionAttention(nn.Module):
         nh = c.num_attention_heads
         hd = d // nh
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = Dense(d, ("embed", "heads"), c.qkv_bias, name="q_proj", **kw)(x)
-        k = Dense(d, ("embed", "heads"), c.qkv_bias, name="k_proj", **kw)(x)
-        v = Dense(d, ("embed", "heads"), c.qkv_bias, name="v_proj", **kw)(x)
-        split = lambda t: t.reshape(b, s, nh, hd)  # noqa: E731
-        out = attention.dot_product_attention(split(q), split(k), split(v), mask,
-                                              scale=hd ** -0.5)
-        return Dense(d, ("heads", "embed"), name="out_proj", **kw)(out.reshape(b, s, d))
+        if c.fused_qkv:
+            # HF's fused [3d, d] Linear: output features ordered (q|k|v, head, head_dim).
+            qkv = Dense(3 * d, ("embed", "heads"), c.qkv_bias, name="qkv", **kw)(x)
+            q, k, v = (t[:, :, 0] for t in jnp.split(qkv.reshape(b, s, 3, nh, hd), 3, axis=2))
+        else:
+            split = lambda t: t.reshape(b, s, nh, hd)  # noqa: E731
+            q, k, v = (split(Dense(d, ("embed", "heads"), c.qkv_bias, name=f"{n}_proj", **kw)(x))
+                       for n in "qkv")
+        out = attention.dot_product_attention(q, k, v, mask, scale=hd ** -0.5)
+        return Dense(d, ("heads", "embed"), name=c.attn_out_name, **kw)(out.reshape(b, s, d))
 
 
 class VisionEncoderLayer(nn.Module):
@@ -172,9 +187,13 @@ class VisionTransformer(nn.Module):
         last, layer_outputs = VisionEncoder(c, scan_layers=self.scan_layers,
                                             remat_policy=self.remat_policy, name="encoder",
                                             **kw)(x, mask)
+        post_ln = (LayerNorm(c.layer_norm_eps, name="post_layernorm", **kw)
+                   if c.post_layernorm else lambda t: t)
+        if c.post_layernorm_tokens:
+            # BLIP: the last hidden state is normalised, and the pooled CLS of it again.
+            last = post_ln(last)
         pooled = last[:, 0] if c.use_class_token else last.mean(axis=1)
-        if c.post_layernorm:
-            pooled = LayerNorm(c.layer_norm_eps, name="post_layernorm", **kw)(pooled)
+        pooled = post_ln(pooled)
         return {"hidden_states": [x] + list(layer_outputs), "last_hidden_state": last,
                 "pooler_output": pooled}
 

@@ -49,7 +49,8 @@ MAY_CHANGE = (
     "mesh", "rules", "distributed", "data.workers",
 )
 # Fields a run may change on resume only when `train.resume_may_change` names them.
-OPT_IN = ("train.lr", "train.warmup_ratio", "train.weight_decay", "train.grad_clip")
+OPT_IN = ("train.lr", "train.warmup_ratio", "train.warmup_steps", "train.end_lr_ratio",
+          "train.weight_decay", "train.grad_clip")
 # Fields that `train.resume_partial` allows to change.
 PARTIAL = ("stage.trainable",)
 

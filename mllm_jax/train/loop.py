@@ -247,7 +247,9 @@ def build_trainer(cfg, *, devices=None, params=None, abstract=False) -> Trainer:
                             out_shardings=st_sh)(trainable)
         del trainable
 
-    step_fn = step_lib.make_train_step(model, objective.loss, tx, tc.micro_batches)
+    step_fn = step_lib.make_train_step(model, objective.loss, tx, tc.micro_batches,
+                                       uses_rng=objective.uses_rng,
+                                       project=objective.project)
     return Trainer(cfg=cfg, mesh=mesh, rules=rules, model=model, objective=objective, tx=tx,
                    schedules=schedules, state=state, state_shardings=st_sh, frozen=frozen,
                    frozen_extra=frozen_extra, step_fn=step_fn)

@@ -22,6 +22,9 @@ class Objective:
     pixel_values) or "dpo" (chosen/rejected pairs sharing their images)."""
 
     data_mode = "lm"
+    # Whether `loss` takes `rng=`: a key derived from the train state's RNG and step (and
+    # the micro-batch), the same on every resume (sampling, dropout).
+    uses_rng = False
 
     def __init__(self, chunk_size: int = 2048, **kwargs):
         if kwargs:
@@ -37,6 +40,11 @@ class Objective:
         state), built once from the initial parameters."""
         del params, frozen_dtype
         return {}
+
+    def project(self, params):
+        """The trainable parameters after an update, mapped back where the objective keeps
+        them (e.g. a temperature clamped to its range); by default unchanged."""
+        return params
 
     def loss(self, model, params, batch, frozen_extra) -> tuple[Any, Any, dict]:
         """(sum of the per-token or per-pair losses, their count, metric sums)."""
@@ -87,6 +95,11 @@ def names() -> list[str]:
     return sorted(_OBJECTIVES)
 
 
+def data_mode(name: str) -> str:
+    """The pipeline mode the registered objective `name` reads."""
+    return _OBJECTIVES[name].data_mode
+
+
 def make_objective(stage, chunk_size: int) -> Objective:
     """The objective `stage.objective` names, with `stage.objective_kwargs`."""
     name = stage.objective
@@ -102,3 +115,7 @@ def make_objective(stage, chunk_size: int) -> Objective:
 
 register_objective("lm", LanguageModeling)
 register_objective("dpo", DirectPreference)
+
+# Objectives with their own module register themselves on import (after the names above
+# exist: they import them).
+from mllm_jax.train import blip2_stage1  # noqa: E402, F401

@@ -47,8 +47,11 @@ def decay_mask(params):
 
 # The optimizer's settings and their defaults: the one home of these defaults (a training
 # config's `train` section holds them, see `train.recipe.base`).
-DEFAULTS = {"lr": 1e-3, "warmup_ratio": 0.03, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999,
-            "eps": 1e-8, "grad_clip": 1.0, "lr_groups": []}
+# warmup_steps > 0 replaces warmup_ratio; end_lr_ratio: the cosine's final learning rate as
+# a fraction of the peak (BLIP-2: min lr 1e-5 of 1e-4).
+DEFAULTS = {"lr": 1e-3, "warmup_ratio": 0.03, "warmup_steps": 0, "end_lr_ratio": 0.0,
+            "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "grad_clip": 1.0,
+            "lr_groups": []}
 
 
 def settings(**overrides) -> ml_collections.ConfigDict:
@@ -62,16 +65,21 @@ def settings(**overrides) -> ml_collections.ConfigDict:
 
 def make_optimizer(cfg, params, total_steps: int):
     """cfg (ConfigDict, e.g. `settings(...)` or a training config's `train` section): lr,
-    warmup_ratio, weight_decay, b1, b2, eps, grad_clip, lr_groups (a list of
-    [name, regex, lr])."""
+    warmup_ratio (or warmup_steps), end_lr_ratio, weight_decay, b1, b2, eps, grad_clip,
+    lr_groups (a list of [name, regex, lr])."""
     groups = [(g[0], g[1], float(g[2])) for g in cfg.lr_groups]
     lrs = {"default": float(cfg.lr), **{n: lr for n, _, lr in groups}}
     labels = group_labels(params, [(n, p) for n, p, _ in groups])
     mask = decay_mask(params)
 
+    def sched(lr):
+        return schedule(lr, total_steps, cfg.warmup_ratio,
+                        warmup_steps=int(cfg.get("warmup_steps", 0) or 0) or None,
+                        end_lr_ratio=float(cfg.get("end_lr_ratio", 0.0)))
+
     def adamw(lr):
         return optax.adamw(
-            schedule(lr, total_steps, cfg.warmup_ratio),
+            sched(lr),
             b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
             weight_decay=cfg.weight_decay, mask=mask)
 
@@ -81,5 +89,4 @@ def make_optimizer(cfg, params, total_steps: int):
     clip = cfg.grad_clip
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-    return tx, {name: schedule(lr, total_steps, cfg.warmup_ratio)
-                for name, lr in lrs.items()}
+    return tx, {name: sched(lr) for name, lr in lrs.items()}

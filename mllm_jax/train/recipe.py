@@ -25,14 +25,15 @@ def base(preset: str) -> ml_collections.ConfigDict:
     c.stage = ml_collections.ConfigDict({
         "name": "stage1",
         "trainable": [PROJECTOR],
-        "objective": "lm",  # a registered objective (train.objectives): lm | dpo
+        "objective": "lm",  # a registered objective (train.objectives): lm | dpo | blip2_stage1
         "objective_kwargs": {},  # e.g. {"beta": 0.1} for dpo
         "frozen_dtype": "",  # e.g. "bfloat16": frozen towers stored in bf16
     })
     c.train = ml_collections.ConfigDict({
         "global_batch_size": 256, "micro_batches": 1, "num_steps": 2181, "seed": 0,
         # AdamW with linear warmup + cosine decay (train.optimizer.DEFAULTS: lr,
-        # warmup_ratio, weight_decay, b1, b2, eps, grad_clip, lr_groups [[name, regex, lr]],
+        # warmup_ratio (or warmup_steps), end_lr_ratio, weight_decay, b1, b2, eps, grad_clip,
+        # lr_groups [[name, regex, lr]],
         # e.g. [["projector", PROJECTOR, 2e-5]])
         **copy.deepcopy(optimizer.DEFAULTS),
         "loss_chunk": 2048,  # tokens per output-projection chunk

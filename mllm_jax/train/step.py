@@ -89,30 +89,41 @@ def _micro_batches(batch, accum):
     return jax.tree_util.tree_map(split, batch)
 
 
-def make_train_step(model, objective: Callable, tx, accum_steps: int = 1):
-    """Returns step(state, frozen, frozen_extra, batch) -> (state, metrics)."""
+def make_train_step(model, objective: Callable, tx, accum_steps: int = 1, *,
+                    uses_rng: bool = False, project: Callable | None = None):
+    """Returns step(state, frozen, frozen_extra, batch) -> (state, metrics).
+
+    uses_rng: the objective takes `rng=`, fold_in(fold_in(state.rng, state.step),
+      micro-batch index): a function of the state alone, so a resumed run draws the same.
+    project: applied to the trainable parameters after each update (e.g. a clamp)."""
 
     def step(state: TrainState, frozen, frozen_extra, batch):
-        def loss_fn(trainable, micro):
-            lsum, n, aux = objective(model, merge(trainable, frozen), micro, frozen_extra)
+        step_rng = jax.random.fold_in(state.rng, state.step) if uses_rng else None
+
+        def loss_fn(trainable, micro, index):
+            kw = {"rng": jax.random.fold_in(step_rng, index)} if uses_rng else {}
+            lsum, n, aux = objective(model, merge(trainable, frozen), micro, frozen_extra,
+                                     **kw)
             return lsum, (n, aux)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if accum_steps == 1:
-            (lsum, (n, aux)), grads = grad_fn(state.params, batch)
+            (lsum, (n, aux)), grads = grad_fn(state.params, batch, 0)
         else:
             micro = _micro_batches(batch, accum_steps)
 
-            def body(carry, mb):
-                (l, (k, a)), g = grad_fn(state.params, mb)
+            def body(carry, xs):
+                mb, index = xs
+                (l, (k, a)), g = grad_fn(state.params, mb, index)
                 cl, ck, ca, cg = carry
                 return (cl + l, ck + k, jax.tree_util.tree_map(jnp.add, ca, a),
                         jax.tree_util.tree_map(jnp.add, cg, g)), None
 
             first = jax.tree_util.tree_map(lambda x: x[0], micro)
-            (l0, (k0, a0)), g0 = grad_fn(state.params, first)
+            (l0, (k0, a0)), g0 = grad_fn(state.params, first, 0)
             rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
-            (lsum, n, aux, grads), _ = jax.lax.scan(body, (l0, k0, a0, g0), rest)
+            (lsum, n, aux, grads), _ = jax.lax.scan(
+                body, (l0, k0, a0, g0), (rest, jnp.arange(1, accum_steps)))
 
         denom = jnp.maximum(n, 1).astype(jnp.float32)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
@@ -122,7 +133,8 @@ def make_train_step(model, objective: Callable, tx, accum_steps: int = 1):
         def update(operands):
             params, opt_state, grads = operands
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+            params = optax.apply_updates(params, updates)
+            return (project(params) if project is not None else params), opt_state
 
         # A branch, not a select over every parameter: a skipped update costs nothing.
         new_params, new_opt = jax.lax.cond(

@@ -29,6 +29,7 @@ COUNTS = {
                              "0 would stop the run after its first step"),
     "train.loss_chunk": (1, "tokens per output-projection chunk", ""),
     "train.seed": (0, "the seed of the training RNG", ""),
+    "train.warmup_steps": (0, "warmup steps (0: train.warmup_ratio decides)", ""),
     "init.seed": (0, "the seed of the random initialisation", ""),
     "data.text_len": (1, "text tokens per synthetic sequence", ""),
     "data.images": (0, "images per sample", ""),
@@ -48,6 +49,8 @@ NUMBERS = {
     "train.eps": (0.0, math.inf, True, False, "Adam's epsilon"),
     "train.grad_clip": (0.0, math.inf, True, False,
                         "the global gradient-norm clip (0: no clipping)"),
+    "train.end_lr_ratio": (0.0, 1.0, True, True,
+                           "the final learning rate as a fraction of the peak"),
 }
 
 FLAGS = ("train.async_checkpointing", "train.export_final", "distributed.enabled")
@@ -228,6 +231,10 @@ def _objective_problems(cfg):
     if name not in known:
         return [f"stage.objective = {name!r} is not a registered objective; known: "
                 f"{', '.join(known)} (train.register_objective adds one)"]
+    images = value_of(cfg, "data.images")
+    if objectives.data_mode(name) == "image_text" and images is not _MISSING and images != 1:
+        return [f"data.images = {images!r}: stage.objective {name!r} reads image-caption "
+                "pairs, one image per sample; set data.images=1"]
     return []
 
 

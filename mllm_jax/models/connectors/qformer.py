@@ -259,7 +259,10 @@ class QFormerModel(nn.Module):
     image_features [n, tokens, encoder_hidden_size] (None with query_length=0); image_mask
       [n, tokens] (1 = attend), default all ones.
     input_ids [n, t] (InstructBLIP only): the instruction tokens after the queries.
-    attention_mask [n, q + t] over the whole sequence (HF's convention), default all ones.
+    attention_mask [n, q + t] over the whole sequence (HF's convention), default all ones;
+      or [n, q + t, q + t], a self-attention mask per position (1 = position i attends to
+      position j), as BLIP-2's image-grounded text generation needs (queries see queries
+      only, text sees the queries and the text before it).
     Returns `last_hidden_state` [n, q + t, d].
     """
 
@@ -307,9 +310,12 @@ class QFormerModel(nn.Module):
 
 
 def _key_mask(mask):
-    """[n, kv] (1 = attend) -> [n, 1, 1, kv] bool; None -> every key."""
+    """[n, kv] (1 = attend) -> [n, 1, 1, kv] bool; [n, q, kv] -> [n, 1, q, kv]; None ->
+    every key."""
     if mask is None:
         return jnp.ones((1, 1, 1, 1), bool)
+    if mask.ndim == 3:
+        return mask.astype(bool)[:, None]
     return mask.astype(bool)[:, None, None, :]
 
 

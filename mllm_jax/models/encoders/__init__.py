@@ -1,2 +1,3 @@
-"""Modality encoders, each registered under its `vision.type` (`clip`)."""
+"""Modality encoders, each registered under its `vision.type` (`clip`, `eva`)."""
 from mllm_jax.models.encoders import clip  # noqa: F401  (registers "clip")
+from mllm_jax.models.encoders import eva  # noqa: F401  (registers "eva")

@@ -113,10 +113,12 @@ def vision_from_hf(hf: dict, where: str = "config.json", defaults=None):
 
 def vision_to_hf(v) -> dict:
     if not (v.use_class_token and v.pre_layernorm and v.post_layernorm and v.qkv_bias
-            and not v.patch_bias):
+            and not v.patch_bias and not v.fused_qkv and v.attn_out_name == "out_proj"
+            and not v.embeddings_as_parameters and not v.post_layernorm_tokens):
         raise UnsupportedModelError(
-            "only OpenAI-CLIP-shaped vision towers (class token, pre/post LayerNorm, q/k/v "
-            "bias, no patch bias) can be written as an HF CLIPVisionModel")
+            "only OpenAI-CLIP-shaped vision towers (class token, pre/post LayerNorm, separate "
+            "q/k/v projections with bias, out_proj, no patch bias) can be written as an HF "
+            "CLIPVisionModel")
     return {"model_type": "clip_vision_model", **{k: v[k] for k in VISION_DEFAULTS}}
 
 
