@@ -78,3 +78,24 @@ def test_the_report_shows_the_q_former_phases_and_numbers(result):
     saved = json.load(open(paths["metrics"]))
     assert saved["connector"] == "qformer" and saved["metrics"] == result["metrics"]
     assert saved["pretrain"]["qformer"]["i2t_r1"] == q["i2t_r1"]
+
+
+def test_the_q_former_recipes_compare_connectors_on_the_llava_recipes_data():
+    """configs/llava_qformer_tiny_stage{1,2}.py: tiny-llava's towers and data with 8 queries
+    in place of its 16 patch tokens; stage 1 trains the connector, stage 2 the LLM too."""
+    from mllm_jax.models import tokens_per_image
+    from mllm_jax.train import config_file
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    load = lambda name: config_file.load(os.path.join(repo, "configs", f"{name}.py"))  # noqa: E731
+    llava, s1, s2 = (load("llava15_tiny_stage1"), load("llava_qformer_tiny_stage1"),
+                     load("llava_qformer_tiny_stage2"))
+    assert s1.model.projector.type == s2.model.projector.type == "qformer"
+    assert tokens_per_image(s1.model) == s1.model.image_seq_length == 8
+    assert tokens_per_image(llava.model) == 16
+    assert s1.data.to_dict() == llava.data.to_dict() == s2.data.to_dict()
+    assert s1.model.vision.to_dict() == llava.model.vision.to_dict()
+    assert s1.model.text.to_dict() == llava.model.text.to_dict()
+    assert s1.model.projector.encoder_hidden_size == llava.model.vision.hidden_size
+    assert list(s1.stage.trainable) == [recipe.PROJECTOR]
+    assert list(s2.stage.trainable) == [recipe.PROJECTOR, recipe.LLM]
+    assert s2.model.to_dict() == s1.model.to_dict()

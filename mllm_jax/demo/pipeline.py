@@ -9,6 +9,9 @@ followed by an evaluation on the held-out split; the final model's descriptions 
 real photographs (`demo.photos`); then report.md and metrics.png. Every phase
 is seeded from `Settings.seed`.
 
+With `connector="qformer"` (`demo.qformer`) a Q-Former replaces the MLP projector: its
+stage-1 pre-training (qformer/) runs after the towers', and the LLaVA stages are 1 and 2.
+
 Layout of the workdir: data/ (the world; data/pope_val/ its held-out POPE questions as
 POPE's question files, for `mllm-jax eval --task pope`), init/ (the initial LLaVA), stage1/ ..
 stage3/ (each a training workdir whose final/ is the stage's checkpoint), stage3_pairs/
@@ -119,16 +122,16 @@ def stage3_pairs(s, model, params, tokenizer, paths, workdir, progress):
 
 
 def initial_llava(s, model, vision, text, out_dir, connector=None) -> str:
-    """The LLaVA of pre-trained towers (`vision`, `text`) and a random connector, with the
-    parameters of `connector` (a dict: a `multi_modal_projector` subtree's entries) in place
-    of the random ones it names; saved as an orbax checkpoint in `out_dir`."""
+    """The LLaVA of pre-trained towers (`vision`, `text`) and a random connector, or the
+    connector `connector(params)` puts in (a pre-trained Q-Former); saved as an orbax
+    checkpoint in `out_dir`."""
     params = random_params(model, s.seed)
     if vision is not None:
         params["vision_tower"] = vision
     if text is not None:
         params["language_model"] = text
-    for name, value in (connector or {}).items():
-        params["multi_modal_projector"][name] = value
+    if connector is not None:
+        params = connector(params)
     return save_orbax(model, params, out_dir, overwrite=True)
 
 
@@ -210,13 +213,13 @@ def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None
         vision, pre["contrastive"] = pretrain_vision(s, model_cfg, paths, p)
     with p.phase("language-model pre-training", total=s.text_lm.steps):
         text, pre["text_lm"] = pretrain_text(s, model_cfg, paths, p)
-    connector_params = None
+    pretrained_connector = None
     if connector == "qformer":
         from mllm_jax.demo import qformer
-        connector_params, pre["qformer"] = qformer.pretrain_phase(s, model_cfg, vision, paths,
-                                                                  workdir, p)
+        pretrained_connector, pre["qformer"] = qformer.pretrain_phase(s, model_cfg, vision,
+                                                                      paths, workdir, p)
     init_dir = initial_llava(s, model, vision, text, os.path.join(workdir, "init"),
-                             connector_params)
+                             pretrained_connector)
     entries = ev.eval_entries(data_dir, "val")
     pope_dir = ev.write_pope_files(entries, data_dir, os.path.join(data_dir, "pope_val"))
     log_path = os.path.join(workdir, "train_log.txt")

@@ -23,6 +23,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 
 from mllm_jax.train import recipe
 
@@ -60,7 +61,7 @@ def stage1_config(s, model_cfg, paths, init_dir) -> ml_collections.ConfigDict:
     c.train.update(global_batch_size=run.batch, num_steps=run.steps, seed=s.seed,
                    log_every=max(1, run.steps // 10), checkpoint_every=run.steps + 1,
                    keep_checkpoints=1, async_checkpointing=False, export_final=True)
-    c.data.update(source="image_text", json=paths["pairs_train"],
+    c.data.update(source="llava_json", json=paths["pairs_train"],
                   image_root=os.path.dirname(paths["pairs_train"]),
                   tokenizer=paths["tokenizer"], max_length=run.max_length, workers=2,
                   images=1, seed=s.seed)
@@ -68,10 +69,94 @@ def stage1_config(s, model_cfg, paths, init_dir) -> ml_collections.ConfigDict:
 
 
 def pretrain_phase(s, model_cfg, vision, paths, workdir, progress):
-    """Q-Former stage-1 pre-training in `workdir`/qformer with the ViT `vision` frozen.
-    Returns (the `multi_modal_projector` entries it trained: `query_tokens`, `qformer`;
-    metrics: held-out retrieval R@1 both ways, chance, the final losses)."""
-    raise NotImplementedError
+    """Q-Former stage-1 pre-training in `workdir`/qformer (init/: the initial stage-1 model,
+    train/: its training workdir) with the ViT `vision` frozen, then held-out retrieval.
+    Returns (a function that puts the trained `query_tokens` and `qformer` into a LLaVA
+    parameter tree with the Q-Former connector; metrics: `i2t_r1`, `t2i_r1`, `chance`,
+    `candidates`, the mean of the last tenth of the steps' losses)."""
+    from mllm_jax.convert.orbax_io import save_orbax
+    from mllm_jax.data.tokenizer import load_tokenizer
+    from mllm_jax.demo.pipeline import random_params
+    from mllm_jax.models import build_model
+    from mllm_jax.models.blip2_qformer import copy_qformer
+    from mllm_jax.train.loop import train
+
+    cfg1 = stage1_model_config(s, model_cfg)
+    model = build_model(cfg1)
+    params = random_params(model, s.seed)
+    params["temp"] = np.asarray(cfg1.temp_init, np.float32)
+    params["vision_model"] = vision
+    root = os.path.join(workdir, "qformer")
+    init_dir = save_orbax(model, params, os.path.join(root, "init"), overwrite=True)
+    cfg = stage1_config(s, model_cfg, paths, init_dir)
+    run, history = s.qformer_pretrain, []
+
+    def on_step(step, m):
+        history.append({k: float(v) for k, v in m.items() if np.ndim(v) == 0})
+        progress.update(1, loss=f"{float(m['loss']):.3f}")
+
+    with progress.phase("Q-Former pre-training", total=run.steps), \
+            open(os.path.join(workdir, "train_log.txt"), "a") as log:
+        summary = train(cfg, os.path.join(root, "train"),
+                        log=lambda msg: print(f"qformer: {msg}", file=log), on_step=on_step)
+    trained = jax.device_get(summary["final_params"])
+    tail = history[-max(1, len(history) // 10):]
+    metrics = {k: float(np.mean([h[k] for h in tail])) for k in tail[-1]
+               if k == "loss" or k.startswith("loss_") or k == "itm_accuracy"}
+    with progress.phase("evaluate Q-Former"):
+        metrics.update(retrieval(model, trained, paths["pairs_val"],
+                                 load_tokenizer(paths["tokenizer"]), run.max_length))
+    progress.line(f"Q-Former: held-out image-to-text R@1 {metrics['i2t_r1']:.3f}, "
+                  f"text-to-image {metrics['t2i_r1']:.3f} (chance {metrics['chance']:.3f})")
+    return (lambda llava_params: copy_qformer(trained, llava_params)), metrics
+
+
+def retrieval(model, params, pairs_path, tokenizer, max_length: int, chunk: int = 64
+              ) -> dict:
+    """Image-text retrieval over every pair of a pairs file (`shapes.read_pairs`), scored
+    as BLIP-2 scores it: an image's similarity to a caption is the largest over its queries
+    of the ITC cosine. {i2t_r1, t2i_r1: the share of images (captions) whose best caption
+    (image) is theirs (a caption equal to the image's own counts: the world repeats
+    captions), chance: the expected R@1 of a uniform guess, candidates: the pairs}."""
+    from mllm_jax.data.image import preprocess_image
+    from mllm_jax.data.pairs import caption_ids, special_ids
+    from mllm_jax.demo import shapes
+
+    pairs = shapes.read_pairs(pairs_path)
+    n = len(pairs)
+    if n < 2:
+        raise ValueError(f"{pairs_path}: retrieval needs at least 2 pairs, it has {n}")
+    size = model.cfg.vision.image_size
+    pixels = np.stack([preprocess_image(path, size) for path, _ in pairs])
+    specials = special_ids(tokenizer)
+    ids = np.full((n, max_length), specials[2], np.int32)
+    mask = np.zeros((n, max_length), np.int32)
+    for i, (_, caption) in enumerate(pairs):
+        row = caption_ids(caption, tokenizer, max_length, specials)
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+
+    @jax.jit
+    def encode(pixels, ids, mask):
+        def fn(m):
+            return m.itc_features(m.image_embeds(pixels), ids, mask)
+        return model.apply({"params": params}, method=fn)
+
+    img, txt = [], []
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        short = chunk - len(ids[part])
+        pad = (lambda a: np.concatenate([a, np.repeat(a[:1], short, 0)])) if short else \
+            (lambda a: a)
+        i, t = encode(pad(pixels[part]), pad(ids[part]), pad(mask[part]))
+        img.append(np.asarray(i)[:chunk - short])
+        txt.append(np.asarray(t)[:chunk - short])
+    img, txt = np.concatenate(img), np.concatenate(txt)
+    sim = np.einsum("iqe,te->iqt", img, txt).max(axis=1)  # [images, captions]
+    captions = np.array([c for _, c in pairs])
+    same = captions[:, None] == captions[None, :]
+    return {"i2t_r1": float(np.mean(same[np.arange(n), sim.argmax(1)])),
+            "t2i_r1": float(np.mean(same[sim.argmax(0), np.arange(n)])),
+            "chance": float(np.mean(same.sum(1) / n)), "candidates": n}
 
 
 def report_text(settings, pretrain) -> str:
@@ -102,7 +187,3 @@ instructions. There is no DPO stage in this run."""
 def _stages():
     from mllm_jax.demo import configs
     return configs.QFORMER_STAGES
-
-
-def _device_get(tree):
-    return jax.device_get(tree)
