@@ -21,7 +21,11 @@ STAGES = (("stage1", (recipe.PROJECTOR,), "lm", "captions"),
           ("stage3", (recipe.PROJECTOR, recipe.LLM), "dpo", "preference"))
 # With the Q-Former connector (`demo.qformer`): its stage-1 representation pre-training
 # comes first; stage 1 is then BLIP-2's generative pre-training (Q-Former + projection on
-# captions, ViT and LLM frozen), stage 2 instruction tuning.
+# captions, ViT and LLM frozen), stage 2 instruction tuning. The LLM trains in stage 2, as
+# in the LLaVA demo, not frozen as in InstructBLIP: InstructBLIP's LLM already follows
+# instructions, the demo's has only read the world's text. Frozen, it learned no yes/no
+# answers (400 steps at the default scale: loss 2.0, existence 0.46, colour 0.0, POPE F1 0;
+# trained: loss 0.40, existence 0.52, count 0.71, colour 0.34, POPE F1 0.65).
 QFORMER_STAGES = (("stage1", (recipe.PROJECTOR,), "lm", "captions"),
                   ("stage2", (recipe.PROJECTOR, recipe.LLM), "lm", "instruct"))
 CONNECTORS = {"mlp": STAGES, "qformer": QFORMER_STAGES}
