@@ -63,6 +63,11 @@ def build_parser():
     demo.add_argument("--scale", default="default", choices=("default", "test"),
                       help="default: the full demo (about 10 minutes on 2 CPU cores); test: a "
                            "scaled-down run of every phase (about a minute)")
+    demo.add_argument("--connector", default="mlp", choices=("mlp", "qformer"),
+                      help="mlp: LLaVA's 2-layer MLP over the ViT's patch tokens, stages 1-3 "
+                           "(default); qformer: BLIP-2's Q-Former (stage-1 pre-training with "
+                           "ITC/ITM/ITG and held-out retrieval, then generative pre-training "
+                           "and instruction tuning through the LLaVA stages 1-2)")
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser(
@@ -290,9 +295,14 @@ def _demo(args):
     from mllm_jax import demo
     from mllm_jax.demo.report import table
     result = demo.run(workdir=args.workdir, scale=args.scale, seed=args.seed,
-                      overwrite=args.overwrite)
-    print(f"mllm-jax demo (scale {args.scale}, seed {result['settings'].seed}): metrics on "
+                      overwrite=args.overwrite, connector=args.connector)
+    print(f"mllm-jax demo (scale {args.scale}, seed {result['settings'].seed}"
+          f"{', connector qformer' if args.connector == 'qformer' else ''}): metrics on "
           f"the held-out split after each stage")
+    q = result["pretrain"].get("qformer", {})
+    if "i2t_r1" in q:
+        print(f"Q-Former stage 1: held-out image-to-text R@1 {q['i2t_r1']:.3f} (chance "
+              f"{q['chance']:.3f})")
     print(table(result["metrics"]))
     print(f"wall time {result['total']:.0f}s; report: {result['paths']['report']}")
     print(f"plot: {result['paths']['plot']}")

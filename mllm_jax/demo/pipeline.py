@@ -9,6 +9,9 @@ followed by an evaluation on the held-out split; the final model's descriptions 
 real photographs (`demo.photos`); then report.md and metrics.png. Every phase
 is seeded from `Settings.seed`.
 
+With `connector="qformer"` (`demo.qformer`) a Q-Former replaces the MLP projector: its
+stage-1 pre-training (qformer/) runs after the towers', and the LLaVA stages are 1 and 2.
+
 Layout of the workdir: data/ (the world; data/pope_val/ its held-out POPE questions as
 POPE's question files, for `mllm-jax eval --task pope`), init/ (the initial LLaVA), stage1/ ..
 stage3/ (each a training workdir whose final/ is the stage's checkpoint), stage3_pairs/
@@ -39,8 +42,8 @@ from mllm_jax.train.loop import train
 FILES = ("train_log.txt", "report.md", "metrics.png", "metrics.json")
 # Written into a workdir the demo has claimed; a non-empty directory without it is the user's.
 MARKER = ".mllm_jax_demo"
-PARTS = ("data", "init", "stage1", "stage2", "stage3", "stage3_pairs", "eval", "model",
-         "photos")
+PARTS = ("data", "init", "qformer", "stage1", "stage2", "stage3", "stage3_pairs", "eval",
+         "model", "photos")
 
 
 def random_params(model, seed: int):
@@ -118,12 +121,17 @@ def stage3_pairs(s, model, params, tokenizer, paths, workdir, progress):
                   "own_hallucinations": len(own), "described": len(described)}
 
 
-def initial_llava(s, model, vision, text, out_dir) -> str:
+def initial_llava(s, model, vision, text, out_dir, connector=None) -> str:
+    """The LLaVA of pre-trained towers (`vision`, `text`) and a random connector, or the
+    connector `connector(params)` puts in (a pre-trained Q-Former); saved as an orbax
+    checkpoint in `out_dir`."""
     params = random_params(model, s.seed)
     if vision is not None:
         params["vision_tower"] = vision
     if text is not None:
         params["language_model"] = text
+    if connector is not None:
+        params = connector(params)
     return save_orbax(model, params, out_dir, overwrite=True)
 
 
@@ -176,42 +184,54 @@ def _clean(workdir):
 
 
 def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None,
-        progress: bool = True, overwrite: bool = False) -> dict:
+        progress: bool = True, overwrite: bool = False, connector: str = "mlp") -> dict:
     """Runs every phase in `workdir` (its demo subdirectories are replaced). `workdir` must be
     new, empty or an earlier demo run's (`claim_workdir`); `overwrite` lets the demo use any
-    other directory too (replacing its data/, model/, ... subdirectories). Returns
+    other directory too (replacing its data/, model/, ... subdirectories). `connector`
+    "qformer" puts a Q-Former between the towers (`demo.qformer`): its stage-1 pre-training
+    runs before the LLaVA stages, which are then stages 1 and 2 (no DPO). Returns
     {settings, metrics: {stage: {metric: value}}, times: {phase: seconds}, total (seconds),
     pretrain (metrics of the pre-training phases), paths: {report, plot, metrics, workdir}}."""
     s = configs.settings_for(scale, seed)
+    stages = configs.CONNECTORS.get(connector)
+    if stages is None:
+        raise ValueError(f"unknown demo connector {connector!r}; known: "
+                         f"{list(configs.CONNECTORS)}")
     workdir = claim_workdir(workdir, overwrite)
     _clean(workdir)
     p = Progress(progress)
     p.line(f"mllm-jax demo: scale {scale if isinstance(scale, str) else 'custom'}, seed "
-           f"{s.seed}, workdir {workdir}")
+           f"{s.seed}, connector {connector}, workdir {workdir}")
     data_dir = os.path.join(workdir, "data")
     with p.phase("data"):
         paths = build_data(s, data_dir)
     tokenizer = load_tokenizer(paths["tokenizer"])
-    model_cfg = configs.model_config(s, tokenizer.token_id(shapes.IMAGE_TOKEN))
+    model_cfg = configs.model_config(s, tokenizer.token_id(shapes.IMAGE_TOKEN), connector)
     model = build_model(model_cfg)
     pre = {}
     with p.phase("contrastive pre-training", total=s.contrastive.steps):
         vision, pre["contrastive"] = pretrain_vision(s, model_cfg, paths, p)
     with p.phase("language-model pre-training", total=s.text_lm.steps):
         text, pre["text_lm"] = pretrain_text(s, model_cfg, paths, p)
-    init_dir = initial_llava(s, model, vision, text, os.path.join(workdir, "init"))
+    pretrained_connector = None
+    if connector == "qformer":
+        from mllm_jax.demo import qformer
+        pretrained_connector, pre["qformer"] = qformer.pretrain_phase(s, model_cfg, vision,
+                                                                      paths, workdir, p)
+    init_dir = initial_llava(s, model, vision, text, os.path.join(workdir, "init"),
+                             pretrained_connector)
     entries = ev.eval_entries(data_dir, "val")
     pope_dir = ev.write_pope_files(entries, data_dir, os.path.join(data_dir, "pope_val"))
     log_path = os.path.join(workdir, "train_log.txt")
     metrics = {}
     params, json_path = None, None
-    for name, *_ in configs.STAGES:
+    for name, *_ in stages:
         if name == "stage3":
             with p.phase("stage3 pairs", total=s.on_policy_scenes, unit="image"):
                 json_path, pre["stage3_pairs"] = stage3_pairs(s, model, params, tokenizer,
                                                               paths, workdir, p)
         cfg = configs.stage_config(s, name, model_cfg, data_dir, paths["tokenizer"], init_dir,
-                                   json_path if name == "stage3" else None)
+                                   json_path if name == "stage3" else None, connector)
         stage_dir = os.path.join(workdir, name)
         with p.phase(name, total=cfg.train.num_steps), open(log_path, "a") as log:
             summary = train(cfg, stage_dir,
@@ -228,19 +248,26 @@ def run(workdir: str = "mllm_jax_demo", scale="default", seed: int | None = None
         _write_answers(os.path.join(workdir, "eval", f"{name}.jsonl"), entries, answers)
         p.line(f"{name}: " + ", ".join(f"{k} {metrics[name][k]:.3f}" for k in report.HEADLINE
                                        if k in metrics[name]))
-    model_dir = export_model(model, params, paths["tokenizer"], os.path.join(workdir, "model"))
+    if connector == "mlp":
+        model_dir = export_model(model, params, paths["tokenizer"],
+                                 os.path.join(workdir, "model"))
+    else:  # no HF class holds a LLaVA with a Q-Former: the last stage's orbax export is it
+        model_dir = init_dir
     with p.phase("out-of-world photos"):
         described = photos.describe(model, params, tokenizer, os.path.join(workdir, "photos"),
                                     max_new_tokens=s.long_new_tokens)
     total = p.elapsed()
     out = report.write(workdir, s, metrics, dict(p.times), pre, total=total,
-                       cpu_times=dict(p.cpu_times), photos=described)
+                       cpu_times=dict(p.cpu_times), photos=described, connector=connector)
     p.line(f"report: {out['report']}")
     p.line(f"plot: {out['plot']}")
-    p.line(f"model: {model_dir} (try: mllm-jax chat --ckpt {model_dir}; or mllm-jax eval "
-           f"--ckpt {model_dir} --task pope --data {pope_dir} --image-root {data_dir})")
-    return {"settings": s, "metrics": metrics, "times": dict(p.times), "photos": described,
-            "cpu_times": dict(p.cpu_times), "total": total, "pretrain": pre,
+    if connector == "mlp":
+        p.line(f"model: {model_dir} (try: mllm-jax chat --ckpt {model_dir}; or mllm-jax eval "
+               f"--ckpt {model_dir} --task pope --data {pope_dir} --image-root {data_dir})")
+    else:
+        p.line(f"model: {model_dir} (an orbax checkpoint: mllm_jax.convert.load_orbax)")
+    return {"settings": s, "connector": connector, "metrics": metrics, "times": dict(p.times),
+            "photos": described, "cpu_times": dict(p.cpu_times), "total": total, "pretrain": pre,
             "paths": {**out, "workdir": workdir, "model": model_dir, "pope": pope_dir}}
 
 

@@ -43,9 +43,15 @@ def table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def targets(metrics: dict, total=None) -> list:
-    """The demo's acceptance targets as (what, measured, met) rows."""
+def targets(metrics: dict, total=None, pretrain=None) -> list:
+    """The demo's acceptance targets as (what, measured, met) rows; with the Q-Former's
+    stage-1 metrics in `pretrain` ("qformer"), its held-out retrieval against chance."""
     rows = []
+    q = (pretrain or {}).get("qformer", {})
+    if "i2t_r1" in q and "chance" in q:
+        rows.append((f"Q-Former stage 1: held-out image-to-text R@1 >= 3 x chance "
+                     f"({q['chance']:.3f})", f"{q['i2t_r1']:.3f}",
+                     q["i2t_r1"] >= 3 * q["chance"]))
     s2, s3 = metrics.get("stage2", {}), metrics.get("stage3", {})
     for key, low in (("vqa_existence", 0.9), ("vqa_colour", 0.9), ("vqa_count", 0.7)):
         if key in s2:
@@ -78,16 +84,18 @@ def photo_lines(photos, workdir) -> str:
 
 
 def write(workdir, settings, metrics, times, pretrain, total=None, cpu_times=None,
-          photos=None) -> dict:
+          photos=None, connector="mlp") -> dict:
     """Writes report.md, metrics.json and metrics.png into workdir; returns their paths.
-    `photos`: [(name, png path, description)] of `demo.photos.describe`."""
+    `photos`: [(name, png path, description)] of `demo.photos.describe`; `connector`: the
+    demo's ("mlp" or "qformer", whose run the report then describes)."""
     paths = {"report": os.path.join(workdir, "report.md"),
              "plot": os.path.join(workdir, "metrics.png"),
              "metrics": os.path.join(workdir, "metrics.json")}
     s = settings.to_dict()
     with open(paths["metrics"], "w") as f:
-        json.dump({"seed": settings.seed, "settings": s, "metrics": metrics, "times": times,
-                   "cpu_times": cpu_times, "total": total, "pretrain": pretrain}, f, indent=2)
+        json.dump({"seed": settings.seed, "connector": connector, "settings": s,
+                   "metrics": metrics, "times": times, "cpu_times": cpu_times, "total": total,
+                   "pretrain": pretrain}, f, indent=2)
     plot(metrics, paths["plot"])
     cpu = cpu_times or {}
     phases = "\n".join(f"| {name} | {sec:.1f} | {cpu.get(name, float('nan')):.1f} |"
@@ -95,22 +103,20 @@ def write(workdir, settings, metrics, times, pretrain, total=None, cpu_times=Non
     if total is not None:
         phases += f"\n| total | {total:.1f} | {sum(cpu.values()):.1f} |"
     checks = "\n".join(f"| {what} | {value} | {'yes' if met else '**no**'} |"
-                        for what, value, met in targets(metrics, total))
+                        for what, value, met in targets(metrics, total, pretrain))
     pre = "\n".join(f"- {name}: " + ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
         for name, m in pretrain.items())
-    text = f"""# mllm-jax demo: the shapes world
+    if connector == "qformer":
+        from mllm_jax.demo import qformer
+        title, recipe_text = " (Q-Former connector)", qformer.report_text(settings, pretrain)
+    else:
+        title, recipe_text = "", _llava_text(settings)
+    text = f"""# mllm-jax demo: the shapes world{title}
 
 Seed: **{settings.seed}**. Scenes rendered at {settings.image_size} px ({settings.train_scenes}
 training scenes); evaluated on the held-out split "val" ({settings.eval_scenes} scenes) with
-greedy decoding. The ViT is pre-trained contrastively on image-caption and region-phrase
-pairs, then frozen. Stage 1 trains the projector on captions; stage 2 the projector and the
-LLM on instructions; stage 3 the projector and the LLM with DPO on preference pairs: detailed
-captions (the faithful one chosen; rejected: the caption with an absent companion object
-added, or the stage-2 model's own description where it named an absent object) and
-existence questions (the true "yes" or "no" chosen). In {settings.hallucination_rate:.0%} of
-the training scenes that miss an object's usual companion, the captions name it anyway: the
-bias DPO is there to remove.
+greedy decoding. {recipe_text}
 
 ## Metrics after each stage
 
@@ -149,6 +155,17 @@ Wall time, and the CPU time of the process (all its threads) meanwhile.
     with open(paths["report"], "w") as f:
         f.write(text)
     return paths
+
+
+def _llava_text(settings) -> str:
+    return f"""The ViT is pre-trained contrastively on image-caption and region-phrase
+pairs, then frozen. Stage 1 trains the projector on captions; stage 2 the projector and the
+LLM on instructions; stage 3 the projector and the LLM with DPO on preference pairs: detailed
+captions (the faithful one chosen; rejected: the caption with an absent companion object
+added, or the stage-2 model's own description where it named an absent object) and
+existence questions (the true "yes" or "no" chosen). In {settings.hallucination_rate:.0%} of
+the training scenes that miss an object's usual companion, the captions name it anyway: the
+bias DPO is there to remove."""
 
 
 def _font(size=12):

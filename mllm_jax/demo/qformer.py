@@ -1,0 +1,189 @@
+"""`mllm-jax demo --connector qformer`: BLIP-2's recipe on the shapes world.
+
+The same world and the same pre-trained ViT and LLM as the LLaVA demo; between them a
+Q-Former (`configs.qformer_config`) whose `qformer_queries` outputs replace the ViT's patch
+tokens in the LLM's input. Phases after the towers' pre-training:
+
+1. Q-Former stage-1 representation pre-training (`pretrain_phase`, workdir qformer/): the
+   queries learn to read the frozen ViT's features with BLIP-2's image-text contrastive,
+   matching and image-grounded generation losses (`train.blip2_stage1`) on the world's
+   image-caption pairs; scored by held-out image-to-text retrieval (R@1 against chance,
+   1 / candidates).
+2. Stage 1, BLIP-2's generative pre-training: the demo's caption stage with the Q-Former
+   connector initialised from phase 1 (`blip2_qformer.copy_qformer`), the Q-Former and its
+   `language_projection` trained, ViT and LLM frozen.
+3. Stage 2, instruction tuning on the world's instructions (`configs.QFORMER_STAGES` says
+   what trains, and why).
+
+Each LLaVA stage is evaluated on the held-out split as in the LLaVA demo.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from mllm_jax.train import recipe
+
+STAGE1_TRAINABLE = r"^(?!vision_model/)"  # everything but the ViT
+
+
+def stage1_model_config(s, model_cfg) -> ml_collections.ConfigDict:
+    """The `blip2_qformer` config of the stage-1 phase: the LLaVA model's ViT and its
+    features exactly as the connector reads them (the same layer and tokens, no LAVIS
+    `ln_vision`, which the LLaVA model would not apply), the connector's Q-Former with text
+    feed-forward weights, the world's vocabulary plus BLIP-2's decoder token."""
+    from mllm_jax.models.blip2_qformer import blip2_qformer_config
+    q = ml_collections.ConfigDict(model_cfg.projector.to_dict())
+    del q["type"]
+    q.update(use_qformer_text_input=True, vocab_size=s.vocab_size + 1,
+             encoder_hidden_size=model_cfg.vision.hidden_size)
+    from mllm_jax.models.connectors.qformer import qformer_config
+    return blip2_qformer_config(
+        vision=ml_collections.ConfigDict(model_cfg.vision.to_dict()),
+        qformer=qformer_config(**q.to_dict()),
+        vision_feature_layer=model_cfg.vision_feature_layer,
+        vision_feature_select_strategy=model_cfg.vision_feature_select_strategy,
+        ln_vision=False, image_text_hidden_size=s.qformer_hidden, dec_token_id=s.vocab_size)
+
+
+def stage1_config(s, model_cfg, paths, init_dir) -> ml_collections.ConfigDict:
+    """The `train.loop.train` config of the Q-Former's stage-1 pre-training."""
+    run = s.qformer_pretrain
+    c = recipe.base("tiny-llava")
+    c.model = stage1_model_config(s, model_cfg)
+    c.init.orbax_checkpoint = init_dir
+    c.stage.update(name="qformer_stage1", trainable=[STAGE1_TRAINABLE],
+                   objective="blip2_stage1")
+    c.train.update(lr=run.lr, warmup_ratio=run.warmup, weight_decay=0.05)
+    c.train.update(global_batch_size=run.batch, num_steps=run.steps, seed=s.seed,
+                   log_every=max(1, run.steps // 10), checkpoint_every=run.steps + 1,
+                   keep_checkpoints=1, async_checkpointing=False, export_final=True)
+    c.data.update(source="llava_json", json=paths["pairs_train"],
+                  image_root=os.path.dirname(paths["pairs_train"]),
+                  tokenizer=paths["tokenizer"], max_length=run.max_length, workers=2,
+                  images=1, seed=s.seed)
+    return c
+
+
+def pretrain_phase(s, model_cfg, vision, paths, workdir, progress):
+    """Q-Former stage-1 pre-training in `workdir`/qformer (init/: the initial stage-1 model,
+    train/: its training workdir) with the ViT `vision` frozen, then held-out retrieval.
+    Returns (a function that puts the trained `query_tokens` and `qformer` into a LLaVA
+    parameter tree with the Q-Former connector; metrics: `i2t_r1`, `t2i_r1`, `chance`,
+    `candidates`, the mean of the last tenth of the steps' losses)."""
+    from mllm_jax.convert.orbax_io import save_orbax
+    from mllm_jax.data.tokenizer import load_tokenizer
+    from mllm_jax.demo.pipeline import random_params
+    from mllm_jax.models import build_model
+    from mllm_jax.models.blip2_qformer import copy_qformer
+    from mllm_jax.train.loop import train
+
+    cfg1 = stage1_model_config(s, model_cfg)
+    model = build_model(cfg1)
+    params = random_params(model, s.seed)
+    params["temp"] = np.asarray(cfg1.temp_init, np.float32)
+    params["vision_model"] = vision
+    root = os.path.join(workdir, "qformer")
+    init_dir = save_orbax(model, params, os.path.join(root, "init"), overwrite=True)
+    cfg = stage1_config(s, model_cfg, paths, init_dir)
+    run, history = s.qformer_pretrain, []
+
+    def on_step(step, m):
+        history.append({k: float(v) for k, v in m.items() if np.ndim(v) == 0})
+        progress.update(1, loss=f"{float(m['loss']):.3f}")
+
+    with progress.phase("Q-Former pre-training", total=run.steps), \
+            open(os.path.join(workdir, "train_log.txt"), "a") as log:
+        summary = train(cfg, os.path.join(root, "train"),
+                        log=lambda msg: print(f"qformer: {msg}", file=log), on_step=on_step)
+    trained = jax.device_get(summary["final_params"])
+    tail = history[-max(1, len(history) // 10):]
+    metrics = {k: float(np.mean([h[k] for h in tail])) for k in tail[-1]
+               if k == "loss" or k.startswith("loss_") or k == "itm_accuracy"}
+    with progress.phase("evaluate Q-Former"):
+        metrics.update(retrieval(model, trained, paths["pairs_val"],
+                                 load_tokenizer(paths["tokenizer"]), run.max_length))
+    progress.line(f"Q-Former: held-out image-to-text R@1 {metrics['i2t_r1']:.3f}, "
+                  f"text-to-image {metrics['t2i_r1']:.3f} (chance {metrics['chance']:.3f})")
+    return (lambda llava_params: copy_qformer(trained, llava_params)), metrics
+
+
+def retrieval(model, params, pairs_path, tokenizer, max_length: int, chunk: int = 64
+              ) -> dict:
+    """Image-text retrieval over every pair of a pairs file (`shapes.read_pairs`), scored
+    as BLIP-2 scores it: an image's similarity to a caption is the largest over its queries
+    of the ITC cosine. {i2t_r1, t2i_r1: the share of images (captions) whose best caption
+    (image) is theirs (a caption equal to the image's own counts: the world repeats
+    captions), chance: the expected R@1 of a uniform guess, candidates: the pairs}."""
+    from mllm_jax.data.image import preprocess_image
+    from mllm_jax.data.pairs import caption_ids, special_ids
+    from mllm_jax.demo import shapes
+
+    pairs = shapes.read_pairs(pairs_path)
+    n = len(pairs)
+    if n < 2:
+        raise ValueError(f"{pairs_path}: retrieval needs at least 2 pairs, it has {n}")
+    size = model.cfg.vision.image_size
+    pixels = np.stack([preprocess_image(path, size) for path, _ in pairs])
+    specials = special_ids(tokenizer)
+    ids = np.full((n, max_length), specials[2], np.int32)
+    mask = np.zeros((n, max_length), np.int32)
+    for i, (_, caption) in enumerate(pairs):
+        row = caption_ids(caption, tokenizer, max_length, specials)
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+
+    @jax.jit
+    def encode(pixels, ids, mask):
+        def fn(m):
+            return m.itc_features(m.image_embeds(pixels), ids, mask)
+        return model.apply({"params": params}, method=fn)
+
+    img, txt = [], []
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        short = chunk - len(ids[part])
+        pad = (lambda a: np.concatenate([a, np.repeat(a[:1], short, 0)])) if short else \
+            (lambda a: a)
+        i, t = encode(pad(pixels[part]), pad(ids[part]), pad(mask[part]))
+        img.append(np.asarray(i)[:chunk - short])
+        txt.append(np.asarray(t)[:chunk - short])
+    img, txt = np.concatenate(img), np.concatenate(txt)
+    sim = np.einsum("iqe,te->iqt", img, txt).max(axis=1)  # [images, captions]
+    captions = np.array([c for _, c in pairs])
+    same = captions[:, None] == captions[None, :]
+    return {"i2t_r1": float(np.mean(same[np.arange(n), sim.argmax(1)])),
+            "t2i_r1": float(np.mean(same[sim.argmax(0), np.arange(n)])),
+            "chance": float(np.mean(same.sum(1) / n)), "candidates": n}
+
+
+def report_text(settings, pretrain) -> str:
+    """The report's account of the Q-Former run."""
+    q = pretrain.get("qformer", {})
+    s = settings
+    retrieval = ""
+    if "i2t_r1" in q:
+        retrieval = (f" On the held-out split it retrieves the right caption among "
+                     f"{q['candidates']} for {q['i2t_r1']:.1%} of the images (R@1; chance "
+                     f"{q['chance']:.1%}) and the right image for {q['t2i_r1']:.1%} of the "
+                     f"captions.")
+    stage2 = {n: t for n, t, *_ in _stages()}["stage2"]
+    llm = ("the Q-Former, its projection and the LLM" if recipe.LLM in stage2 else
+           "the Q-Former and its projection (LLM frozen, as in InstructBLIP)")
+    return f"""The ViT is pre-trained contrastively on image-caption and region-phrase
+pairs, then frozen; the LLM is pre-trained on the world's text. Between them sits a Q-Former
+({s.qformer_layers} layers of width {s.qformer_hidden}, each cross-attending to the ViT's
+features): its {s.qformer_queries} query outputs, projected, are the image tokens the LLM
+reads. Q-Former stage 1 (BLIP-2's representation learning) trains the queries and the
+Q-Former with the image-text contrastive, matching and generation losses on the world's
+image-caption pairs ({s.qformer_pretrain.steps} steps of {s.qformer_pretrain.batch}).{retrieval}
+Stage 1 (BLIP-2's generative pre-training) then trains the Q-Former and its projection on
+captions, ViT and LLM frozen; stage 2 (instruction tuning) trains {llm} on the world's
+instructions. There is no DPO stage in this run."""
+
+
+def _stages():
+    from mllm_jax.demo import configs
+    return configs.QFORMER_STAGES
