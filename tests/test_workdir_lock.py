@@ -31,10 +31,11 @@ def test_a_second_trainer_on_a_workdir_in_use_refuses_and_the_first_finishes_unh
                XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     params = tmp_path / "first.npz"
+    go = tmp_path / "go"  # the first trainer waits after step 1 until this exists
     first = subprocess.Popen(
         [sys.executable, "-m", "tests.train_worker", "--config", CONFIG, "--workdir",
          str(workdir), "--set=train.num_steps=3", "--set=train.checkpoint_every=1",
-         "--sleep-per-step", "3", "--params-out", str(params)],
+         "--pause-after-step", "1", "--resume-when", str(go), "--params-out", str(params)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -55,7 +56,9 @@ def test_a_second_trainer_on_a_workdir_in_use_refuses_and_the_first_finishes_unh
         assert "train_worker" in err and f"kill {first.pid}" in err, err
         assert "use another --workdir" in err and "Traceback" not in err
         assert json.loads((workdir / LOCK).read_text()) == held  # still the first's
+        assert first.poll() is None  # refused while the first was still running
 
+        go.touch()
         out, _ = first.communicate(timeout=600)
     finally:
         if first.poll() is None:

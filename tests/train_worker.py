@@ -3,6 +3,7 @@
     python -m tests.train_worker --config configs/llava15_tiny_stage2.py --workdir W \
         [--set train.num_steps=8 --set mesh.fsdp=2 ...] [--sleep-per-step S] \
         [--kill-after-step K [--kill-wait-for PATH]] [--stop-after-step K] [--params-out P.npz] \
+        [--pause-after-step K --resume-when PATH] \
         [--coordinator 127.0.0.1:PORT --num-processes N --process-id I]
 
 The caller sets XLA_FLAGS (simulated device count) and JAX_PLATFORMS. Output on stdout,
@@ -13,6 +14,9 @@ one line each, flushed:
 --kill-after-step K: SIGKILL this process right after step K; first, with --kill-wait-for
   PATH (relative to the workdir), wait until PATH exists (e.g. `checkpoints/3`: the async
   save of step 3 has been committed).
+--pause-after-step K --resume-when PATH: after step K, wait until PATH (an absolute path the
+  caller creates) exists, so the caller acts while the run is known to be between steps K
+  and K+1 (a signal sent meanwhile is honoured at that boundary).
 --stop-after-step K: send SIGTERM to this process after step K (in a multi-process run,
   signalling one process is enough: the trainer stops them all at the same step).
 """
@@ -56,6 +60,8 @@ def main(argv=None):
     ap.add_argument("--kill-after-step", type=int)
     ap.add_argument("--kill-wait-for")
     ap.add_argument("--stop-after-step", type=int)
+    ap.add_argument("--pause-after-step", type=int)
+    ap.add_argument("--resume-when")
     ap.add_argument("--params-out")
     ap.add_argument("--coordinator")
     ap.add_argument("--num-processes", type=int, default=1)
@@ -87,6 +93,10 @@ def main(argv=None):
             os.kill(os.getpid(), signal.SIGKILL)
         if args.stop_after_step == step:
             os.kill(os.getpid(), signal.SIGTERM)
+        if args.pause_after_step == step:
+            deadline = time.time() + 600
+            while not os.path.exists(args.resume_when) and time.time() < deadline:
+                time.sleep(0.05)
         if args.sleep_per_step:
             time.sleep(args.sleep_per_step)
 
