@@ -20,6 +20,7 @@ which the pipeline does not build).
 import ml_collections
 
 from mllm_jax import presets
+from mllm_jax.models.blip2 import is_encoder_decoder
 from mllm_jax.train import recipe
 
 # The parts that train in both stages; the vision tower and the LLM stay frozen.
@@ -27,9 +28,10 @@ QFORMER = r"^(query_tokens$|qformer/|language_projection/)"
 
 
 def _check_decoder_only(model, preset: str):
-    if model.text.model_type == "t5":
-        raise ValueError(f"preset {preset!r} has a Flan-T5 LLM: the `lm` objective trains "
-                         "decoder-only LLMs (OPT, LLaMA); use an OPT or Vicuna preset")
+    if is_encoder_decoder(model):
+        raise ValueError(f"preset {preset!r} has an encoder-decoder LLM ({model.text.model_type}"
+                         "): the `lm` objective trains decoder-only LLMs (OPT, LLaMA); use an "
+                         "OPT or Vicuna preset")
 
 
 def _base(preset: str, name: str) -> ml_collections.ConfigDict:
