@@ -36,9 +36,9 @@ def test_every_phase_runs_and_the_metrics_are_in_range(result):
     s = result["settings"]
     for key in ("i2t_r1", "t2i_r1"):
         assert 0.0 <= q[key] <= 1.0, (key, q[key])
-    # One held-out pair per scene; chance is 1 / candidates, more where captions repeat.
-    assert q["candidates"] == s.eval_scenes
-    assert 1 / s.eval_scenes <= q["chance"] + 1e-9 and q["chance"] < 1
+    # One held-out pair per scene; the candidates are the distinct captions.
+    assert q["images"] == s.eval_scenes and 2 <= q["candidates"] <= s.eval_scenes
+    assert q["chance"] == pytest.approx(1 / q["candidates"])
     for key in ("loss_itc", "loss_itm", "loss_itg"):
         assert np.isfinite(q[key]) and q[key] > 0, (key, q[key])
 

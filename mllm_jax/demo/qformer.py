@@ -111,52 +111,13 @@ def pretrain_phase(s, model_cfg, vision, paths, workdir, progress):
     return (lambda llava_params: copy_qformer(trained, llava_params)), metrics
 
 
-def retrieval(model, params, pairs_path, tokenizer, max_length: int, chunk: int = 64
-              ) -> dict:
-    """Image-text retrieval over every pair of a pairs file (`shapes.read_pairs`), scored
-    as BLIP-2 scores it: an image's similarity to a caption is the largest over its queries
-    of the ITC cosine. {i2t_r1, t2i_r1: the share of images (captions) whose best caption
-    (image) is theirs (a caption equal to the image's own counts: the world repeats
-    captions), chance: the expected R@1 of a uniform guess, candidates: the pairs}."""
-    from mllm_jax.data.image import preprocess_image
-    from mllm_jax.data.pairs import caption_ids, special_ids
-    from mllm_jax.demo import shapes
-
-    pairs = shapes.read_pairs(pairs_path)
-    n = len(pairs)
-    if n < 2:
-        raise ValueError(f"{pairs_path}: retrieval needs at least 2 pairs, it has {n}")
-    size = model.cfg.vision.image_size
-    pixels = np.stack([preprocess_image(path, size) for path, _ in pairs])
-    specials = special_ids(tokenizer)
-    ids = np.full((n, max_length), specials[2], np.int32)
-    mask = np.zeros((n, max_length), np.int32)
-    for i, (_, caption) in enumerate(pairs):
-        row = caption_ids(caption, tokenizer, max_length, specials)
-        ids[i, :len(row)], mask[i, :len(row)] = row, 1
-
-    @jax.jit
-    def encode(pixels, ids, mask):
-        def fn(m):
-            return m.itc_features(m.image_embeds(pixels), ids, mask)
-        return model.apply({"params": params}, method=fn)
-
-    img, txt = [], []
-    for start in range(0, n, chunk):
-        part = slice(start, start + chunk)
-        short = chunk - len(ids[part])
-        pad = (lambda a: np.concatenate([a, np.repeat(a[:1], short, 0)])) if short else \
-            (lambda a: a)
-        i, t = encode(pad(pixels[part]), pad(ids[part]), pad(mask[part]))
-        img.append(np.asarray(i)[:chunk - short])
-        txt.append(np.asarray(t)[:chunk - short])
-    img, txt = np.concatenate(img), np.concatenate(txt)
-    sim = np.einsum("iqe,te->iqt", img, txt).max(axis=1)  # [images, captions]
-    captions = np.array([c for _, c in pairs])
-    same = captions[:, None] == captions[None, :]
-    return {"i2t_r1": float(np.mean(same[np.arange(n), sim.argmax(1)])),
-            "t2i_r1": float(np.mean(same[sim.argmax(0), np.arange(n)])),
-            "chance": float(np.mean(same.sum(1) / n)), "candidates": n}
+def retrieval(model, params, pairs_path, tokenizer, max_length: int) -> dict:
+    """Held-out retrieval by the ITC similarity (`pretrain.blip2_retrieval.retrieval_r1`:
+    the distinct captions are the candidates): its metrics plus `chance` (image-to-text,
+    1 / candidates) and `candidates`."""
+    from mllm_jax.pretrain.blip2_retrieval import retrieval_r1
+    out = retrieval_r1(model, params, pairs_path, tokenizer, max_length=max_length)
+    return {**out, "chance": out["i2t_chance"], "candidates": out["captions"]}
 
 
 def report_text(settings, pretrain) -> str:
@@ -165,10 +126,10 @@ def report_text(settings, pretrain) -> str:
     s = settings
     retrieval = ""
     if "i2t_r1" in q:
-        retrieval = (f" On the held-out split it retrieves the right caption among "
-                     f"{q['candidates']} for {q['i2t_r1']:.1%} of the images (R@1; chance "
-                     f"{q['chance']:.1%}) and the right image for {q['t2i_r1']:.1%} of the "
-                     f"captions.")
+        retrieval = (f" On the held-out split it retrieves the right caption among the "
+                     f"{q['candidates']} distinct captions for {q['i2t_r1']:.1%} of the "
+                     f"images (R@1; chance {q['chance']:.1%}) and the right image for "
+                     f"{q['t2i_r1']:.1%} of the captions (chance {q['t2i_chance']:.1%}).")
     stage2 = {n: t for n, t, *_ in _stages()}["stage2"]
     llm = ("the Q-Former, its projection and the LLM" if recipe.LLM in stage2 else
            "the Q-Former and its projection (LLM frozen, as in InstructBLIP)")
