@@ -299,7 +299,7 @@ def _demo(args):
     print(f"mllm-jax demo (scale {args.scale}, seed {result['settings'].seed}"
           f"{', connector qformer' if args.connector == 'qformer' else ''}): metrics on "
           f"the held-out split after each stage")
-    q = result["pretrain"].get("qformer", {})
+    q = result.get("pretrain", {}).get("qformer", {})
     if "i2t_r1" in q:
         print(f"Q-Former stage 1: held-out image-to-text R@1 {q['i2t_r1']:.3f} (chance "
               f"{q['chance']:.3f})")

@@ -245,7 +245,7 @@ def test_demo_passes_its_options_and_prints_the_table_and_paths(tmp_path, capsys
     monkeypatch.setattr(mllm_jax.demo, "run", fake_run)
     assert main(["demo", "--workdir", str(tmp_path), "--seed", "7", "--scale", "test"]) == 0
     assert calls == [{"workdir": str(tmp_path), "scale": "test", "seed": 7,
-                      "overwrite": False}]
+                      "overwrite": False, "connector": "mlp"}]
     out = capsys.readouterr().out
     assert "seed 7" in out
     assert "| VQA accuracy, mean of kinds | 0.250 | 0.750 |" in out
@@ -253,9 +253,11 @@ def test_demo_passes_its_options_and_prints_the_table_and_paths(tmp_path, capsys
     assert f"plot: {tmp_path / 'metrics.png'}" in out
     main(["demo"])
     assert calls[-1] == {"workdir": "mllm_jax_demo", "scale": "default", "seed": 0,
-                         "overwrite": False}
+                         "overwrite": False, "connector": "mlp"}
     main(["demo", "--overwrite"])
     assert calls[-1]["overwrite"] is True
+    main(["demo", "--connector", "qformer"])
+    assert calls[-1]["connector"] == "qformer"
 
 
 def test_config_overrides_belong_to_train_only(capsys):
