@@ -4,6 +4,7 @@ randomized, so that a dropped, transposed or swapped tensor changes the logits."
 import numpy as np
 import torch
 import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 NUM_QUERIES = 4
 IMAGE_TOKEN = 127  # the last id of the LLM's vocabulary of 128
@@ -99,3 +100,39 @@ def jax_inputs(batch: dict) -> dict:
     out = dict(batch)
     out["pixel_values"] = batch["pixel_values"].transpose(0, 2, 3, 1)
     return out
+
+
+WORDS = ["what", "is", "in", "the", "picture", "question", "short", "answer", ":", "?",
+         "a", "red", "square", "left", "color"] + [f"w{i}" for i in range(200)]
+
+
+def word_tokenizer(specials, n_words, template, **names):
+    """A word-level fast tokenizer: `specials`, then the first `n_words` of WORDS."""
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for w in WORDS[:n_words]:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=names["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(s, vocab[s]) for s in specials
+                                         if s in template.split()])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+
+
+def save_processor(d):
+    """An InstructBlipProcessor for the tiny models saved into `d` as HF lays it out: the
+    LLM's tokenizer (its vocabulary fills ids 0..126, so the added "<image>" is 127),
+    `qformer_tokenizer/` (BERT-style [CLS] text [SEP]), the image processor."""
+    llm_tok = word_tokenizer(["<pad>", "<s>", "</s>", "<unk>"], IMAGE_TOKEN - 4, "<s> $A",
+                             bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                             unk_token="<unk>")
+    qformer_tok = word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], 60, "[CLS] $A [SEP]",
+                                 pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                 sep_token="[SEP]")
+    size = VISION["image_size"]
+    images = transformers.BlipImageProcessor(size={"height": size, "width": size})
+    processor = transformers.InstructBlipProcessor(images, llm_tok, qformer_tok,
+                                                   num_query_tokens=NUM_QUERIES)
+    processor.save_pretrained(d)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN
+    return processor

@@ -9,9 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-import transformers
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import hf_blip2_factories as F
 from mllm_jax.cli import main
@@ -21,22 +19,6 @@ from mllm_jax.models.registry import ENCODERS
 pytestmark = pytest.mark.skipif("eva" not in ENCODERS,
                                 reason="needs the eva encoder (BLIP-2's ViT)")
 
-WORDS = ["what", "is", "in", "the", "picture", "question", "short", "answer", ":", "?",
-         "a", "red", "square", "left", "color"] + [f"w{i}" for i in range(200)]
-
-
-def _tokenizer(specials, n_words, template, **names):
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    for w in WORDS[:n_words]:
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=names["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(s, vocab[s]) for s in specials
-                                         if s in template.split()])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **names)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """(directory, HF model, HF processor, image path)."""
@@ -44,19 +26,8 @@ def checkpoint(tmp_path_factory):
     d = str(root / "ckpt")
     hf = F.build("instructblip", "llama", seed=3)
     hf.save_pretrained(d)
-    # The LLM's vocabulary fills ids 0..126, so the processor's added "<image>" is 127.
-    llm_tok = _tokenizer(["<pad>", "<s>", "</s>", "<unk>"], F.IMAGE_TOKEN - 4, "<s> $A",
-                         bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                         unk_token="<unk>")
-    qformer_tok = _tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], 60, "[CLS] $A [SEP]",
-                             pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                             sep_token="[SEP]")
+    processor = F.save_processor(d)
     size = F.VISION["image_size"]
-    images = transformers.BlipImageProcessor(size={"height": size, "width": size})
-    processor = transformers.InstructBlipProcessor(images, llm_tok, qformer_tok,
-                                                   num_query_tokens=F.NUM_QUERIES)
-    processor.save_pretrained(d)
-    assert processor.tokenizer.convert_tokens_to_ids("<image>") == F.IMAGE_TOKEN
     rng = np.random.RandomState(0)
     image = str(root / "picture.png")
     Image.fromarray(rng.randint(0, 256, (size, size, 3), np.uint8)).save(image)

@@ -7,10 +7,12 @@ from mllm_jax.train.losses import IGNORE_INDEX
 
 
 def collate(rows, mode, *, batch_size, max_length, max_images, image_shape, pad_id,
-            sample_ids=None) -> dict:
+            sample_ids=None, sample_inputs=None) -> dict:
     """Examples (`LlavaPipeline._example`) -> a batch of fixed shapes (see the module
     docstring; mode "dpo" gives chosen_* and rejected_* for input_ids, attention_mask and
-    labels). A row's images come first in pixel_values, zeros after (none: all zeros)."""
+    labels). A row's images come first in pixel_values, zeros after (none: all zeros).
+    `sample_inputs` (the model's per-sample inputs builder) collates each row's
+    "model_inputs" into its own keys."""
     b, s = batch_size, max_length
     out = {}
 
@@ -36,6 +38,8 @@ def collate(rows, mode, *, batch_size, max_length, max_images, image_shape, pad_
         for k, p in enumerate(ex["pixels"]):
             pixels[r, k] = p
     out["pixel_values"] = pixels
+    if sample_inputs is not None:
+        out.update(sample_inputs.collate([ex["model_inputs"] for ex in rows], b))
     if sample_ids is not None:
         out["sample_ids"] = np.asarray([str(i) for i in sample_ids])
     return out

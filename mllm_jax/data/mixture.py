@@ -69,6 +69,7 @@ class MixturePipeline:
         self.max_length = max(s.max_length for s in self.sources)
         self.max_images = max(s.max_images for s in self.sources)
         self.image_shape, self.pad_id = first.image_shape, first.pad_id
+        self.sample_inputs = first.sample_inputs  # the same builder in every source
         self.seq_len = self.max_length
         self.seed = int(seed)
         self.return_sample_ids = return_sample_ids
@@ -94,7 +95,8 @@ class MixturePipeline:
         return collate(rows, self.mode, batch_size=self.local_batch_size,
                        max_length=self.max_length, max_images=self.max_images,
                        image_shape=self.image_shape, pad_id=self.pad_id,
-                       sample_ids=ids if self.return_sample_ids else None)
+                       sample_ids=ids if self.return_sample_ids else None,
+                       sample_inputs=self.sample_inputs)
 
     def get_state(self) -> dict:
         return {"position": self._position, "seed": self.seed, "weights": self.weights,

@@ -177,10 +177,16 @@ class LlavaPipeline:
                  image_tokens_per_image: int, image_token_id: int | None = None, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, num_workers: int = 2,
                  workdir=None, system: str | None = None, return_sample_ids: bool = False,
-                 mode: str = "lm", report_name: str = "data_report"):
+                 mode: str = "lm", report_name: str = "data_report", sample_inputs=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if sample_inputs is not None and mode != "lm":
+            raise ValueError(f"this model reads per-sample inputs {list(sample_inputs.keys)} "
+                             f"(InstructBLIP's instruction), which batches of mode {mode!r} do "
+                             "not carry: train it with the lm objective")
         self.mode = mode
+        # Builder of the model's per-sample inputs (`registry.sample_inputs`), or None.
+        self.sample_inputs = sample_inputs
         if global_batch_size is None:  # only read example by example (a mixture's source)
             global_batch_size = process_count
         if global_batch_size % process_count:
@@ -351,6 +357,8 @@ class LlavaPipeline:
             if isinstance(ex, Bad):
                 return ex
             n_kept = ex["num_images"]
+            if self.sample_inputs is not None:
+                ex["model_inputs"] = self.sample_inputs.encode(conversations, record.id)
         pixels = image_future.result()[:n_kept] if n_kept else []
         for p in pixels:
             if isinstance(p, Bad):
@@ -429,7 +437,8 @@ class LlavaPipeline:
         return collate(rows, self.mode, batch_size=self.local_batch_size,
                        max_length=self.max_length, max_images=self.max_images,
                        image_shape=self.image_shape, pad_id=self.pad_id,
-                       sample_ids=ids if self.return_sample_ids else None)
+                       sample_ids=ids if self.return_sample_ids else None,
+                       sample_inputs=self.sample_inputs)
 
     # ---- report files ---------------------------------------------------------------------
     def _write_counts(self):

@@ -92,6 +92,8 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
         image_cfg = None
     tokens = registry.tokens_per_image(m) if d.images else 0
     tokenizer = load_tokenizer(d.tokenizer)
+    # InstructBLIP: each sample's instruction for the Q-Former (registry.sample_inputs).
+    inputs = registry.sample_inputs(m, d) if mode != "image_text" else None
     mixture = [dict(s) for s in (d.get("mixture") or [])]
     allow_absolute = bool(d.get("allow_absolute_image_paths", False))
 
@@ -101,7 +103,7 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
             max_length=d.max_length, max_images=d.images,
             image_tokens_per_image=tokens, image_token_id=registry.image_token_id(m),
             seed=seed, process_index=process_index, process_count=process_count,
-            num_workers=d.workers, workdir=workdir, mode=mode, **kw)
+            num_workers=d.workers, workdir=workdir, mode=mode, sample_inputs=inputs, **kw)
 
     seed = d.seed
     if mixture:

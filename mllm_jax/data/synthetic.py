@@ -31,6 +31,9 @@ class SyntheticSource:
                              "inject NaNs")
         self.local = slice(process_index * global_batch_size // process_count,
                            (process_index + 1) * global_batch_size // process_count)
+        # The model's per-sample inputs (InstructBLIP's instruction), drawn after the rest.
+        self.inputs = (registry.sample_inputs(model_cfg, {"source": "synthetic"})
+                       if objective == "lm" and self.images else None)
         self.next_index = 0
 
     # grain-style iterator state
@@ -119,4 +122,6 @@ class SyntheticSource:
             if index in self.nan_batches:
                 pix[:] = np.nan
             out["pixel_values"] = pix
+        if self.inputs is not None:
+            out.update(self.inputs.synthetic(rng, b))
         return out

@@ -91,6 +91,10 @@ class Settings:
     # ViT), `qformer_stage1` / `qformer_stage2` the LLaVA stages 1 and 2 with this connector
     # (BLIP-2's generative pre-training, then instruction tuning).
     qformer_queries: int = 8
+    # InstructBLIP's instruction-aware Q-Former: the queries also read the sample's
+    # questions (the LLM's tokenizer, `qformer_instruction_tokens` at most).
+    qformer_instruction: bool = False
+    qformer_instruction_tokens: int = 64
     qformer_hidden: int = 128
     qformer_layers: int = 2
     qformer_heads: int = 4
@@ -186,10 +190,14 @@ def qformer_config(s: Settings) -> ml_collections.ConfigDict:
     cross-attending to the ViT's patch tokens (BLIP-2 does so every second layer of twelve;
     with two layers both read the image), `qformer_queries` queries."""
     from mllm_jax.models.connectors.qformer import qformer_config as base
-    return base(num_query_tokens=s.qformer_queries, hidden_size=s.qformer_hidden,
+    # The vocabulary is the world's plus the stage-1 decoder token (`demo.qformer`), so the
+    # stage-1 text embeddings fit an instruction-aware Q-Former.
+    return base(model_type="instructblip_qformer" if s.qformer_instruction
+                else "blip_2_qformer",
+                num_query_tokens=s.qformer_queries, hidden_size=s.qformer_hidden,
                 num_hidden_layers=s.qformer_layers, num_attention_heads=s.qformer_heads,
                 intermediate_size=4 * s.qformer_hidden, cross_attention_frequency=1,
-                encoder_hidden_size=s.vision_hidden, vocab_size=s.vocab_size,
+                encoder_hidden_size=s.vision_hidden, vocab_size=s.vocab_size + 1,
                 max_position_embeddings=128, pad_token_id=3)
 
 
@@ -218,4 +226,6 @@ def stage_config(s: Settings, name: str, model: ml_collections.ConfigDict, data_
     c.data.update(source="llava_json", json=json_path or f"{data_dir}/{data}_train.json",
                   image_root=data_dir, tokenizer=tokenizer_dir, template="mistral",
                   max_length=run.max_length, workers=2, images=1, seed=s.seed)
+    if connector == "qformer" and s.qformer_instruction:
+        c.data.qformer_max_length = s.qformer_instruction_tokens
     return c

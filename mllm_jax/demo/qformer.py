@@ -38,8 +38,8 @@ def stage1_model_config(s, model_cfg) -> ml_collections.ConfigDict:
     from mllm_jax.models.blip2_qformer import blip2_qformer_config
     q = ml_collections.ConfigDict(model_cfg.projector.to_dict())
     del q["type"]
-    q.update(use_qformer_text_input=True, vocab_size=s.vocab_size + 1,
-             encoder_hidden_size=model_cfg.vision.hidden_size)
+    q.update(model_type="blip_2_qformer", use_qformer_text_input=True,
+             vocab_size=s.vocab_size + 1, encoder_hidden_size=model_cfg.vision.hidden_size)
     from mllm_jax.models.connectors.qformer import qformer_config
     return blip2_qformer_config(
         vision=ml_collections.ConfigDict(model_cfg.vision.to_dict()),

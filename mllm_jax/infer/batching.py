@@ -76,6 +76,35 @@ def prompt_encoder_for(model, checkpoint_dir):
     return None if make is None else make(model.cfg, checkpoint_dir)
 
 
+class TemplatePrompts:
+    """The prompt encoder of a template-prompted model that also reads per-sample inputs
+    (`registry.sample_inputs`: an instruction-aware Q-Former connector's instruction): the
+    template's prompt ids, and the inputs built from the conversation's messages as in
+    training."""
+
+    def __init__(self, model, tokenizer, template, builder, system=None):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.builder, self.system = builder, system
+
+    def encode(self, conversation):
+        ids = encode_prompt(self.model, self.tokenizer, conversation, self.template,
+                            system=self.system)
+        return ids, self.builder.encode(conversation.messages, conversation.sample_id)
+
+    def batch(self, extras) -> dict:
+        return self.builder.collate(extras, len(extras))
+
+
+def template_prompt_encoder(model, tokenizer, template, system=None, prompt_encoder=None):
+    """`prompt_encoder` when given; else a `TemplatePrompts` when the model reads per-sample
+    inputs (built with the tokenizer's own directory, as training builds them from
+    data.tokenizer), else None (the template alone)."""
+    if prompt_encoder is not None or not registry.sample_input_keys(model.cfg):
+        return prompt_encoder
+    builder = registry.sample_inputs(model.cfg, {"tokenizer": tokenizer.source})
+    return TemplatePrompts(model, tokenizer, template, builder, system)
+
+
 def encode_prompts(model, tokenizer, conversations, template, *, system=None,
                    prompt_encoder=None):
     """(prompt ids, extras): `encode_prompt` of each conversation, or the family's
@@ -209,6 +238,7 @@ def generate_batch(model, params, tokenizer, image_cfg, conversations, template=
     `gen` are `generate`'s keywords (max_new_tokens, do_sample, temperature, num_beams,
     ...); eos_token_id defaults to the tokenizer's EOS. `prompt_encoder`
     (`prompt_encoder_for`) replaces the template when the model family has one."""
+    prompt_encoder = template_prompt_encoder(model, tokenizer, template, system, prompt_encoder)
     prompts, extras = encode_prompts(model, tokenizer, conversations, template, system=system,
                                      prompt_encoder=prompt_encoder)
     check_encoded(model, conversations, prompts)
@@ -227,6 +257,7 @@ def generate_all(model, params, tokenizer, image_cfg, conversations, template="v
     k draws from `fold_in(rng, k)`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompt_encoder = template_prompt_encoder(model, tokenizer, template, system, prompt_encoder)
     prompts, extras = encode_prompts(model, tokenizer, conversations, template, system=system,
                                      prompt_encoder=prompt_encoder)
     check_encoded(model, conversations, prompts)

@@ -131,12 +131,19 @@ class Blip2(nn.Module):
     def image_features(self, pixel_values, qformer_input_ids=None,
                        qformer_attention_mask=None):
         """[n_images, h, w, c] -> [n_images, num_query_tokens, text hidden];
-        [b, max_images, h, w, c] -> [b, max_images, num_query_tokens, text hidden]."""
+        [b, max_images, h, w, c] -> [b, max_images, num_query_tokens, text hidden] (with
+        `qformer_input_ids` [b, t]: one image per sample)."""
         if pixel_values.ndim == 5:
-            if qformer_input_ids is not None:
-                raise ValueError("qformer_input_ids go with images as [n_images, h, w, c]")
             b, m = pixel_values.shape[:2]
-            feats = self.image_features(pixel_values.reshape(b * m, *pixel_values.shape[2:]))
+            if qformer_input_ids is not None:  # training batches: one instruction per sample
+                if m != 1 or qformer_input_ids.shape[0] != b:
+                    raise ValueError(
+                        f"qformer_input_ids {tuple(qformer_input_ids.shape)} for images "
+                        f"{tuple(pixel_values.shape[:2])} (batch, images per sample): "
+                        "InstructBLIP reads one instruction per image; give one image per "
+                        "sample (data.images=1)")
+            feats = self.image_features(pixel_values.reshape(b * m, *pixel_values.shape[2:]),
+                                        qformer_input_ids, qformer_attention_mask)
             return feats.reshape(b, m, *feats.shape[1:])
         return self.project(self.vision_features(pixel_values), qformer_input_ids,
                             qformer_attention_mask)
@@ -258,7 +265,18 @@ def _register():
                 hf, where, name),
             to_hf=blip2_hf.to_hf, key_aliases=blip2_hf.KEY_ALIASES,
             unused_keys=blip2_hf.unused_keys, train_flops=train_flops, check=blip2_hf.check,
-            prompt_encoder=_prompt_encoder))
+            prompt_encoder=_prompt_encoder, sample_inputs=_sample_inputs,
+            sample_input_keys=_sample_input_keys))
+
+
+def _sample_input_keys(cfg):
+    from mllm_jax.models.blip2_prompts import InstructionInputs
+    return InstructionInputs.keys if cfg.model_type == "instructblip" else ()
+
+
+def _sample_inputs(cfg, data_cfg):
+    from mllm_jax.models.blip2_prompts import instruction_inputs
+    return instruction_inputs(cfg, data_cfg)
 
 
 def _prompt_encoder(cfg, checkpoint_dir):

@@ -82,3 +82,88 @@ class Blip2PromptEncoder:
         for row, e in enumerate(extras):
             ids[row, :len(e)], mask[row, :len(e)] = e, 1
         return {"qformer_input_ids": ids, "qformer_attention_mask": mask}
+
+
+# Instruction tokens per sample in training batches: LAVIS's InstructBLIP cuts the Q-Former's
+# text input to max_txt_len = 128 tokens.
+INSTRUCTION_LENGTH = 128
+
+
+def user_messages(messages) -> list:
+    """The user's messages of a LLaVA-format conversation (roles "human" / "user")."""
+    return [m for m in messages if m.get("from") in ("human", "user")]
+
+
+class InstructionInputs:
+    """InstructBLIP's per-sample training inputs (`ModelFamily.sample_inputs`): the sample's
+    instruction, its user messages as one text (`prompt_text`), in the Q-Former's tokenizer
+    with its special tokens ([CLS] ... [SEP]) and cut to `max_length` tokens, the last one
+    kept (HF's truncation keeps [SEP]). Batches hold `qformer_input_ids` and
+    `qformer_attention_mask` [batch, max_length], right padded. `tokenizer` None builds
+    synthetic inputs only."""
+
+    keys = ("qformer_input_ids", "qformer_attention_mask")
+
+    def __init__(self, tokenizer, max_length: int, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.vocab_size = int(vocab_size)
+        pad = tokenizer.pad_id if tokenizer is not None else None
+        self.pad_id = int(pad or 0)
+
+    def encode(self, messages, sample_id) -> np.ndarray:
+        text = prompt_text(user_messages(messages))
+        ids = self.tokenizer.encode_with_special_tokens(text)
+        if len(ids) > self.max_length:
+            ids = ids[:self.max_length - 1] + ids[-1:]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"sample {sample_id!r}: the Q-Former tokenizer gave id {bad[0]}, "
+                             f"outside the Q-Former's vocab_size {self.vocab_size}: "
+                             "data.qformer_tokenizer must be the checkpoint's qformer_tokenizer/")
+        return np.asarray(ids, np.int32)
+
+    def collate(self, encoded, batch_size: int) -> dict:
+        ids = np.full((batch_size, self.max_length), self.pad_id, np.int32)
+        mask = np.zeros((batch_size, self.max_length), np.int32)
+        for row, e in enumerate(encoded):
+            ids[row, :len(e)], mask[row, :len(e)] = e, 1
+        return {"qformer_input_ids": ids, "qformer_attention_mask": mask}
+
+    def synthetic(self, rng, batch_size: int) -> dict:
+        """Random instructions of 2 to max_length tokens."""
+        lengths = rng.integers(2, self.max_length + 1, size=batch_size)
+        mask = (np.arange(self.max_length)[None] < lengths[:, None]).astype(np.int32)
+        ids = rng.integers(1, self.vocab_size, size=(batch_size, self.max_length))
+        return {"qformer_input_ids": np.where(mask, ids, self.pad_id).astype(np.int32),
+                "qformer_attention_mask": mask}
+
+
+def instruction_inputs(cfg, data_cfg, *, llm_tokenizer_fallback: bool = False):
+    """The `InstructionInputs` of an InstructBLIP config (None for BLIP-2): the Q-Former's
+    tokenizer from `data.qformer_tokenizer`, default `data.tokenizer`/qformer_tokenizer (where
+    `InstructBlipProcessor.save_pretrained` puts it; with `llm_tokenizer_fallback`, the LLM's
+    tokenizer `data.tokenizer` itself when that directory does not exist);
+    `data.qformer_max_length` tokens per instruction (default 128, as LAVIS, or the
+    Q-Former's max_position_embeddings if fewer). Synthetic data needs no tokenizer."""
+    q = cfg.projector
+    if q.model_type != "instructblip_qformer":
+        return None
+    limit = int(q.max_position_embeddings)
+    length = data_cfg.get("qformer_max_length") or min(INSTRUCTION_LENGTH, limit)
+    if not 2 <= length <= limit:
+        raise ValueError(f"data.qformer_max_length = {length}: the Q-Former reads 2 to "
+                         f"max_position_embeddings = {limit} instruction tokens")
+    if data_cfg.get("source") == "synthetic":
+        return InstructionInputs(None, length, q.vocab_size)
+    path = data_cfg.get("qformer_tokenizer") or ""
+    if not path and data_cfg.get("tokenizer"):
+        path = os.path.join(data_cfg.get("tokenizer"), QFORMER_TOKENIZER_DIR)
+        if llm_tokenizer_fallback and not os.path.isdir(path):
+            path = data_cfg.get("tokenizer")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"InstructBLIP's Q-Former reads each sample's instruction with its own tokenizer, "
+            f"and {path or 'data.tokenizer'!r} is not a directory: set "
+            f"data.qformer_tokenizer to the checkpoint's {QFORMER_TOKENIZER_DIR}/ directory")
+    return InstructionInputs(load_tokenizer(path), length, q.vocab_size)

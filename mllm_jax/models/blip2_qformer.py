@@ -282,6 +282,22 @@ def _flat(tree):
     return flax.traverse_util.flatten_dict(tree, sep="/")
 
 
+# An instructblip_qformer keeps the instruction's embeddings and their LayerNorm inside the
+# Q-Former; a stage-1 model has them beside it (`embeddings/`), normalised by the
+# Q-Former's `layernorm`, which LAVIS's InstructBLIP shares as its BERT embeddings.
+_INSTRUCTION_EMBEDDINGS = (("qformer/embeddings/layernorm/", "qformer/layernorm/"),
+                           ("qformer/embeddings/word_embeddings/", "embeddings/word_embeddings/"),
+                           ("qformer/embeddings/position_embeddings/",
+                            "embeddings/position_embeddings/"))
+
+
+def _stage1_key(rel: str) -> str:
+    for dst, src in _INSTRUCTION_EMBEDDINGS:
+        if rel.startswith(dst):
+            return src + rel[len(dst):]
+    return rel
+
+
 def copy_qformer(stage1_params, params, *, prefix=None, ln_vision_to=None):
     """`params` (a stage-2 model's tree) with its query tokens and Q-Former taken from a
     stage-1 tree (`stage1_params` of a blip2_qformer model). The stage-2 Q-Former lives
@@ -292,7 +308,10 @@ def copy_qformer(stage1_params, params, *, prefix=None, ln_vision_to=None):
     stage-2 Q-Former without text input drops, as LAVIS does) are left out. A stage-1
     `ln_vision` changes the features the queries read: it is copied to `ln_vision_to` (a
     path of the destination, e.g. its vision model's post LayerNorm), and refused when that
-    is not given. Returns a new tree; the arrays are the stage-1 ones (not copies)."""
+    is not given. An InstructBLIP Q-Former (`instructblip_qformer`) takes its instruction
+    embeddings from the stage-1 text `embeddings` and their LayerNorm from the stage-1
+    Q-Former's `layernorm`, as LAVIS initialises InstructBLIP from BLIP-2. Returns a new tree;
+    the arrays are the stage-1 ones (not copies)."""
     src, dst = _flat(stage1_params), _flat(params)
     if prefix is None:
         prefix = next((p for p in ("multi_modal_projector/", "") if p + "query_tokens" in dst),
@@ -308,7 +327,7 @@ def copy_qformer(stage1_params, params, *, prefix=None, ln_vision_to=None):
     targets = [k for k in dst if k.startswith(prefix) and (
         k[len(prefix):] == "query_tokens" or k[len(prefix):].startswith("qformer/"))]
     for k in targets:
-        rel = k[len(prefix):]
+        rel = _stage1_key(k[len(prefix):])
         if rel not in src:
             missing.append(rel)
         elif tuple(np.shape(src[rel])) != tuple(np.shape(dst[k])):

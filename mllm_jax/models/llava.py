@@ -71,28 +71,40 @@ class Llava(nn.Module):
         """Encoder features, before the connector: [n_images, tokens, d_vis]."""
         return self.vision_tower(pixel_values)
 
-    def project(self, vision_features):
-        return self.multi_modal_projector(vision_features)
+    def project(self, vision_features, **connector_inputs):
+        """The connector; `connector_inputs` are the per-image inputs some connectors read
+        besides the features (an instruction-aware Q-Former's `qformer_input_ids` and
+        `qformer_attention_mask`, see `ConnectorSpec.sample_input_keys`)."""
+        return self.multi_modal_projector(vision_features, **connector_inputs)
 
-    def image_features(self, pixel_values):
+    def image_features(self, pixel_values, **connector_inputs):
         """[n_images, h, w, c] -> projected features [n_images, tokens, text hidden];
-        [b, max_images, h, w, c] -> [b, max_images, tokens, text hidden]."""
+        [b, max_images, h, w, c] -> [b, max_images, tokens, text hidden] (with connector
+        inputs [b, ...]: one image per sample)."""
         if pixel_values.ndim == 5:
             b, m = pixel_values.shape[:2]
-            feats = self.image_features(pixel_values.reshape(b * m, *pixel_values.shape[2:]))
+            if connector_inputs and m != 1:
+                raise ValueError(
+                    f"{sorted(connector_inputs)} come one per sample, and the samples hold "
+                    f"{m} images each: the connector reads them per image; give one image "
+                    "per sample (data.images=1)")
+            feats = self.image_features(pixel_values.reshape(b * m, *pixel_values.shape[2:]),
+                                        **connector_inputs)
             return feats.reshape(b, m, *feats.shape[1:])
-        return self.project(self.vision_features(pixel_values))
+        return self.project(self.vision_features(pixel_values), **connector_inputs)
 
-    def embed(self, input_ids, pixel_values=None, *, image_features=None):
+    def embed(self, input_ids, pixel_values=None, *, image_features=None,
+              **connector_inputs):
         """Text embeddings with image features at the image-token positions. Give either
-        pixel_values or precomputed (projected) image_features."""
+        pixel_values (and the connector's inputs) or precomputed (projected)
+        image_features."""
         embeds = nn.with_logical_constraint(self.language_model.embed(input_ids), ACT_AXES)
         if image_features is None and pixel_values is None:
             if self.is_initializing():
                 self.image_features(_blank_image(self.cfg))  # creates the tower's parameters
             return embeds
         feats = image_features if image_features is not None else self.image_features(
-            pixel_values)
+            pixel_values, **connector_inputs)
         if feats.ndim == 3:
             check_image_tokens(input_ids, feats.shape[0], feats.shape[1],
                                self.cfg.image_token_index)
@@ -103,9 +115,11 @@ class Llava(nn.Module):
         return nn.with_logical_constraint(merged, ACT_AXES)
 
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *,
-                      image_features=None, segment_ids=None, position_ids=None):
+                      image_features=None, segment_ids=None, position_ids=None,
+                      **connector_inputs):
         """Final (normed) hidden states [b, s, d]; `logits_from_hidden` finishes the job."""
-        embeds = self.embed(input_ids, pixel_values, image_features=image_features)
+        embeds = self.embed(input_ids, pixel_values, image_features=image_features,
+                            **connector_inputs)
         return self.language_model.decode(embeds, attention_mask, segment_ids, position_ids)
 
     def output_head(self):
@@ -115,9 +129,10 @@ class Llava(nn.Module):
         return self.language_model.logits_from_hidden(h)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, segment_ids=None,
-                 position_ids=None):
+                 position_ids=None, **connector_inputs):
         h = self.hidden_states(input_ids, pixel_values, attention_mask,
-                               segment_ids=segment_ids, position_ids=position_ids)
+                               segment_ids=segment_ids, position_ids=position_ids,
+                               **connector_inputs)
         return self.logits_from_hidden(h)
 
     # ---- decoding: images enter at prefill; the cache is the LLM's ----------------------
@@ -130,9 +145,10 @@ class Llava(nn.Module):
     def reorder_cache(self, cache, rows) -> dict:
         return CausalLM(self.cfg).reorder_cache(cache, rows)
 
-    def prefill(self, input_ids, attention_mask, cache, pixel_values=None):
+    def prefill(self, input_ids, attention_mask, cache, pixel_values=None,
+                **connector_inputs):
         """As `CausalLM.prefill`, with the images merged into the prompt embeddings."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, **connector_inputs)
         return self.language_model.prefill(None, attention_mask, cache, inputs_embeds=embeds)
 
     def decode_step(self, tokens, positions, kv_mask, cache):
@@ -294,4 +310,11 @@ register_model("llava", ModelFamily(
     tokens_per_image=tokens_per_image,
     hf_model_types=lambda: ("llava",), from_hf=llava_from_hf, to_hf=llava_to_hf,
     key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops,
-    check=check))
+    check=check,
+    sample_inputs=lambda cfg, data_cfg: _connector_sample_inputs(cfg, data_cfg),
+    sample_input_keys=lambda cfg: CONNECTORS.get(cfg.projector.type).sample_input_keys(cfg)))
+
+
+def _connector_sample_inputs(cfg, data_cfg):
+    make = CONNECTORS.get(cfg.projector.type).sample_inputs
+    return None if make is None else make(cfg, data_cfg)

@@ -93,6 +93,10 @@ class ConnectorSpec:
     tokens_out: Callable[[Any, int], int] = lambda cfg, tokens_in: tokens_in
     # (cfg, tokens_in, feature size in) -> forward FLOPs per image
     flops: Optional[Callable[[Any, int, int], float]] = None
+    # As `ModelFamily.sample_inputs` / `sample_input_keys`, for a connector that reads more
+    # than the image features (an instruction-aware Q-Former); composed families ask it.
+    sample_inputs: Optional[Callable[[Any, Any], Any]] = None
+    sample_input_keys: Callable[[Any], tuple] = lambda cfg: ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +164,16 @@ class ModelFamily:
     # `encode(conversation) -> (input ids, extra)` and `batch(extras) -> {keyword: array}`
     # (the extra model inputs of a batch of prompts); see `infer.batching`. None: templates.
     prompt_encoder: Optional[Callable[[Any, str], Any]] = None
+    # (cfg, data cfg) -> the builder of the per-sample model inputs that training batches
+    # carry besides the conversation (InstructBLIP: each sample's instruction for its
+    # Q-Former); None when this model needs none. The builder has `keys` (the batch keys,
+    # keyword arguments of the model's `hidden_states`), `encode(messages, sample_id)` (one
+    # sample's arrays, from its LLaVA-format messages), `collate(encoded, batch_size)` and
+    # `synthetic(rng, batch_size)` (random inputs for synthetic batches).
+    sample_inputs: Optional[Callable[[Any, Any], Any]] = None
+    # (cfg) -> the builder's `keys` without building it: what the training objectives pass
+    # from a batch to the model, and require.
+    sample_input_keys: Callable[[Any], tuple] = lambda cfg: ()
 
 
 ENCODERS = Registry("encoder", "vision.type")
@@ -242,6 +256,18 @@ def tokens_per_image(cfg, image_size=None) -> int:
 def image_token_id(cfg):
     """The id of the image placeholder tokens (None for a model that takes no images)."""
     return family(cfg).image_token_id(cfg) if is_multimodal(cfg) else None
+
+
+def sample_inputs(cfg, data_cfg):
+    """The family's builder of per-sample model inputs (see `ModelFamily.sample_inputs`), or
+    None when the model reads only input ids, masks and images."""
+    make = family(cfg).sample_inputs
+    return None if make is None else make(cfg, data_cfg)
+
+
+def sample_input_keys(cfg) -> tuple:
+    """The batch keys of the model's per-sample inputs (`ModelFamily.sample_input_keys`)."""
+    return tuple(family(cfg).sample_input_keys(cfg))
 
 
 def generates(cfg) -> bool:

@@ -64,6 +64,11 @@ def base(preset: str) -> ml_collections.ConfigDict:
                                         "workers": 4,
                                         # source "tfds": a prepared tfds_builders directory
                                         "tfds_dir": "",
+                                        # InstructBLIP: the tokenizer of the instruction its
+                                        # Q-Former reads (default data.tokenizer/
+                                        # qformer_tokenizer) and its length (0: 128, or the
+                                        # Q-Former's max_position_embeddings if fewer)
+                                        "qformer_tokenizer": "", "qformer_max_length": 0,
                                         # weighted sources (replace json / tfds_dir):
                                         # [{"json" | "tfds_dir", "image_root", "weight"}]
                                         "mixture": []})

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mllm_jax.models import registry
 from mllm_jax.train import losses
 from mllm_jax.train.partition import merge
 
@@ -34,12 +35,25 @@ def _apply(model, params, method, *args, **kw):
     return model.apply({"params": params}, *args, method=method, **kw)
 
 
+def sample_inputs(model, batch) -> dict:
+    """The batch's per-sample model inputs that the model's family names
+    (`registry.sample_input_keys`, e.g. InstructBLIP's Q-Former instruction); a ValueError
+    when the batch lacks one."""
+    keys = registry.sample_input_keys(model.cfg)
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"model_type {model.cfg.model_type!r} reads {list(keys)} with every "
+                         f"sample; the batch has no {missing}: train it from data.source="
+                         "llava_json / tfds / synthetic, which build them")
+    return {k: batch[k] for k in keys}
+
+
 def lm_objective(model, params, batch, frozen_extra, *, chunk_size=2048):
     """Masked next-token cross-entropy: (sum of NLL, label tokens, metrics)."""
     del frozen_extra
     h = _apply(model, params, "hidden_states", batch["input_ids"], batch.get("pixel_values"),
                batch.get("attention_mask"), segment_ids=batch.get("segment_ids"),
-               position_ids=batch.get("position_ids"))
+               position_ids=batch.get("position_ids"), **sample_inputs(model, batch))
     head = _apply(model, params, "output_head")
     loss_sum, n = losses.masked_lm_loss(h, batch["labels"], head, chunk_size)
     return loss_sum, n, {}
@@ -49,6 +63,10 @@ def dpo_objective(model, params, batch, frozen_extra, *, beta=0.1, chunk_size=20
     """DPO over (chosen, rejected) pairs sharing their images. The vision tower runs once per
     pair (it is frozen, so policy and reference share it); each side projects it with its own
     connector. frozen_extra["ref"] holds the full reference parameters."""
+    if registry.sample_input_keys(model.cfg):
+        raise ValueError(f"model_type {model.cfg.model_type!r} reads "
+                         f"{list(registry.sample_input_keys(model.cfg))} with every sample; "
+                         "the dpo objective does not pass them: train it with the lm objective")
     ref = frozen_extra["ref"]
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])

@@ -368,6 +368,25 @@ def forward_flops(cfg, tokens_in: int, d_in: int) -> float:
     return q.num_hidden_layers * (self_attn + ffn) + cross * cross_attn + projection
 
 
+def _sample_input_keys(cfg) -> tuple:
+    """An instructblip_qformer reads each sample's instruction (`qformer_input_ids`,
+    `qformer_attention_mask`)."""
+    if cfg.projector.model_type != "instructblip_qformer":
+        return ()
+    from mllm_jax.models.blip2_prompts import InstructionInputs
+    return InstructionInputs.keys
+
+
+def _sample_inputs(cfg, data_cfg):
+    """The instruction builder of a LLaVA-style model with an instructblip_qformer
+    connector: the Q-Former's tokenizer is data.qformer_tokenizer, data.tokenizer/
+    qformer_tokenizer, or else the LLM's own (data.tokenizer), whose ids the Q-Former's
+    `vocab_size` must then cover."""
+    from mllm_jax.models.blip2_prompts import instruction_inputs
+    return instruction_inputs(cfg, data_cfg, llm_tokenizer_fallback=True)
+
+
 register_connector("qformer", ConnectorSpec(
     module=QFormerConnector, config=qformer_config,
-    tokens_out=lambda cfg, tokens_in: cfg.projector.num_query_tokens, flops=forward_flops))
+    tokens_out=lambda cfg, tokens_in: cfg.projector.num_query_tokens, flops=forward_flops,
+    sample_inputs=_sample_inputs, sample_input_keys=_sample_input_keys))
