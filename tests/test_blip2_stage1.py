@@ -386,6 +386,19 @@ def test_copy_into_a_llava_qformer_gives_the_same_qformer(model_and_params):
     bad = dict(no_ln, query_tokens=np.zeros((1, N_Q + 1, 16), np.float32))
     with pytest.raises(ValueError, match="query_tokens"):
         B.copy_qformer(bad, dst)
+    # An instruction-aware Q-Former takes the text embeddings and the shared LayerNorm too,
+    # as LAVIS initialises InstructBLIP from BLIP-2.
+    llava.projector.model_type = "instructblip_qformer"
+    dst = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, s.dtype),
+                                 abstract_params(build_model(llava)))
+    got = B.copy_qformer(no_ln, dst)["multi_modal_projector"]["qformer"]
+    for name, src in (("word_embeddings", no_ln["embeddings"]["word_embeddings"]),
+                      ("position_embeddings", no_ln["embeddings"]["position_embeddings"]),
+                      ("layernorm", no_ln["qformer"]["layernorm"])):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got["embeddings"][name], src)
+    np.testing.assert_array_equal(got["encoder"]["layer_0"]["intermediate"]["dense"]["kernel"],
+                                  no_ln["qformer"]["encoder"]["layer_0"]["intermediate"]["dense"]
+                                  ["kernel"])
 
 
 # ---- retrieval ---------------------------------------------------------------------------------
