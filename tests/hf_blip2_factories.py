@@ -136,3 +136,20 @@ def save_processor(d):
     processor.save_pretrained(d)
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN
     return processor
+
+
+def instructblip_checkpoint(directory, seed: int):
+    """A tiny InstructBLIP (LLaMA) checkpoint directory as HF writes one: the model
+    (`build(..., seed)`), then its processor (`save_processor`). Returns (model, processor)."""
+    hf = build("instructblip", "llama", seed=seed)
+    hf.save_pretrained(directory)
+    return hf, save_processor(directory)
+
+
+def random_image(path, seed: int):
+    """Saves a random RGB image of the vision config's size at `path`; returns the path."""
+    from PIL import Image
+    size = VISION["image_size"]
+    pixels = np.random.RandomState(seed).randint(0, 256, (size, size, 3), np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)

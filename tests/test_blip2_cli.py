@@ -6,7 +6,6 @@ tokenizer, `qformer_tokenizer/`, the image processor): the answers equal HF's pr
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,19 +18,14 @@ from mllm_jax.models.registry import ENCODERS
 pytestmark = pytest.mark.skipif("eva" not in ENCODERS,
                                 reason="needs the eva encoder (BLIP-2's ViT)")
 
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """(directory, HF model, HF processor, image path)."""
     root = tmp_path_factory.mktemp("instructblip_cli")
     d = str(root / "ckpt")
-    hf = F.build("instructblip", "llama", seed=3)
-    hf.save_pretrained(d)
-    processor = F.save_processor(d)
-    size = F.VISION["image_size"]
-    rng = np.random.RandomState(0)
-    image = str(root / "picture.png")
-    Image.fromarray(rng.randint(0, 256, (size, size, 3), np.uint8)).save(image)
-    return d, hf, processor, image
+    hf, processor = F.instructblip_checkpoint(d, seed=3)
+    return d, hf, processor, F.random_image(root / "picture.png", seed=0)
 
 
 def _hf_answer(checkpoint, prompt, **gen):

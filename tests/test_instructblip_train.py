@@ -35,15 +35,11 @@ def checkpoint(tmp_path_factory):
     """(checkpoint directory, HF model, processor, LLaVA-format data file)."""
     root = tmp_path_factory.mktemp("instructblip_train")
     d = str(root / "ckpt")
-    hf = F.build("instructblip", "llama", seed=5)
-    hf.save_pretrained(d)
-    processor = F.save_processor(d)
-    size = F.VISION["image_size"]
-    rng = np.random.RandomState(1)
+    hf, processor = F.instructblip_checkpoint(d, seed=5)
     records = []
     for k, (q, a) in enumerate(QUESTIONS):
         name = f"img{k}.png"
-        Image.fromarray(rng.randint(0, 256, (size, size, 3), np.uint8)).save(root / name)
+        F.random_image(root / name, seed=k)
         records.append({"id": f"s{k}", "image": name,
                         "conversations": [{"from": "human", "value": f"<image>\n{q}"},
                                           {"from": "gpt", "value": a}]})
