@@ -248,6 +248,25 @@ def test_step_rng_is_a_function_of_the_state():
     assert np.abs(np.asarray(step(big, {}, {}, {})[0].params["w"])).max() <= 1.0
 
 
+
+def test_dropout_masks_are_a_function_of_the_step_rng(model_and_params):
+    """With dropout on, the loss is the same for the same step RNG, another for another RNG,
+    and differs from the deterministic loss; the masks come from an "rbg" key."""
+    from mllm_jax.train.blip2_stage1 import dropout_key, stage1_loss
+    _, _, params = model_and_params
+    cfg = tiny_config()
+    cfg.qformer.update(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    model = B.Blip2QFormerPretraining(cfg)
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    loss = jax.jit(lambda rng, dropout: stage1_loss(model, params, batch, rng,
+                                                    dropout=dropout)[0],
+                   static_argnums=1)
+    k0, k1 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
+    a, b, c, det = loss(k0, True), loss(k0, True), loss(k1, True), loss(k0, False)
+    assert float(a) == float(b)
+    assert float(a) != float(c) and float(a) != float(det)
+    assert str(jax.random.key_impl(dropout_key(k0))) == "rbg"
+
 def _train_config():
     c = recipe.base("tiny-llava")
     c.model = tiny_config()
