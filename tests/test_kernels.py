@@ -89,6 +89,18 @@ def test_chunked_loss_equals_one_chunk_with_gradients():
             np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def _blocked_attention(q, k, v, mask, block):
+    return attention.causal_self_attention(q, k, v, mask, 0.3, block_size=block)
+
+
+# Compiled once for the three maskings (the mask is an argument, the block size static).
+_blocked = jax.jit(_blocked_attention, static_argnums=4)
+_blocked_grad = jax.jit(jax.grad(lambda q, k, v, mask, w, block: jnp.sum(
+    _blocked_attention(q, k, v, mask, block) * w), (0, 1, 2)), static_argnums=5)
+_full_grad = jax.jit(jax.grad(lambda q, k, v, mask, w: jnp.sum(
+    attention.dot_product_attention(q, k, v, mask, 0.3) * w), (0, 1, 2)))
+
+
 @pytest.mark.parametrize("masking", ["causal", "left_padding", "segments"])
 def test_blocked_causal_attention_equals_full_attention(masking):
     """Skipping the keys after each query block changes nothing for queries that attend to
@@ -106,12 +118,10 @@ def test_blocked_causal_attention_equals_full_attention(masking):
     live = jnp.any(mask, axis=-1)[:, 0][:, :, None, None]  # [b, s, 1, 1]: attends somewhere
     w = jnp.asarray(r.randn(b, s, h, d), jnp.float32) * live
     full = attention.dot_product_attention(q, k, v, mask, 0.3)
+    gf = _full_grad(q, k, v, mask, w)
     for block in (4, 5, 8, 20):
-        blocked = attention.causal_self_attention(q, k, v, mask, 0.3, block_size=block)
-        np.testing.assert_allclose(blocked * live, full * live, atol=1e-6)
-        gb = jax.grad(lambda *a: jnp.sum(attention.causal_self_attention(
-            *a, mask, 0.3, block_size=block) * w), (0, 1, 2))(q, k, v)
-        gf = jax.grad(lambda *a: jnp.sum(attention.dot_product_attention(*a, mask, 0.3) * w),
-                      (0, 1, 2))(q, k, v)
+        np.testing.assert_allclose(_blocked(q, k, v, mask, block) * live, full * live,
+                                   atol=1e-6)
+        gb = _blocked_grad(q, k, v, mask, w, block)
         for a, p in zip(gb, gf):
             np.testing.assert_allclose(a, p, atol=2e-5)
