@@ -78,6 +78,22 @@ def test_the_stages_train_the_q_former_that_stage_1_pre_trained(result):
     llm = [k for k in s1 if k.startswith("language_model/")]
     assert any(not np.array_equal(s1[k], s2[k]) for k in llm) == llm_trains
     assert all(np.array_equal(s1[k], s2[k]) for k in s1 if k.startswith("vision_tower/"))
+    # The stages train the queries and Q-Former at `qformer_lr`, the projection at theirs.
+    s = result["settings"]
+    for name in STAGES:
+        cfg = configs.stage_config(s, name, configs.model_config(s, 0, "qformer"), "data", "tok",
+                                   "init", connector="qformer")
+        assert [list(g) for g in cfg.train.lr_groups] == [
+            ["qformer", configs.QFORMER_PARAMS, s.qformer_lr]]
+    import re
+    slow = {k for k in init if re.search(configs.QFORMER_PARAMS, k)}
+    assert set(qformer) | {"multi_modal_projector/query_tokens"} == slow
+    # Its stage-1 phase read one pair per object, the objects' region phrases.
+    pairs = json.load(open(os.path.join(workdir, "qformer", "pairs_train.json")))
+    world = json.load(open(os.path.join(workdir, "data", "pairs_train.json")))
+    assert s.qformer_pretrain_texts == "phrases"
+    assert [p["caption"] for p in pairs] == [r["phrase"] + "." for e in world
+                                             for r in e["regions"]]
 
 
 def test_the_report_shows_the_q_former_phases_and_numbers(result):
@@ -115,3 +131,36 @@ def test_the_q_former_recipes_compare_connectors_on_the_llava_recipes_data():
     assert list(s1.stage.trainable) == [recipe.PROJECTOR]
     assert list(s2.stage.trainable) == [recipe.PROJECTOR, recipe.LLM]
     assert s2.model.to_dict() == s1.model.to_dict()
+
+
+def test_pretrain_pairs_texts(tmp_path):
+    """Captions, region phrases (one pair per object, ids `{image}-r{k}`, the image's
+    path kept so its pairs share an image id), or both; a file without regions or an
+    unknown choice is refused by name."""
+    from mllm_jax.demo.qformer import pretrain_pairs
+    src = tmp_path / "pairs_train.json"
+    src.write_text(json.dumps([
+        {"id": "a", "image": "images/a.png", "caption": "a red circle and a blue square.",
+         "regions": [{"box": [0, 0, 4, 4], "phrase": "a small red circle"},
+                     {"box": [4, 4, 8, 8], "phrase": "a large blue square"}]},
+        {"id": "b", "image": "images/b.png", "caption": "a green cross.",
+         "regions": [{"box": [0, 0, 4, 4], "phrase": "a small green cross"}]}]))
+
+    def read(texts):
+        out = pretrain_pairs(str(src), texts, str(tmp_path / texts / "pairs.json"))
+        return [(e["id"], e["image"], e["caption"]) for e in json.load(open(out))]
+
+    assert read("captions") == [("a", "images/a.png", "a red circle and a blue square."),
+                                ("b", "images/b.png", "a green cross.")]
+    phrases = [("a-r0", "images/a.png", "a small red circle."),
+               ("a-r1", "images/a.png", "a large blue square."),
+               ("b-r0", "images/b.png", "a small green cross.")]
+    assert read("phrases") == phrases
+    both = read("both")
+    assert both[0] == ("a", "images/a.png", "a red circle and a blue square.")
+    assert sorted(both) == sorted(read("captions") + phrases)
+    with pytest.raises(ValueError, match="qformer_pretrain_texts='regions'"):
+        read("regions")
+    src.write_text(json.dumps([{"id": "a", "image": "images/a.png", "caption": "x."}]))
+    with pytest.raises(ValueError, match=r"entry 0 \(a\) has no regions"):
+        read("phrases")

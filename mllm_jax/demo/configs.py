@@ -29,6 +29,8 @@ STAGES = (("stage1", (recipe.PROJECTOR,), "lm", "captions"),
 QFORMER_STAGES = (("stage1", (recipe.PROJECTOR,), "lm", "captions"),
                   ("stage2", (recipe.PROJECTOR, recipe.LLM), "lm", "instruct"))
 CONNECTORS = {"mlp": STAGES, "qformer": QFORMER_STAGES}
+# The Q-Former connector's queries and layers (`Settings.qformer_lr`), not its projection.
+QFORMER_PARAMS = r"^multi_modal_projector/(query_tokens|qformer/)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,17 @@ class Settings:
     qformer_layers: int = 2
     qformer_heads: int = 4
     qformer_pretrain: StageRun = StageRun(steps=400, batch=64, lr=1e-3, max_length=32)
+    # The texts of its pairs (`demo.qformer.pretrain_pairs`): "phrases", one pair per object
+    # (its region phrase, "a small red circle."); "captions", the image's caption (every
+    # object in one sentence); or "both". Matched against captions, the best query learns
+    # to stand for the whole scene, and an LLM reading the queries answers existence
+    # questions at chance (0.56); matched against phrases, each object gets a query of
+    # its own (existence 0.89).
+    qformer_pretrain_texts: str = "phrases"
+    # The learning rate of the queries and the Q-Former in the LLaVA stages (BLIP-2's stage
+    # 2 uses 1e-4); its projection trains at the stage's. At the stages' 1e-3 the query
+    # outputs collapse onto one another and the pre-trained features are lost.
+    qformer_lr: float = 1e-4
     qformer_stage1: StageRun = StageRun(steps=150, batch=32, lr=2e-3, max_length=56)
     qformer_stage2: StageRun = StageRun(steps=1500, batch=16, lr=1e-3, max_length=128)
     # Stage 3 pairs: the first `world_pairs` of the world's preference pairs (an absent
@@ -226,6 +239,8 @@ def stage_config(s: Settings, name: str, model: ml_collections.ConfigDict, data_
     c.data.update(source="llava_json", json=json_path or f"{data_dir}/{data}_train.json",
                   image_root=data_dir, tokenizer=tokenizer_dir, template="mistral",
                   max_length=run.max_length, workers=2, images=1, seed=s.seed)
-    if connector == "qformer" and s.qformer_instruction:
-        c.data.qformer_max_length = s.qformer_instruction_tokens
+    if connector == "qformer":
+        c.train.lr_groups = [["qformer", QFORMER_PARAMS, s.qformer_lr]]
+        if s.qformer_instruction:
+            c.data.qformer_max_length = s.qformer_instruction_tokens
     return c

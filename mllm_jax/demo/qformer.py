@@ -7,11 +7,13 @@ tokens in the LLM's input. Phases after the towers' pre-training:
 1. Q-Former stage-1 representation pre-training (`pretrain_phase`, workdir qformer/): the
    queries learn to read the frozen ViT's features with BLIP-2's image-text contrastive,
    matching and image-grounded generation losses (`train.blip2_stage1`) on the world's
-   image-caption pairs; scored by held-out image-to-text retrieval (R@1 against chance,
+   objects and their region phrases (`pretrain_pairs`, `Settings.qformer_pretrain_texts`);
+   scored by held-out image-to-text retrieval of whole captions (R@1 against chance,
    1 / candidates).
 2. Stage 1, BLIP-2's generative pre-training: the demo's caption stage with the Q-Former
    connector initialised from phase 1 (`blip2_qformer.copy_qformer`), the Q-Former and its
-   `language_projection` trained, ViT and LLM frozen.
+   `language_projection` trained (the queries and Q-Former at `Settings.qformer_lr`), ViT
+   and LLM frozen.
 3. Stage 2, instruction tuning on the world's instructions (`configs.QFORMER_STAGES` says
    what trains, and why).
 
@@ -49,8 +51,40 @@ def stage1_model_config(s, model_cfg) -> ml_collections.ConfigDict:
         ln_vision=False, image_text_hidden_size=s.qformer_hidden, dec_token_id=s.vocab_size)
 
 
+PRETRAIN_TEXTS = ("phrases", "captions", "both")
+
+
+def pretrain_pairs(pairs_path: str, texts: str, out_path: str) -> str:
+    """The stage-1 pairs file at `out_path` from the world's pairs file (`pairs_{split}.json`,
+    images relative to its directory): for `texts` "captions" each image with its caption;
+    "phrases" each object's region phrase as a pair of its own (id `{image id}-r{k}`), so
+    the image-text contrastive loss, a maximum over the queries, matches every object
+    against some query; "both" the two. The pairs of one image share its image id
+    (`data.pairs`), so they are positives of each other, never negatives."""
+    import json
+    if texts not in PRETRAIN_TEXTS:
+        raise ValueError(f"demo setting qformer_pretrain_texts={texts!r}; use one of "
+                         f"{list(PRETRAIN_TEXTS)}")
+    from mllm_jax.demo.files import read_pairs
+    read_pairs(pairs_path, regions=texts != "captions")  # checks the file, names bad entries
+    with open(pairs_path, encoding="utf-8") as f:
+        entries = json.load(f)
+    out = []
+    for e in entries:
+        if texts != "phrases":
+            out.append({"id": e["id"], "image": e["image"], "caption": e["caption"]})
+        if texts != "captions":
+            out.extend({"id": f"{e['id']}-r{k}", "image": e["image"],
+                        "caption": r["phrase"] + "."} for k, r in enumerate(e["regions"]))
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(out, f)
+    return out_path
+
+
 def stage1_config(s, model_cfg, paths, init_dir) -> ml_collections.ConfigDict:
-    """The `train.loop.train` config of the Q-Former's stage-1 pre-training."""
+    """The `train.loop.train` config of the Q-Former's stage-1 pre-training on
+    `paths["qformer_pairs_train"]` (images under the directory of `paths["pairs_train"]`)."""
     run = s.qformer_pretrain
     c = recipe.base("tiny-llava")
     c.model = stage1_model_config(s, model_cfg)
@@ -61,7 +95,7 @@ def stage1_config(s, model_cfg, paths, init_dir) -> ml_collections.ConfigDict:
     c.train.update(global_batch_size=run.batch, num_steps=run.steps, seed=s.seed,
                    log_every=max(1, run.steps // 10), checkpoint_every=run.steps + 1,
                    keep_checkpoints=1, async_checkpointing=False, export_final=True)
-    c.data.update(source="llava_json", json=paths["pairs_train"],
+    c.data.update(source="llava_json", json=paths["qformer_pairs_train"],
                   image_root=os.path.dirname(paths["pairs_train"]),
                   tokenizer=paths["tokenizer"], max_length=run.max_length, workers=2,
                   images=1, seed=s.seed)
@@ -70,7 +104,8 @@ def stage1_config(s, model_cfg, paths, init_dir) -> ml_collections.ConfigDict:
 
 def pretrain_phase(s, model_cfg, vision, paths, workdir, progress):
     """Q-Former stage-1 pre-training in `workdir`/qformer (init/: the initial stage-1 model,
-    train/: its training workdir) with the ViT `vision` frozen, then held-out retrieval.
+    pairs_train.json: its pairs, train/: its training workdir) with the ViT `vision` frozen,
+    then held-out retrieval of the captions.
     Returns (a function that puts the trained `query_tokens` and `qformer` into a LLaVA
     parameter tree with the Q-Former connector; metrics: `i2t_r1`, `t2i_r1`, `chance`,
     `candidates`, the mean of the last tenth of the steps' losses)."""
@@ -88,6 +123,8 @@ def pretrain_phase(s, model_cfg, vision, paths, workdir, progress):
     params["vision_model"] = vision
     root = os.path.join(workdir, "qformer")
     init_dir = save_orbax(model, params, os.path.join(root, "init"), overwrite=True)
+    paths = {**paths, "qformer_pairs_train": pretrain_pairs(
+        paths["pairs_train"], s.qformer_pretrain_texts, os.path.join(root, "pairs_train.json"))}
     cfg = stage1_config(s, model_cfg, paths, init_dir)
     run, history = s.qformer_pretrain, []
 
@@ -130,6 +167,11 @@ def report_text(settings, pretrain) -> str:
                      f"{q['candidates']} distinct captions for {q['i2t_r1']:.1%} of the "
                      f"images (R@1; chance {q['chance']:.1%}) and the right image for "
                      f"{q['t2i_r1']:.1%} of the captions (chance {q['t2i_chance']:.1%}).")
+    texts = {"phrases": "the world's objects, each image paired with each of its objects' "
+                        "region phrases",
+             "captions": "the world's image-caption pairs",
+             "both": "the world's image-caption pairs and, as pairs of their own, each "
+                     "object's region phrase"}[s.qformer_pretrain_texts]
     stage2 = {n: t for n, t, *_ in _stages()}["stage2"]
     llm = ("the Q-Former, its projection and the LLM" if recipe.LLM in stage2 else
            "the Q-Former and its projection (LLM frozen, as in InstructBLIP)")
@@ -138,11 +180,12 @@ pairs, then frozen; the LLM is pre-trained on the world's text. Between them sit
 ({s.qformer_layers} layers of width {s.qformer_hidden}, each cross-attending to the ViT's
 features): its {s.qformer_queries} query outputs, projected, are the image tokens the LLM
 reads. Q-Former stage 1 (BLIP-2's representation learning) trains the queries and the
-Q-Former with the image-text contrastive, matching and generation losses on the world's
-image-caption pairs ({s.qformer_pretrain.steps} steps of {s.qformer_pretrain.batch}).{retrieval}
+Q-Former with the image-text contrastive, matching and generation losses on {texts}
+({s.qformer_pretrain.steps} steps of {s.qformer_pretrain.batch}).{retrieval}
 Stage 1 (BLIP-2's generative pre-training) then trains the Q-Former and its projection on
 captions, ViT and LLM frozen; stage 2 (instruction tuning) trains {llm} on the world's
-instructions. There is no DPO stage in this run."""
+instructions, the queries and Q-Former at learning rate {s.qformer_lr:g} in both. There is
+no DPO stage in this run."""
 
 
 def _stages():
