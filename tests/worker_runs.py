@@ -27,7 +27,9 @@ class Run:
 
     def __init__(self, workdir, *args, sets=SINGLE, devices=2, cache_dir=None):
         env = dict(os.environ)
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        # Compiled as the test process compiles (conftest.py: no LLVM optimisation).
+        env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                            "--xla_backend_optimization_level=0")
         env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         if cache_dir:
