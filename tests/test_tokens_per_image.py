@@ -52,9 +52,11 @@ def test_everyone_asks_the_model(strategy, expected, tokenizer_dir, tmp_path):
 
     # The model's projected features.
     model = mllm_jax.build_model(m)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), *models.init_inputs(m))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0),
+                                                *models.init_inputs(m))["params"])
     pixels = jnp.zeros((3, m.vision.image_size, m.vision.image_size, 3))
-    feats = model.apply({"params": params}, pixels, method="image_features")
+    feats = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, method="image_features"),
+                           params, pixels)
     assert feats.shape[:2] == (3, n)
 
     # The training pipeline's expansion of <image>.
