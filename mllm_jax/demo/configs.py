@@ -110,7 +110,7 @@ class Settings:
     qformer_pretrain_texts: str = "phrases"
     # The learning rate of the queries and the Q-Former in the LLaVA stages (BLIP-2's stage
     # 2 uses 1e-4); its projection trains at the stage's. From the same stage-1 Q-Former,
-    # existence after stage 2: 0.567 at 1e-5, 0.747 at 3e-5, 0.773 at 1e-4.
+    # existence after stage 2: 0.567 at 1e-5, 0.747 at 3e-5, 0.773 at 1e-4, 0.813 at 3e-4.
     qformer_lr: float = 1e-4
     qformer_stage1: StageRun = StageRun(steps=150, batch=32, lr=2e-3, max_length=56)
     qformer_stage2: StageRun = StageRun(steps=1500, batch=16, lr=1e-3, max_length=128)
