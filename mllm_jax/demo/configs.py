@@ -100,6 +100,9 @@ class Settings:
     qformer_hidden: int = 128
     qformer_layers: int = 2
     qformer_heads: int = 4
+    # Dropout on the Q-Former's hidden states and attention probabilities (BLIP-2's 0.1); it
+    # is on only in its stage-1 pre-training (the LLaVA stages run it deterministically).
+    qformer_dropout: float = 0.1
     qformer_pretrain: StageRun = StageRun(steps=400, batch=64, lr=1e-3, max_length=32)
     # The texts of its pairs (`demo.qformer.pretrain_pairs`): "phrases", one pair per object
     # (its region phrase, "a small red circle."); "captions", the image's caption (every
@@ -145,6 +148,7 @@ SCALES = {
                      world_pairs=64, yesno_pairs=64, on_policy_scenes=64, eval_batch=64,
                      short_new_tokens=24, long_new_tokens=48, qformer_queries=4,
                      qformer_hidden=32, qformer_layers=1, qformer_heads=2,
+                     qformer_dropout=0.0,
                      qformer_pretrain=StageRun(steps=10, batch=16, lr=1e-3, max_length=32),
                      qformer_stage1=StageRun(steps=16, batch=16, lr=3e-3, max_length=56),
                      qformer_stage2=StageRun(steps=60, batch=16, lr=3e-3, max_length=128)),
@@ -211,7 +215,9 @@ def qformer_config(s: Settings) -> ml_collections.ConfigDict:
                 num_hidden_layers=s.qformer_layers, num_attention_heads=s.qformer_heads,
                 intermediate_size=4 * s.qformer_hidden, cross_attention_frequency=1,
                 encoder_hidden_size=s.vision_hidden, vocab_size=s.vocab_size + 1,
-                max_position_embeddings=128, pad_token_id=3)
+                max_position_embeddings=128, pad_token_id=3,
+                hidden_dropout_prob=s.qformer_dropout,
+                attention_probs_dropout_prob=s.qformer_dropout)
 
 
 def stage_config(s: Settings, name: str, model: ml_collections.ConfigDict, data_dir: str,
