@@ -7,8 +7,11 @@ in the backward pass (jax.checkpoint), so [batch, seq, vocab] logits never exist
 """
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 IGNORE_INDEX = -100
 
@@ -21,13 +24,13 @@ def shift_labels(labels):
 
 def _logits(h, w, vocab_major):
     if vocab_major:  # tied embeddings [vocab, d]
-        return jnp.einsum("nd,vd->nv", h, w, preferred_element_type=jnp.float32)
-    return jnp.einsum("nd,dv->nv", h, w, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def linear_target_logprobs(h, w, targets, vocab_major: bool):
-    """log softmax(h @ w)[target] for tokens h [n, d]; 0 where the target is IGNORE_INDEX.
+    """log softmax(h @ w)[target] for tokens h [..., d]; 0 where the target is IGNORE_INDEX.
 
     w is the output head, [d, vocab] (or [vocab, d] when vocab_major, for tied embeddings).
     Logits and softmax are float32. The gradient is written out: XLA's derived one scatters
@@ -42,7 +45,7 @@ def _linear_logprobs_fwd(h, w, targets, vocab_major):
     lse = jax.nn.logsumexp(logits, axis=-1)
     valid = targets != IGNORE_INDEX
     safe = jnp.where(valid, targets, 0)
-    picked = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     return jnp.where(valid, picked - lse, 0.0), (h, w, logits, lse, safe, valid)
 
 
@@ -50,45 +53,75 @@ def _linear_logprobs_bwd(vocab_major, residuals, g):
     h, w, logits, lse, safe, valid = residuals
     g = jnp.where(valid, g, 0.0)
     onehot = jax.nn.one_hot(safe, logits.shape[-1], dtype=jnp.float32)
-    d_logits = (g[:, None] * (onehot - jnp.exp(logits - lse[:, None]))).astype(h.dtype)
+    d_logits = (g[..., None] * (onehot - jnp.exp(logits - lse[..., None]))).astype(h.dtype)
     if vocab_major:
-        dh = jnp.einsum("nv,vd->nd", d_logits, w)
-        dw = jnp.einsum("nv,nd->vd", d_logits, h)
+        dh = jnp.einsum("...v,vd->...d", d_logits, w)
+        dw = jnp.einsum("...v,...d->vd", d_logits, h)
     else:
-        dh = jnp.einsum("nv,dv->nd", d_logits, w)
-        dw = jnp.einsum("nd,nv->dv", h, d_logits)
+        dh = jnp.einsum("...v,dv->...d", d_logits, w)
+        dw = jnp.einsum("...d,...v->dv", h, d_logits)
     return dh.astype(h.dtype), dw.astype(w.dtype), None
 
 
 linear_target_logprobs.defvjp(_linear_logprobs_fwd, _linear_logprobs_bwd)
 
 
+def batch_axes() -> tuple:
+    """The mesh axes the rules split a batch over (`activation_batch`), in the current mesh;
+    () outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = nn.logical_to_mesh_axes(("activation_batch",))[0]
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def token_logprobs(hidden, targets, head, chunk_size: int = 2048):
     """log p(target) for every position ([b, s], 0 where the target is ignored).
 
     hidden: [b, s, d] final hidden states; head: (weight, vocab_major) of the output
-    projection; tokens are processed `chunk_size` at a time.
+    projection. Under a mesh that splits the batch, each device computes the logits of
+    its own rows alone (`jax.shard_map` over the batch axes): the head is gathered whole
+    once (but for its vocabulary, which stays split over `activation_vocab`), the chunks
+    loop without collectives but the per-token softmax sums of a split vocabulary, and
+    the head's gradient is summed over the batch shards once, after the loop.
     """
     w, vocab_major = head
-    b, s, d = hidden.shape
-    n_tok = b * s
-    h = hidden.reshape(n_tok, d).astype(w.dtype)
-    t = targets.reshape(n_tok)
-    c = min(chunk_size, n_tok)
-    n = -(-n_tok // c)
+    h = hidden.astype(w.dtype)
+    local = partial(_local_logprobs, vocab_major=vocab_major, chunk_size=chunk_size)
+    axes = batch_axes()
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if shards == 1 or h.shape[0] % shards:
+        return local(h, targets, w)
+    w = nn.with_logical_constraint(
+        w, ("activation_vocab", None) if vocab_major else (None, "activation_vocab"))
+    rows = P(axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, P()), out_specs=rows,
+                         axis_names=set(axes), check_vma=False)(h, targets, w)
+
+
+def _local_logprobs(h, targets, w, *, vocab_major, chunk_size):
+    """token_logprobs of rows that are all on this device: chunks of `chunk_size` tokens,
+    each a span of positions of every row."""
+    b, s, d = h.shape
+    span = max(1, min(s, chunk_size // b))  # positions per chunk
+    n = -(-s // span)
     if n == 1:  # one chunk: nothing to save by recomputing the logits
-        return linear_target_logprobs(h, w, t, vocab_major).reshape(b, s)
-    pad = n * c - n_tok
-    h = jnp.pad(h, ((0, pad), (0, 0)))
-    t = jnp.pad(t, (0, pad), constant_values=IGNORE_INDEX)
+        return linear_target_logprobs(h, w, targets, vocab_major)
+    pad = n * span - s
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    t = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
 
     @jax.checkpoint
     def chunk(hc, tc):
         return linear_target_logprobs(hc, w, tc, vocab_major)
 
-    _, lp = jax.lax.scan(lambda carry, xs: (carry, chunk(*xs)), None,
-                         (h.reshape(n, c, d), t.reshape(n, c)))
-    return lp.reshape(n * c)[:n_tok].reshape(b, s)
+    xs = (h.reshape(b, n, span, d).swapaxes(0, 1), t.reshape(b, n, span).swapaxes(0, 1))
+    _, lp = jax.lax.scan(lambda carry, x: (carry, chunk(*x)), None, xs)
+    return lp.swapaxes(0, 1).reshape(b, n * span)[:, :s]
 
 
 def masked_lm_loss(hidden, labels, head, chunk_size: int = 2048):

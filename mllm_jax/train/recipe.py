@@ -36,7 +36,7 @@ def base(preset: str) -> ml_collections.ConfigDict:
         # lr_groups [[name, regex, lr]],
         # e.g. [["projector", PROJECTOR, 2e-5]])
         **copy.deepcopy(optimizer.DEFAULTS),
-        "loss_chunk": 2048,  # tokens per output-projection chunk
+        "loss_chunk": 2048,  # tokens per device per output-projection chunk
         "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 3,
         "async_checkpointing": True, "max_nan_streak": 5, "export_final": True,
         # Resuming (train.checkpoints): a config may differ from its checkpoint's only in
@@ -87,13 +87,15 @@ def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def llava15(preset: str = "llava-1.5-7b") -> ml_collections.ConfigDict:
     """What both LLaVA-1.5 stages share at scale: bf16 compute with float32 master weights,
-    frozen towers stored in bf16, scanned layers with remat, FSDP over all devices, and
-    sequences of 2048 tokens (576 image tokens, BOS, text)."""
+    frozen towers stored in bf16, scanned layers with remat, the LLM's attention by the
+    Pallas splash kernel on TPU (XLA elsewhere), FSDP over all devices, and sequences of
+    2048 tokens (576 image tokens, BOS, text)."""
     c = base(preset)
     c.stage.frozen_dtype = "bfloat16"
     c.model.dtype = "bfloat16"
     c.model.scan_layers = True
     c.model.remat_policy = "dots_no_batch"
+    c.model.attention = "auto"
     c.data.text_len = 2048 - 576 - 1
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     return c

@@ -27,7 +27,7 @@ COUNTS = {
         "including the one a preempted run needs to resume"),
     "train.max_nan_streak": (1, "non-finite steps in a row before the run stops",
                              "0 would stop the run after its first step"),
-    "train.loss_chunk": (1, "tokens per output-projection chunk", ""),
+    "train.loss_chunk": (1, "tokens per device per output-projection chunk", ""),
     "train.seed": (0, "the seed of the training RNG", ""),
     "train.warmup_steps": (0, "warmup steps (0: train.warmup_ratio decides)", ""),
     "init.seed": (0, "the seed of the random initialisation", ""),
