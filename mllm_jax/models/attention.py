@@ -1,8 +1,15 @@
-"""Masks and dot-product attention (float32 softmax, grouped-query heads)."""
+"""Masks and dot-product attention (float32 softmax, grouped-query heads).
+
+Causal self-attention over whole sequences (training, prefill) goes through
+`self_attention_mask` and `self_attention`, which pick this file's XLA path or the Pallas
+kernel of `models.splash` by the `model.attention` setting.
+"""
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+
+from mllm_jax.models import splash
 
 
 def make_attention_mask(q_len, kv_len=None, *, causal: bool, attention_mask=None,
@@ -28,6 +35,28 @@ def make_attention_mask(q_len, kv_len=None, *, causal: bool, attention_mask=None
         q_seg = segment_ids[:, -q_len:] if segment_ids.shape[1] != q_len else segment_ids
         mask = mask & (q_seg[:, None, :, None] == segment_ids[:, None, None, :])
     return mask
+
+
+def self_attention_mask(implementation: str, seq: int, *, attention_mask=None,
+                        segment_ids=None, sliding_window=None):
+    """The mask `self_attention` takes for causal self-attention over [batch, seq] tokens:
+    the dense boolean mask of `make_attention_mask` for "xla", the per-token segments of
+    `splash.segment_mask` for the kernel. `implementation` is `splash.resolve`'s answer."""
+    if implementation == "xla":
+        return make_attention_mask(seq, causal=True, attention_mask=attention_mask,
+                                   segment_ids=segment_ids, sliding_window=sliding_window)
+    return splash.segment_mask(seq, attention_mask, segment_ids, sliding_window=sliding_window,
+                               interpret=implementation == "splash_interpret")
+
+
+def self_attention(q, k, v, mask, scale: float):
+    """Causal self-attention of q [b, s, h, d] over k, v [b, s, kv_heads, d] (a sequence's
+    own keys): the Pallas kernel when `mask` is a `splash.SegmentMask`, else
+    `causal_self_attention` with the dense mask's first s key columns (a prefill mask spans
+    the whole KV cache)."""
+    if isinstance(mask, splash.SegmentMask):
+        return splash.causal_attention(q, k, v, mask, scale)
+    return causal_self_attention(q, k, v, mask[..., :q.shape[1]], scale)
 
 
 def init_kv_cache(batch, max_len, kv_heads, head_dim, dtype):

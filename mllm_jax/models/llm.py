@@ -40,7 +40,7 @@ class CausalLM(nn.Module):
         c = self.cfg
         decoder = DECODERS.get(c.text.model_type)
         self.model = decoder.module(c.text, dtype_of(c.dtype), dtype_of(c.param_dtype),
-                                    c.scan_layers, c.remat_policy)
+                                    c.scan_layers, c.remat_policy, c.get("attention", "xla"))
         if not c.text.tie_word_embeddings:
             self.lm_head = Dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False,
                                  dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))

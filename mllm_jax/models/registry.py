@@ -102,7 +102,8 @@ class ConnectorSpec:
 @dataclasses.dataclass(frozen=True)
 class DecoderSpec:
     """A decoder-only LLM stack. `module(text_cfg, dtype, param_dtype, scan_layers,
-    remat_policy)` has `embed(ids)`, `embedding_table()` and `attend(h)` (the input
+    remat_policy, attention)` (attention: the `model.attention` setting, see
+    `models.splash`) has `embed(ids)`, `embedding_table()` and `attend(h)` (the input
     embedding and the tied output head) and `__call__(embeds, attention_mask, segment_ids,
     position_ids, *, cache=None, kv_mask=None, prefill=False)`; `init_cache(text_cfg, batch,
     max_len, dtype, scan_layers)` is its empty KV cache."""

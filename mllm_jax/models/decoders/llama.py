@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mllm_jax import config as mc
-from mllm_jax.models import attention, checks, rope
+from mllm_jax.models import attention, checks, rope, splash
 from mllm_jax.models.layers import Dense, Embed, RMSNorm, activation, plain_dict
 from mllm_jax.models.registry import DecoderSpec, UnsupportedModelError, register_decoder
 from mllm_jax.models.stack import LayerStack
@@ -27,10 +27,11 @@ class LlamaAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, cos, sin, cache=None, prefill=False):
-        """With `cache` (see `attention.write_kv_cache`), the new keys/values are written
-        into it, the queries attend over the whole cache (mask: [b|1, 1, s, cache_len]) and
-        (output, updated cache) is returned. `prefill` (the cache is empty and x is the
-        whole prompt) attends within the prompt only."""
+        """`mask` is `attention.self_attention_mask`'s (dense, or segments for the Pallas
+        kernel). With `cache` (see `attention.write_kv_cache`), the new keys/values are
+        written into it, the queries attend over the whole cache (mask: [b|1, 1, s,
+        cache_len]) and (output, updated cache) is returned. `prefill` (the cache is empty
+        and x is the whole prompt) attends within the prompt only."""
         c = self.cfg
         b, s, _ = x.shape
         hd = c.head_dim
@@ -45,11 +46,11 @@ class LlamaAttention(nn.Module):
         q = rope.apply_rope(q, cos, sin)
         k = rope.apply_rope(k, cos, sin)
         if cache is None:
-            out = attention.causal_self_attention(q, k, v, mask, scale=hd ** -0.5)
+            out = attention.self_attention(q, k, v, mask, scale=hd ** -0.5)
         else:
             cache = attention.write_kv_cache(cache, k, v)
             if prefill:  # the prompt fills slots 0..s-1: causal attention within it
-                out = attention.causal_self_attention(q, k, v, mask[..., :s], scale=hd ** -0.5)
+                out = attention.self_attention(q, k, v, mask, scale=hd ** -0.5)
             else:
                 keys, values = attention.cached_kv(cache)
                 out = attention.cached_attention(q, keys, values, mask, scale=hd ** -0.5)
@@ -102,6 +103,7 @@ class LlamaModel(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "xla"  # model.attention: xla | splash | auto | splash_interpret
 
     def setup(self):
         c = self.cfg
@@ -131,24 +133,34 @@ class LlamaModel(nn.Module):
                  *, cache=None, kv_mask=None, prefill=False):
         """Final normed hidden states [b, s, d]. With a KV cache (`init_cache`): the tokens
         are written at slots index..index+s-1, `kv_mask` [b, max_len] is 1 where a slot holds
-        (or will hold) a real token, and (hidden states, updated cache) is returned."""
+        (or will hold) a real token, and (hidden states, updated cache) is returned.
+        Whole sequences (no cache, or `prefill`) go through the `attention` implementation;
+        decoding over a cache always through XLA."""
         c = self.cfg
         b, s, _ = inputs_embeds.shape
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
         cos, sin = rope.rope_cos_sin(position_ids, self.inv_freq, self.dtype)
         x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ACT_AXES)
+        window = c.get("sliding_window")
+        # Parameters do not depend on the attention implementation: init takes the XLA
+        # path, so a model's shapes trace on any host (a TPU model's on a laptop).
+        implementation = "xla" if self.is_initializing() else splash.resolve(self.attention)
         if cache is None:
-            mask = attention.make_attention_mask(
-                s, causal=True, attention_mask=attention_mask, segment_ids=segment_ids,
-                sliding_window=c.get("sliding_window"))
+            mask = attention.self_attention_mask(
+                implementation, s, attention_mask=attention_mask, segment_ids=segment_ids,
+                sliding_window=window)
             x, _ = self.stack(x, mask, cos, sin)
             return self.norm(x)
         max_len = kv_mask.shape[1]
         index = cache["index"]
-        mask = attention.make_attention_mask(
-            s, max_len, causal=True, attention_mask=kv_mask,
-            sliding_window=c.get("sliding_window"), q_offset=index - (max_len - s))
+        if prefill and implementation != "xla":
+            mask = attention.self_attention_mask(implementation, s, attention_mask=kv_mask[:, :s],
+                                                 sliding_window=window)
+        else:
+            mask = attention.make_attention_mask(
+                s, max_len, causal=True, attention_mask=kv_mask, sliding_window=window,
+                q_offset=index - (max_len - s))
         x, cache = self.stack(x, mask, cos, sin, cache=cache, prefill=prefill)
         return self.norm(x), {**cache, "index": index + s}
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mllm_jax.models import attention, checks
+from mllm_jax.models import attention, checks, splash
 from mllm_jax.models.decoders import llama
 from mllm_jax.models.layers import ACTIVATIONS, Dense, Embed, activation, with_axes
 from mllm_jax.models.registry import (DecoderSpec, InvalidConfigError, UnsupportedModelError,
@@ -102,11 +102,11 @@ class OPTAttention(nn.Module):
         v = proj("v_proj", ("embed", "kv"))(x).reshape(b, s, heads, hd)
         scale = hd ** -0.5
         if cache is None:
-            out = attention.causal_self_attention(q, k, v, mask, scale=scale)
+            out = attention.self_attention(q, k, v, mask, scale=scale)
         else:
             cache = attention.write_kv_cache(cache, k, v)
             if prefill:  # the prompt fills slots 0..s-1: causal attention within it
-                out = attention.causal_self_attention(q, k, v, mask[..., :s], scale=scale)
+                out = attention.self_attention(q, k, v, mask, scale=scale)
             else:
                 keys, values = attention.cached_kv(cache)
                 out = attention.cached_attention(q, keys, values, mask, scale=scale)
@@ -160,6 +160,7 @@ class OPTDecoder(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "xla"  # model.attention (see LlamaModel)
 
     def setup(self):
         c = self.cfg
@@ -191,15 +192,21 @@ class OPTDecoder(nn.Module):
             x = self.project_in(x)
         x = x + self.embed_positions(position_ids + POSITION_OFFSET)
         x = nn.with_logical_constraint(x, ACT_AXES)
+        # Parameters do not depend on the attention implementation: init takes the XLA
+        # path, so a model's shapes trace on any host (a TPU model's on a laptop).
+        implementation = "xla" if self.is_initializing() else splash.resolve(self.attention)
         if cache is None:
-            mask = attention.make_attention_mask(
-                s, causal=True, attention_mask=attention_mask, segment_ids=segment_ids)
+            mask = attention.self_attention_mask(
+                implementation, s, attention_mask=attention_mask, segment_ids=segment_ids)
             x, _ = self.stack(x, mask)
             return self._finish(x)
         max_len = kv_mask.shape[1]
         index = cache["index"]
-        mask = attention.make_attention_mask(s, max_len, causal=True, attention_mask=kv_mask,
-                                             q_offset=index - (max_len - s))
+        if prefill and implementation != "xla":
+            mask = attention.self_attention_mask(implementation, s, attention_mask=kv_mask[:, :s])
+        else:
+            mask = attention.make_attention_mask(s, max_len, causal=True, attention_mask=kv_mask,
+                                                 q_offset=index - (max_len - s))
         x, cache = self.stack(x, mask, cache=cache, prefill=prefill)
         return self._finish(x), {**cache, "index": index + s}
 
@@ -221,10 +228,11 @@ class OPTModel(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "xla"  # model.attention (see LlamaModel)
 
     def setup(self):
         self.decoder = OPTDecoder(self.cfg, self.dtype, self.param_dtype, self.scan_layers,
-                                  self.remat_policy)
+                                  self.remat_policy, self.attention)
 
     def embed(self, input_ids):
         return self.decoder.embed_tokens(input_ids)
