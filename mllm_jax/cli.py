@@ -1,4 +1,4 @@
-"""The `mllm-jax` command: train, generate, chat, eval, bench, convert, demo, presets."""
+"""The `mllm-jax` command: train, plan, generate, chat, eval, bench, convert, demo, presets."""
 import argparse
 import re
 import sys
@@ -78,6 +78,23 @@ def build_parser():
                        help="checkpoints, TensorBoard scalars and the final parameters")
     train.set_defaults(func=_train)
 
+    plan = sub.add_parser(
+        "plan", help="compile a config's training step for a TPU topology on this machine "
+        "(libtpu, no TPU needed): memory per chip, FLOPs, collectives, roofline",
+        description="Overrides: --config.a.b=value for any field of the config. Prints a "
+        "table, then one JSON line.")
+    plan.add_argument("--config", required=True, help="a Python file defining get_config()")
+    plan.add_argument("--topology", required=True,
+                      help="a TPU topology, <chip>:<shape>: v5e:16x16, v5p:4x4x4, v6e:16x16")
+    plan.add_argument("--decode", nargs=2, type=int, metavar=("BATCH", "LEN"), default=None,
+                      help="also compile the generation programs (prefill and one decode "
+                           "step) for BATCH sequences of LEN tokens with the serving rules")
+    plan.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                      help="compute and KV-cache dtype of the generation programs")
+    plan.add_argument("--dump-hlo", default="", metavar="DIR",
+                      help="write each program's optimized HLO text into DIR")
+    plan.set_defaults(func=_plan)
+
     for name, text in (("generate", "answer one prompt (with images) from a checkpoint"),
                        ("chat", "an interactive multi-turn chat with a checkpoint")):
         p = sub.add_parser(name, help=text)
@@ -147,8 +164,9 @@ def main(argv=None) -> int:
     from mllm_jax.train.config_file import split_config_args
     argv, overrides = split_config_args(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
-    if overrides and args.command != "train":
-        parser.error(f"--config.* overrides apply to train only: {' '.join(overrides)}")
+    if overrides and args.command not in ("train", "plan"):
+        parser.error(f"--config.* overrides apply to train and plan only: "
+                     f"{' '.join(overrides)}")
     args.overrides = overrides
     from mllm_jax.convert import CheckpointMismatchError, UnsupportedModelError
     try:
@@ -181,6 +199,28 @@ def _train(args):
         return 0
     print(f"finished {summary['step']} steps; {summary['nan_skipped']} updates skipped; "
           f"final parameters in {args.workdir}/final")
+    return 0
+
+
+def _plan(args):
+    import json
+    import os
+    # The plan compiles for a topology's abstract devices: no accelerator is used (or
+    # started) on this machine.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from mllm_jax.plan import train_plan
+    from mllm_jax.train import config_file
+    cfg = config_file.load(args.config, args.overrides)
+    plans = [train_plan.plan_training(cfg, args.topology, dump_hlo=args.dump_hlo,
+                                      log=lambda m: print(m, file=sys.stderr))]
+    if args.decode:
+        from mllm_jax.plan import decode_plan
+        plans.append(decode_plan.plan_decode(cfg, args.topology, *args.decode,
+                                             dtype=args.dtype, dump_hlo=args.dump_hlo))
+    for p in plans:
+        print(train_plan.table(p))
+    for p in plans:
+        print(json.dumps(p))
     return 0
 
 

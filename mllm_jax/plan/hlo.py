@@ -10,6 +10,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
                "f64": 8, "c64": 8, "c128": 16}
@@ -204,7 +206,11 @@ class Program:
         return total
 
     def collectives(self) -> list:
-        out = []
+        """Every collective once, with how often it runs. TPU programs keep a copy of an
+        asynchronous collective in each fused computation of its phases (start,
+        continuations, done), all with its channel id: a channel counts once, at its
+        most frequent copy."""
+        by_channel = {}
         for comp, (mult, in_loop) in self.weights.items():
             names = self.by_name.get(comp, {})
             for ins in self.comps.get(comp, []):
@@ -212,10 +218,14 @@ class Program:
                     else ins.opcode
                 if kind not in COLLECTIVES:
                     continue
-                out.append(Collective(kind, self._collective_bytes(ins, kind, names),
-                                      self._group_size(ins.attrs), mult, in_loop,
-                                      _op_name(ins.attrs)))
-        return out
+                found = Collective(kind, self._collective_bytes(ins, kind, names),
+                                   self._group_size(ins.attrs), mult, in_loop,
+                                   _op_name(ins.attrs))
+                channel = re.search(r"\bchannel_id=(\d+)", ins.attrs)
+                key = (kind, channel.group(1)) if channel else (comp, ins.name)
+                if key not in by_channel or by_channel[key].count < found.count:
+                    by_channel[key] = found
+        return list(by_channel.values())
 
     def _collective_bytes(self, ins, kind, names) -> float:
         arrays = array_dims(ins.shape)
@@ -229,7 +239,7 @@ class Program:
         return sum(sizes)
 
     def _group_size(self, attrs: str) -> int:
-        m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+        m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs)
         if m:
             sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
             return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)))
@@ -263,11 +273,46 @@ def _matmul_flops(ins, names) -> float:
         dims = lhs[0][1] if lhs else []
         contract = math.prod(dims[i] for i in _dims(ins.attrs, "lhs_contracting_dims"))
         return 2.0 * out * contract
-    rhs = array_dims(names[ins.operands[1]].shape) if len(ins.operands) > 1 and \
-        ins.operands[1] in names else []
-    labels = re.search(r"dim_labels=[^_]*_([^-]*)->", ins.attrs)
-    if not rhs or not labels or "o" not in labels.group(1):
+    return _conv_flops(ins, names)
+
+
+def _conv_flops(ins, names) -> float:
+    """2 x (output elements without the spatial dims) x input features per group x, per
+    spatial dim, the (output, window) position pairs that meet a real input element:
+    dilation holes and padding do no work. (TPU programs write batched matmuls as
+    convolutions whose window of n steps over an n-times dilated input meets one element.)"""
+    labels = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)", ins.attrs)
+    if not labels or len(ins.operands) < 2 or not all(o in names for o in ins.operands[:2]):
         return 0.0
-    kernel = rhs[0][1]
-    out_features = kernel[labels.group(1).index("o")]
-    return 2.0 * out * math.prod(kernel) / max(out_features, 1)
+    lhs_l, rhs_l, out_l = labels.groups()
+    lhs = array_dims(names[ins.operands[0]].shape)[0][1]
+    rhs = array_dims(names[ins.operands[1]].shape)[0][1]
+    out = array_dims(ins.shape)[0][1]
+    window = _window(ins.attrs)
+    pairs = 1
+    for k, digit in enumerate(sorted(c for c in out_l if c.isdigit())):
+        w = {key: (vals[k] if k < len(vals) else None) for key, vals in window.items()}
+        pairs *= _window_pairs(lhs[lhs_l.index(digit)], rhs[rhs_l.index(digit)],
+                               out[out_l.index(digit)], w.get("stride") or 1,
+                               (w.get("pad") or (0, 0))[0], w.get("lhs_dilate") or 1,
+                               w.get("rhs_dilate") or 1)
+    rest = math.prod(n for n, c in zip(out, out_l) if not c.isdigit())
+    return 2.0 * rest * rhs[rhs_l.index("i")] * pairs
+
+
+def _window(attrs: str) -> dict:
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    out = {}
+    for key, value in re.findall(r"(\w+)=([0-9x_\-]+)", m.group(1) if m else ""):
+        parts = value.split("x")
+        out[key] = [tuple(int(v) for v in p.split("_")) if key == "pad" else int(p)
+                    for p in parts]
+    return out
+
+
+def _window_pairs(n, k, m, stride, pad_lo, lhs_dilate, rhs_dilate) -> int:
+    """(output position, window position) pairs of one spatial dim that read a real input
+    element (not padding, not a hole of the input's dilation)."""
+    pos = (np.arange(m)[:, None] * stride + np.arange(k)[None, :] * rhs_dilate - pad_lo)
+    real = (pos >= 0) & (pos <= (n - 1) * lhs_dilate) & (pos % lhs_dilate == 0)
+    return int(real.sum())
