@@ -88,8 +88,8 @@ def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def llava15(preset: str = "llava-1.5-7b") -> ml_collections.ConfigDict:
     """What both LLaVA-1.5 stages share at scale: bf16 compute with float32 master weights,
     frozen towers stored in bf16, scanned layers with remat, the LLM's attention by the
-    Pallas splash kernel on TPU (XLA elsewhere), FSDP over all devices, and sequences of
-    2048 tokens (576 image tokens, BOS, text)."""
+    Pallas splash kernel on TPU (XLA elsewhere), FSDP with 2-way tensor parallelism, and
+    sequences of 2048 tokens (576 image tokens, BOS, text)."""
     c = base(preset)
     c.stage.frozen_dtype = "bfloat16"
     c.model.dtype = "bfloat16"
@@ -97,5 +97,8 @@ def llava15(preset: str = "llava-1.5-7b") -> ml_collections.ConfigDict:
     c.model.remat_policy = "dots_no_batch"
     c.model.attention = "auto"
     c.data.text_len = 2048 - 576 - 1
-    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    # Two-way tensor parallelism: stage 2's batch of 128 then splits over the 128 batch
+    # shards of a 256-chip pod (v5e-256, v6e-256), and each chip gathers half of every
+    # weight (`mllm-jax plan` shows the memory and collectives per chip).
+    c.mesh.update(data=1, fsdp=-1, tensor=2)
     return c
