@@ -3,9 +3,12 @@ PyTorch/transformers on the same machine in the same run.
 
 Prints one JSON line: step_time_s (median of the timed steps; _min_s the fastest),
 tokens_per_s, model_flops_per_step (frozen towers
-forward-only, see `train.flops`), the measured matmul peak, MFU against it, compile_s, and
-the PyTorch figures with the ratio.
+forward-only, see `train.flops`), the measured matmul peak, MFU against it, compile_s, the
+training loop's own figures (`loop_run`: its host syncs per log_every steps, counted, and
+its time per step) and the PyTorch figures with the ratio.
 """
+import copy
+import tempfile
 import time
 
 import jax
@@ -14,7 +17,7 @@ import numpy as np
 from mllm_jax.bench.peak import matmul_peak
 from mllm_jax.data.synthetic import SyntheticSource
 from mllm_jax.train import flops as flops_lib
-from mllm_jax.train import recipe
+from mllm_jax.train import loop, recipe
 from mllm_jax.models import registry
 from mllm_jax.train.loop import build_trainer
 
@@ -33,8 +36,31 @@ def bench_config(preset="llava-bench-small", stage=2, batch=4, text_len=256, dty
     return c
 
 
+def loop_run(cfg, log_every: int, windows: int = 2, devices=None) -> dict:
+    """The training loop itself (`train.loop.train`, synthetic data, a temporary workdir,
+    checkpointed at its last step only) for `windows * log_every` steps, its host reads
+    counted by `loop.HostSyncs`: host syncs per `log_every` steps, stray reads (a read of a
+    device value between boundaries; 0 when the steps read nothing back) and its time per
+    step between the first boundary (after the compile) and the last."""
+    c = copy.deepcopy(cfg)
+    steps = windows * log_every
+    c.train.update(num_steps=steps, log_every=log_every, checkpoint_every=steps,
+                   export_final=False, async_checkpointing=False)
+    with tempfile.TemporaryDirectory() as workdir, loop.HostSyncs() as syncs:
+        loop.train(c, workdir, log=lambda *_: None, devices=devices)
+    timed = syncs.steps[-1] - syncs.steps[0]
+    return {"loop_log_every": log_every, "loop_steps": steps,
+            "host_syncs": len(syncs.steps),
+            "host_syncs_per_log_every": round(len(syncs.steps) * log_every / steps, 3),
+            "stray_host_reads": len(syncs.stray),
+            "loop_step_time_s": round((syncs.times[-1] - syncs.times[0]) / timed, 4)
+            if timed else None}
+
+
 def run(preset="llava-bench-small", stage=2, batch=4, text_len=256, steps=5, warmup=2,
-        torch_compare=True, dtype="float32") -> dict:
+        torch_compare=True, dtype="float32", loop_windows=2) -> dict:
+    """The figures of the module docstring. `loop_windows`: the loop runs that many times
+    `steps` steps, logging every `steps` (0: skip it)."""
     cfg = bench_config(preset, stage, batch, text_len, dtype)
     trainer = build_trainer(cfg, devices=jax.devices()[:1])
     images = 1 if registry.is_multimodal(cfg.model) else 0
@@ -70,6 +96,9 @@ def run(preset="llava-bench-small", stage=2, batch=4, text_len=256, steps=5, war
         "mfu": round(flops / step_s / peak["peak"], 4), "compile_s": round(compile_s, 2),
         "loss": float(metrics["loss"]),
     }
+    del state, metrics, batch_arrays, compiled, trainer  # the loop builds its own
+    if loop_windows:
+        out.update(loop_run(cfg, steps, loop_windows, devices=jax.devices()[:1]))
     if torch_compare:
         from mllm_jax.bench import torch_reference
         model, opt = torch_reference.build(cfg.model, cfg.stage.trainable)

@@ -71,6 +71,15 @@ def initial_params(cfg, model, boxed, shardings):
     return init_fn(jax.random.PRNGKey(init.seed))
 
 
+def _unbox_shapes(boxed):
+    """The shapes in a tree of boxed abstract parameters, unboxed. Not `nn.meta.unbox`:
+    under `jax.set_mesh` that applies each box's sharding constraint, which a shape cannot
+    take."""
+    return jax.tree_util.tree_map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
+        else x.unbox(), boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def _flat_select(tree, reference):
     """The subtree of `tree` with the same paths as `reference` (a dict tree)."""
     import flax
@@ -89,11 +98,22 @@ def state_shardings(tx, boxed_trainable, mesh, rules, rng):
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at a step boundary.
+
+    One process stops at the step it was signalled at (its flag is a host value: reading
+    it costs no sync). Several processes must stop at the same step (the checkpoint save is
+    collective: a host that stopped while the others ran on would hang), so they agree on
+    their flags (`agreed`, one all-gather) only at the log and checkpoint boundaries, which
+    every process reaches at the same steps. JAX's preemption service is asked at every step
+    (`preempted`, a local check, as `multihost_utils.reached_preemption_sync_point` asks):
+    it stops every process at the one step it agreed on for a notice it received. While
+    the loop runs this flag takes SIGTERM/SIGINT in Python, so a signal reaches the loop
+    here, not through that service."""
 
     def __init__(self):
         self.signum = None
         self._old = {}
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -110,15 +130,108 @@ class _StopFlag:
         for s, h in self._old.items():
             signal.signal(s, h)
 
-    def agreed(self) -> bool:
-        """Whether any process was signalled. Every process calls this at every step
-        boundary: a signal usually reaches the hosts of a pod at different steps, and a host
-        that stopped (its checkpoint save is collective) while the others ran on would hang."""
+    def local(self) -> bool:
+        """Whether this run may stop now on its own flag: one process, signalled."""
+        return not self._multi and self.signum is not None
+
+    def preempted(self, step: int) -> bool:
+        """Whether JAX's preemption service agreed that every process stops at `step`
+        (never with one process, or with the service off)."""
+        if not self._multi:
+            return False
+        from jax.experimental import multihost_utils
+        try:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        except RuntimeError:  # jax_enable_preemption_service is off
+            return False
+
+    def agreed(self, step: int) -> bool:
+        """Whether any process was signalled. With several processes every one of them
+        calls this at the same boundaries (`step`): it is an all-gather."""
         mine = self.signum is not None
-        if jax.process_count() == 1:
+        if not self._multi:
             return mine
         from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.int32(mine))))
+        return bool(np.any(_host_read(
+            lambda: multihost_utils.process_allgather(np.int32(mine)), step)))
+
+
+class HostSyncs:
+    """Counts a training run's host syncs for real, for tests and benchmarks:
+
+        with loop.HostSyncs() as syncs:
+            loop.train(cfg, workdir)
+        syncs.steps  # the boundary of every read, e.g. [10, 20, 30] for log_every=10
+        syncs.stray  # reads made while steps ran, outside the loop's reads: none
+
+    While it is active, every read of a `jax.Array`'s value on the host is seen (`float`,
+    `np.asarray`, `jax.device_get`, ... all go through `jax.Array._value`; a transfer guard
+    would not do: it ignores CPU arrays, which need no transfer). The loop's own reads
+    (`_host_read`: a boundary's fetch, and with several processes the agreement on stop
+    signals) count one sync each, in `steps` with the step and in `times` with
+    `time.perf_counter()` after the read (the devices had finished every step up to it). A
+    read anywhere else while the steps run is recorded in `stray` as (step, what was read).
+    Checkpoint saves are neither: they read the state on their own cadence."""
+
+    active = None
+
+    def __enter__(self):
+        from jax._src import array
+        self._original = array.ArrayImpl.__dict__.get("_value")
+        if not isinstance(self._original, property):
+            raise RuntimeError("HostSyncs counts reads through jax.Array._value, which this "
+                               f"jax ({jax.__version__}) does not have")
+        self.steps, self.times, self.stray = [], [], []
+        self.kind, self.step = None, 0
+        counter, original = self, self._original
+
+        def value(array_):
+            if counter.kind == "steps":
+                counter.stray.append((counter.step, f"{array_.dtype}{list(array_.shape)}"))
+            return original.fget(array_)
+
+        array.ArrayImpl._value = property(value)
+        HostSyncs.active = self
+        return self
+
+    def __exit__(self, *exc):
+        from jax._src import array
+        array.ArrayImpl._value = self._original
+        HostSyncs.active = None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def region(kind: str, step: int | None = None):
+        """While active: the loop is in `kind` ("steps": dispatching; "read": one of its
+        own reads; "save": a checkpoint save) at `step`."""
+        counter = HostSyncs.active
+        if counter is None:
+            yield
+            return
+        outer = counter.kind
+        counter.kind, counter.step = kind, counter.step if step is None else step
+        try:
+            yield
+        finally:
+            counter.kind = outer
+
+
+def _host_read(read: Callable, step: int):
+    """`read()`, a read of device values at step `step`, counted by an active HostSyncs."""
+    with HostSyncs.region("read", step):
+        out = read()
+    if HostSyncs.active is not None:
+        HostSyncs.active.steps.append(step)
+        HostSyncs.active.times.append(time.perf_counter())
+    return out
+
+
+def _host_fetch(tree, step: int):
+    """The loop's one read of device values at boundary `step`: one `jax.device_get` of
+    everything the boundary needs (the metrics of the steps since the last one, the
+    counters, the learning rate). Between boundaries the loop only dispatches steps, so the
+    host runs up to `log_every` steps ahead of the devices instead of waiting for each."""
+    return _host_read(lambda: jax.device_get(tree), step)
 
 
 def _shardings_of(tree):
@@ -160,7 +273,7 @@ class Trainer:
         if tracing:
             stack.enter_context(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
         else:
-            stack.enter_context(self.mesh)
+            stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(sharding.activation_rules_context(self.rules))
         return stack
 
@@ -216,11 +329,15 @@ def build_trainer(cfg, *, devices=None, params=None, abstract=False) -> Trainer:
     rng = (jax.eval_shape(jax.random.PRNGKey, tc.seed) if abstract
            else jax.random.PRNGKey(tc.seed))
 
-    with mesh, sharding.activation_rules_context(rules):
+    # The abstract mesh only (not `jax.set_mesh`): the logical constraints apply while the
+    # initialisation traces, and eager ops stay off the mesh's devices, which may be a TPU
+    # topology's with `abstract=True`.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+            sharding.activation_rules_context(rules):
         boxed = abstract_boxed_params(model, cfg.model, cfg.init.seed)
         param_sh = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
         if abstract:
-            params = _abstract(nn.meta.unbox(boxed), param_sh)
+            params = _abstract(_unbox_shapes(boxed), param_sh)
         elif params is None:
             params = initial_params(cfg, model, boxed, param_sh)
         else:
@@ -228,7 +345,7 @@ def build_trainer(cfg, *, devices=None, params=None, abstract=False) -> Trainer:
         trainable, frozen = partition.split(params, cfg.stage.trainable)
         objective.check(partition.paths(trainable))
         trainable_boxed = _flat_select(boxed, trainable)
-        tx, schedules = make_optimizer(tc, nn.meta.unbox(trainable_boxed), int(tc.num_steps))
+        tx, schedules = make_optimizer(tc, _unbox_shapes(trainable_boxed), int(tc.num_steps))
         st_sh = state_shardings(tx, trainable_boxed, mesh, rules, rng)
         if abstract:
             frozen = _abstract(jax.eval_shape(partial(partition.cast_floating,
@@ -269,10 +386,19 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
     """Runs (or resumes) training. Returns a summary dict; writes checkpoints, TensorBoard
     scalars and the final parameters under workdir.
 
-    on_step: optional `on_step(step, metrics)` called after every step (its checkpoint save
-      requested and its log line written) with the 1-based step number and the step's
-      metrics as host values; a stop signal received meanwhile is honoured at this boundary.
+    on_step: optional `on_step(step, metrics)` called for every step with the 1-based step
+      number and the step's metrics as host values. Metrics are read at boundaries only
+      (every `log_every` steps, every checkpoint, the last step, a stop), so the calls come
+      in order at each boundary, for the steps since the previous one, after its
+      checkpoint save is requested and its log line written; a stop signal received
+      meanwhile is honoured at this boundary.
     devices: the devices to build the mesh from (default: all of them, `jax.devices()`).
+
+    SIGTERM or SIGINT makes the run save a checkpoint and return (`stopped_at`): one
+    process after the step it arrives in, several processes together at the next log or
+    checkpoint step (`_StopFlag`). Between those boundaries the loop reads nothing from
+    the devices. A streak of `train.max_nan_streak` non-finite steps raises
+    TrainingStopped at the boundary that sees it (`_StepLoop`).
 
     The config's values, and the mesh against the devices and the batch, are checked first
     (`train.validate`); the workdir is locked (`train.workdir`) while the run lasts, so a
@@ -297,109 +423,193 @@ def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -
     ckpts = Checkpoints(workdir, cfg.train, log=log)
     ckpts.check_config(cfg)  # an incompatible resume is refused before anything is built
     trainer = build_trainer(cfg, devices=devices)
-    model, st_sh = trainer.model, trainer.state_shardings
-    frozen, frozen_extra, schedules = trainer.frozen, trainer.frozen_extra, trainer.schedules
+    frozen = trainer.frozen
     state, trainer.state = trainer.state, None  # the loop owns (and donates) it from here on
-    tc = cfg.train
-    total_steps = int(tc.num_steps)
+    total_steps = int(cfg.train.num_steps)
 
     with trainer.context():
         data = make_data(cfg, jax.process_index(), jax.process_count(), workdir,
                          trainer.objective)
-        ckpt_dir = ckpts.directory
         start = 0
         if ckpts.latest_step() is not None:
-            state, frozen, start = _resume(ckpts, cfg, state, st_sh, frozen, data, log)
-
-        jit_step = None  # built for the first batch's shapes
-
+            state, frozen, start = _resume(ckpts, cfg, state, trainer.state_shardings, frozen,
+                                           data, log)
         tb = _tensorboard(workdir) if jax.process_index() == 0 else None
-        flops_step = flops_lib.train_step_flops(
-            cfg.model, tc.global_batch_size, getattr(data, "seq_len", 0),
-            cfg.data.images, state.params)
         summary = {"start_step": start, "losses": [], "nan_skipped": 0}
-        t_last, steps_since = time.time(), 0
-        tokens_since = 0
-        max_streak = tc.max_nan_streak
-        every = tc.checkpoint_every
+        steps = _StepLoop(trainer, frozen, ckpts, data, tb, state, summary, log=log,
+                          on_step=on_step)
         with _StopFlag() as stop:
-            for i in range(start, total_steps):
-                local = next(data)
-                if jit_step is None:
-                    jit_step = trainer.jit_step(local)
-                batch = trainer.global_batch(local)
-                state, metrics = jit_step(state, frozen, frozen_extra, batch)
-                m = jax.device_get(metrics)
-                summary["losses"].append(float(m["loss"]))
-                steps_since += 1
-                tokens_since += int(np.sum(local.get("attention_mask",
-                                                     local.get("chosen_attention_mask", 0))))
-                streak = int(jax.device_get(state.nan_streak))
-                step_no = i + 1
-                if step_no % every == 0:  # orbax alone would also save the first step
-                    ckpts.save(step_no, state, data.get_state(), cfg)
-                if streak >= max_streak:
-                    ckpts.wait_until_finished()
-                    # Skipped steps leave the parameters as they were: any checkpoint holds
-                    # the last good ones.
-                    newest = ckpts.latest_step()
-                    where = (f"The newest complete checkpoint in {ckpt_dir} (step {newest}) "
-                             "holds the last good parameters." if newest is not None else
-                             f"No checkpoint is in {ckpt_dir} yet (checkpoint_every={every}).")
-                    raise TrainingStopped(
-                        f"{streak} steps in a row had a non-finite loss or gradient (at step "
-                        f"{step_no}); stopping. {where}")
-                if step_no % tc.log_every == 0 or step_no == total_steps:
-                    dt = time.time() - t_last
-                    tok_s = tokens_since * jax.process_count() / max(dt, 1e-9)
-                    lr = float(schedules["default"](step_no))
-                    eta = (total_steps - step_no) * dt / max(steps_since, 1)
-                    skipped = int(jax.device_get(state.nan_skipped))
-                    log(f"step {step_no}/{total_steps} loss {m['loss']:.4f} lr {lr:.3g} "
-                        f"grad_norm {m['grad_norm']:.3g} tokens/s {tok_s:,.0f} "
-                        f"skipped {skipped} ETA {eta:.0f}s")
-                    if tb is not None:
-                        tb.add_scalar("train/loss", float(m["loss"]), step_no)
-                        tb.add_scalar("train/grad_norm", float(m["grad_norm"]), step_no)
-                        tb.add_scalar("train/lr", lr, step_no)
-                        tb.add_scalar("train/tokens_per_s", tok_s, step_no)
-                        tb.add_scalar("train/skipped_updates", skipped, step_no)
-                        tb.add_scalar("train/model_flops_per_step", flops_step, step_no)
-                        tb.flush()
-                    t_last, steps_since, tokens_since = time.time(), 0, 0
-                if on_step is not None:
-                    on_step(step_no, m)
-                if stop.agreed():
-                    # A step that hit checkpoint_every was saved above; saving it again
-                    # raises StepAlreadyExistsError.
-                    if ckpts.latest_step() != step_no:
-                        ckpts.save(step_no, state, data.get_state(), cfg)
-                    ckpts.wait_until_finished()
-                    why = (f"signal {stop.signum}" if stop.signum is not None
-                           else "another process was signalled")
-                    if not ckpts.committed_step(step_no):
-                        raise RuntimeError(
-                            f"{why}: the checkpoint of step {step_no} is not in {ckpt_dir} "
-                            "after saving it; the steps since the last checkpoint are lost")
-                    log(f"{why}: checkpointed step {step_no} in {ckpt_dir}")
-                    summary.update(stopped_at=step_no, signal=stop.signum)
-                    return _finish(summary, state, tb)
+            state, stopped = steps.run(state, start, stop)
+            if stopped:
+                return _finish(summary, state, tb, steps.counters)
             if ckpts.latest_step() != total_steps and total_steps > start:
                 ckpts.save(total_steps, state, data.get_state(), cfg)
             ckpts.wait_until_finished()
-        final = partition.merge(state.params, frozen)
-        if tc.export_final:
-            from mllm_jax.convert.orbax_io import save_orbax
-            # overwrite: a run restarted after it finished (e.g. preempted between this
-            # export and exiting) resumes at the last step and exports the same parameters.
-            save_orbax(model, final, os.path.join(workdir, "final"), overwrite=True)
-            if cfg.data.source != "synthetic" and jax.process_index() == 0:
-                # The conversation template the model was trained with, which generate,
-                # chat and eval use by default (carried over by `convert orbax-to-hf`).
-                from mllm_jax.infer.chat_template import write_chat_template
-                write_chat_template(os.path.join(workdir, "final"), cfg.data.template)
-        summary["final_params"] = final
-        return _finish(summary, state, tb)
+    # Exported outside the mesh context: under `jax.set_mesh`, unboxing the abstract
+    # parameters the export checks against would apply sharding constraints to shapes.
+    final = partition.merge(state.params, frozen)
+    if cfg.train.export_final:
+        from mllm_jax.convert.orbax_io import save_orbax
+        # overwrite: a run restarted after it finished (e.g. preempted between this export
+        # and exiting) resumes at the last step and exports the same parameters.
+        save_orbax(trainer.model, final, os.path.join(workdir, "final"), overwrite=True)
+        if cfg.data.source != "synthetic" and jax.process_index() == 0:
+            # The conversation template the model was trained with, which generate, chat
+            # and eval use by default (carried over by `convert orbax-to-hf`).
+            from mllm_jax.infer.chat_template import write_chat_template
+            write_chat_template(os.path.join(workdir, "final"), cfg.data.template)
+    summary["final_params"] = final
+    return _finish(summary, state, tb, steps.counters)
+
+
+# Steps the host may dispatch ahead of the oldest unfinished one. Each dispatched step holds
+# its batch in device memory, so an unbounded lead (a fast host, a long log_every) would fill
+# it; waiting for the step this far back reads nothing and never idles the devices (the
+# newer steps are queued behind it).
+MAX_STEPS_AHEAD = 2
+
+
+class _StepLoop:
+    """The steps of a run. A step is dispatched, not waited for: its metrics stay on the
+    devices until the next boundary (a log step, a checkpoint step, the last step, a stop),
+    which reads them all at once (`_host_fetch`: the run's one host sync per boundary), runs
+    the NaN guard over them, saves the checkpoint, logs, calls `on_step` for each of those
+    steps in order and honours a stop.
+
+    The NaN guard lives in the step: a non-finite step skips its update on the device and
+    counts the streak in the state (`step.make_train_step`), so the parameters never take
+    a non-finite update. The host sees the streak at the boundary after it; the run then
+    stops as it would have at the step the streak reached `max_nan_streak`: checkpoints of
+    later steps are not saved, and the steps run meanwhile are dropped."""
+
+    def __init__(self, trainer, frozen, ckpts, data, tb, state, summary, *, log, on_step):
+        tc = trainer.cfg.train
+        self.trainer, self.frozen, self.ckpts, self.data, self.tb = (trainer, frozen, ckpts,
+                                                                     data, tb)
+        self.summary, self.log, self.on_step = summary, log, on_step
+        self.total, self.log_every = int(tc.num_steps), tc.log_every
+        self.every, self.max_streak = tc.checkpoint_every, tc.max_nan_streak
+        self.flops = flops_lib.train_step_flops(
+            trainer.cfg.model, tc.global_batch_size, getattr(data, "seq_len", 0),
+            trainer.cfg.data.images, state.params)
+        self.jit_step = None  # built for the first batch's shapes
+        self.pending = []  # the device metrics of the steps since the last boundary
+        self.tokens, self.since, self.t_last = 0, 0, time.time()  # ... since the last log
+        self.counters = None  # the state's step and nan_skipped at the last boundary
+        self.stop = None
+
+    def run(self, state, start: int, stop: _StopFlag):
+        """Steps start+1 .. num_steps. Returns (state, whether a stop ended the run)."""
+        self.stop = stop
+        for step_no in range(start + 1, self.total + 1):
+            with HostSyncs.region("steps", step_no):
+                state = self.step(state)
+                preempted = stop.preempted(step_no)
+                if preempted or stop.local() or self.due(step_no):
+                    if self.boundary(state, step_no, preempted):
+                        return state, True
+        return state, False
+
+    def step(self, state):
+        """Dispatches one step on the next batch; reads nothing back from the devices (it
+        waits for the step MAX_STEPS_AHEAD back to finish)."""
+        local = next(self.data)
+        if self.jit_step is None:
+            self.jit_step = self.trainer.jit_step(local)
+        state, metrics = self.jit_step(state, self.frozen, self.trainer.frozen_extra,
+                                       self.trainer.global_batch(local))
+        self.pending.append(metrics)
+        if len(self.pending) > MAX_STEPS_AHEAD:
+            self.pending[-MAX_STEPS_AHEAD - 1]["loss"].block_until_ready()
+        self.tokens += int(np.sum(local.get("attention_mask",
+                                            local.get("chosen_attention_mask", 0))))
+        self.since += 1
+        return state
+
+    def due(self, step_no: int) -> bool:
+        """Whether `step_no` is a boundary on every process: a log, checkpoint or last
+        step."""
+        return (step_no % self.log_every == 0 or step_no % self.every == 0
+                or step_no == self.total)
+
+    def boundary(self, state, step_no: int, preempted: bool) -> bool:
+        """Fetches, guards, saves, logs and calls back for the steps since the last
+        boundary; returns whether the run stops here."""
+        logging = step_no % self.log_every == 0 or step_no == self.total
+        lr = self.trainer.schedules["default"](step_no) if logging else None
+        host = _host_fetch({"metrics": self.pending, "lr": lr, "step": state.step,
+                            "nan_skipped": state.nan_skipped}, step_no)
+        metrics, self.pending = host["metrics"], []
+        first = step_no - len(metrics) + 1
+        self.counters = {k: int(host[k]) for k in ("step", "nan_skipped")}
+        self.summary["losses"].extend(float(m["loss"]) for m in metrics)
+        tripped = next((first + k for k, m in enumerate(metrics)
+                        if m["nan_streak"] >= self.max_streak), None)
+        # Saved only when no streak ended the run before this step. Every checkpoint step
+        # is a boundary (orbax alone would also save the first step).
+        if step_no % self.every == 0 and tripped in (None, step_no):
+            self._save(step_no, state)
+        if tripped is not None:
+            self._nan_stop(tripped, step_no, int(metrics[tripped - first]["nan_streak"]))
+        if logging:
+            self._log(step_no, metrics[-1], float(host["lr"]))
+        if self.on_step is not None:
+            for k, m in enumerate(metrics):
+                self.on_step(first + k, m)
+        if preempted or self.stop.agreed(step_no):
+            self._stop(state, step_no, preempted)
+            return True
+        return False
+
+    def _save(self, step_no: int, state):
+        with HostSyncs.region("save"):
+            self.ckpts.save(step_no, state, self.data.get_state(), self.trainer.cfg)
+
+    def _nan_stop(self, step_no: int, seen_at: int, streak: int):
+        self.ckpts.wait_until_finished()
+        # Skipped steps leave the parameters as they were: any checkpoint holds the last
+        # good ones.
+        newest, ckpt_dir = self.ckpts.latest_step(), self.ckpts.directory
+        where = (f"The newest complete checkpoint in {ckpt_dir} (step {newest}) holds the "
+                 "last good parameters." if newest is not None else
+                 f"No checkpoint is in {ckpt_dir} yet (checkpoint_every={self.every}).")
+        seen = ("" if seen_at == step_no else
+                f"; seen at step {seen_at}, the next log or checkpoint step")
+        raise TrainingStopped(f"{streak} steps in a row had a non-finite loss or gradient (at "
+                              f"step {step_no}{seen}); stopping. {where}")
+
+    def _log(self, step_no: int, m: dict, lr: float):
+        dt = time.time() - self.t_last
+        tok_s = self.tokens * jax.process_count() / max(dt, 1e-9)
+        eta = (self.total - step_no) * dt / max(self.since, 1)
+        skipped = self.counters["nan_skipped"]
+        self.log(f"step {step_no}/{self.total} loss {m['loss']:.4f} lr {lr:.3g} "
+                 f"grad_norm {m['grad_norm']:.3g} tokens/s {tok_s:,.0f} "
+                 f"skipped {skipped} ETA {eta:.0f}s")
+        if self.tb is not None:
+            for name, value in (("loss", float(m["loss"])), ("grad_norm", float(m["grad_norm"])),
+                                ("lr", lr), ("tokens_per_s", tok_s),
+                                ("skipped_updates", skipped),
+                                ("model_flops_per_step", self.flops)):
+                self.tb.add_scalar(f"train/{name}", value, step_no)
+            self.tb.flush()
+        self.t_last, self.since, self.tokens = time.time(), 0, 0
+
+    def _stop(self, state, step_no: int, preempted: bool):
+        ckpts, stop = self.ckpts, self.stop
+        # A step that hit checkpoint_every was saved above; saving it again raises
+        # StepAlreadyExistsError.
+        if ckpts.latest_step() != step_no:
+            self._save(step_no, state)
+        ckpts.wait_until_finished()
+        why = (f"signal {stop.signum}" if stop.signum is not None else
+               "a preemption notice" if preempted else "another process was signalled")
+        if not ckpts.committed_step(step_no):
+            raise RuntimeError(
+                f"{why}: the checkpoint of step {step_no} is not in {ckpts.directory} after "
+                "saving it; the steps since the last checkpoint are lost")
+        self.log(f"{why}: checkpointed step {step_no} in {ckpts.directory}")
+        self.summary.update(stopped_at=step_no, signal=stop.signum)
 
 
 def _resume(ckpts, cfg, state, st_sh, frozen, data, log):
@@ -449,10 +659,12 @@ def _resume(ckpts, cfg, state, st_sh, frozen, data, log):
     return state, frozen, start
 
 
-def _finish(summary, state, tb):
-    summary["nan_skipped"] = int(jax.device_get(state.nan_skipped))
-    summary["step"] = int(jax.device_get(state.step))
-    summary["state"] = state
+def _finish(summary, state, tb, counters=None):
+    """The summary of a run that ends with `state`; `counters`: the state's step and
+    nan_skipped as the last boundary read them (read here when no step ran)."""
+    counters = counters or {k: int(v) for k, v in jax.device_get(
+        {"step": state.step, "nan_skipped": state.nan_skipped}).items()}
+    summary.update(counters, state=state)
     if tb is not None:
         tb.close()
     return summary

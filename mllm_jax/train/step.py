@@ -165,8 +165,11 @@ def make_train_step(model, objective: Callable, tx, accum_steps: int = 1, *,
             nan_skipped=state.nan_skipped + (~finite).astype(jnp.int32),
             nan_streak=jnp.where(finite, 0, state.nan_streak + 1),
         )
+        # The streak rides with the metrics so the loop's NaN guard reads it when it reads
+        # them (every few steps), without a read of its own.
         metrics = {"loss": loss, "grad_norm": grad_norm, "label_tokens": n,
-                   "finite": finite, **{k: v / denom for k, v in aux.items()}}
+                   "finite": finite, "nan_streak": new_state.nan_streak,
+                   **{k: v / denom for k, v in aux.items()}}
         return new_state, metrics
 
     return step
