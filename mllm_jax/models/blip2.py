@@ -27,7 +27,7 @@ from mllm_jax.models import registry
 from mllm_jax.models.connectors.qformer import QFormerModel, qformer_config
 from mllm_jax.models.layers import Dense, dtype_of
 from mllm_jax.models.llava import check_image_tokens, merge_image_features
-from mllm_jax.models.registry import CONNECTORS, DECODERS, ENCODERS
+from mllm_jax.models.registry import CONNECTORS, DECODERS, ENCODERS, decoder_train_flops
 
 ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
 # Our model_type -> the HF Q-Former kind it composes.
@@ -248,9 +248,7 @@ def train_flops(cfg, batch, seq, images_per_sample, trainable) -> float:
         proj = CONNECTORS.get("qformer").flops(cfg, tokens, d_in) * n_img
         total += proj * (1 + int(upstream) + int(trained["connector"]))
         upstream = upstream or trained["connector"]
-    decoder = DECODERS.get(cfg.text.model_type)
-    txt = (decoder.flops(cfg.text, seq) if decoder.flops else 0.0) * batch
-    return total + txt * (1 + int(upstream) + int(trained["llm"]))
+    return total + decoder_train_flops(cfg.text, seq, batch, upstream, trained["llm"])
 
 
 def _register():

@@ -17,7 +17,8 @@ from mllm_jax.models import checks
 from mllm_jax.models.decoders.llama import ACT_AXES
 from mllm_jax.models.llm import CausalLM
 from mllm_jax.models.registry import (CONNECTORS, DECODERS, ENCODERS, ModelFamily,
-                                      UnsupportedModelError, register_model)
+                                      UnsupportedModelError, decoder_train_flops,
+                                      register_model)
 
 
 def merge_image_features(embeds, input_ids, image_features, image_token_index):
@@ -300,8 +301,7 @@ def train_flops(cfg, batch, seq, images_per_sample, trainable) -> float:
             proj = connector.flops(cfg, tokens, encoder.feature_size(cfg)) * n_img
             total += proj * (1 + int(upstream) + int(trained["projector"]))
         upstream = upstream or trained["projector"]
-    txt = DECODERS.get(cfg.text.model_type).flops(cfg.text, seq) * batch
-    return total + txt * (1 + int(upstream) + int(trained["llm"]))
+    return total + decoder_train_flops(cfg.text, seq, batch, upstream, trained["llm"])
 
 
 register_model("llava", ModelFamily(

@@ -113,6 +113,9 @@ class DecoderSpec:
     init_cache: Callable[..., dict]
     reorder_cache: Callable[..., dict]  # (cache, rows, scan_layers): batch rows gathered
     flops: Optional[Callable[[Any, int], float]] = None  # (text cfg, seq) -> forward FLOPs
+    # The part of `flops` in attention's scores and weighted values (no weights: its
+    # backward is twice its forward whenever a gradient passes through it).
+    attention_flops: Optional[Callable[[Any, int], float]] = None
     from_hf: Optional[Callable[..., ml_collections.ConfigDict]] = None
     to_hf: Optional[Callable[[Any], dict]] = None
     # (text cfg or a dict of its fields, where) -> None; raises InvalidConfigError.
@@ -181,6 +184,20 @@ ENCODERS = Registry("encoder", "vision.type")
 CONNECTORS = Registry("connector", "projector.type")
 DECODERS = Registry("decoder", "text.model_type")
 MODELS = Registry("model", "model_type")
+
+
+def decoder_train_flops(text_cfg, seq: int, batch: int, upstream: bool, trained: bool) -> float:
+    """A decoder's FLOPs in a training step: its forward, plus the activation gradients when
+    anything upstream of it is trained, plus its weight gradients when it is trained; the
+    attention scores and weighted values (`DecoderSpec.attention_flops`) twice more whenever
+    a gradient passes through them. 0 for a decoder with no FLOP count."""
+    spec = DECODERS.get(text_cfg.model_type)
+    if spec.flops is None:
+        return 0.0
+    total = spec.flops(text_cfg, seq)
+    attn = spec.attention_flops(text_cfg, seq) if spec.attention_flops else 0.0
+    dense = (total - attn) * (1 + int(upstream) + int(trained))
+    return batch * (dense + attn * (1 + 2 * int(upstream or trained)))
 
 
 def register_encoder(name: str, spec: EncoderSpec, **kw) -> EncoderSpec:

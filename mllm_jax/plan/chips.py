@@ -15,19 +15,20 @@ class Chip:
     hbm_bytes: float
     bf16_flops: float  # peak, dense
     ici_bytes_per_s: float  # one direction, all links together
+    hbm_bytes_per_s: float
     source: str
 
 
 CHIPS = {
-    "v5e": Chip("v5e", "TPU v5 lite", 16e9, 197e12, 400e9 / 2,
-                "https://cloud.google.com/tpu/docs/v5e (16 GB HBM, 197 TFLOPs bf16, 400 "
-                "GBps bidirectional ICI per chip)"),
-    "v5p": Chip("v5p", "TPU v5", 95e9, 459e12, 4800e9 / 8,
-                "https://cloud.google.com/tpu/docs/v5p (95 GB HBM, 459 TFLOPs bf16, 4800 "
-                "Gbps ICI per chip)"),
-    "v6e": Chip("v6e", "TPU v6 lite", 32e9, 918e12, 800e9 / 2,
-                "https://cloud.google.com/tpu/docs/v6e (32 GB HBM, 918 TFLOPs bf16, 800 "
-                "GBps bidirectional ICI per chip)"),
+    "v5e": Chip("v5e", "TPU v5 lite", 16e9, 197e12, 400e9 / 2, 819e9,
+                "https://cloud.google.com/tpu/docs/v5e (16 GB HBM at 819 GBps, 197 TFLOPs "
+                "bf16, 400 GBps bidirectional ICI per chip)"),
+    "v5p": Chip("v5p", "TPU v5", 95e9, 459e12, 4800e9 / 8, 2765e9,
+                "https://cloud.google.com/tpu/docs/v5p (95 GB HBM at 2765 GBps, 459 TFLOPs "
+                "bf16, 4800 Gbps ICI per chip)"),
+    "v6e": Chip("v6e", "TPU v6 lite", 32e9, 918e12, 800e9 / 2, 1638e9,
+                "https://cloud.google.com/tpu/docs/v6e (32 GB HBM at 1638 GBps, 918 TFLOPs "
+                "bf16, 800 GBps bidirectional ICI per chip)"),
 }
 
 

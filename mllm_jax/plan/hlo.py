@@ -111,12 +111,14 @@ def parse(text: str):
                     if m.group(1):
                         entry = current
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":  # (an instruction's attributes may span lines)
             current = None
             continue
         ins = _parse_instr(line)
         if ins is not None:
             comps[current].append(ins)
+        elif comps[current]:  # the rest of an instruction printed over several lines
+            comps[current][-1].attrs += "\n" + line
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     return comps, entry
@@ -140,6 +142,8 @@ class Program:
         self.num_devices = num_devices
         self.by_name = {c: {i.name: i for i in instrs} for c, instrs in self.comps.items()}
         self.unknown_trip_counts = 0
+        self.uncounted_kernels = 0  # Pallas kernels whose FLOPs are unknown (after flops())
+        self.recomputed_flops = 0.0  # (after flops())
         self.weights = {}  # computation -> (executions per run, inside a loop)
         self._weigh(self.entry, 1.0, False)
 
@@ -196,13 +200,24 @@ class Program:
         return 0.0
 
     def flops(self) -> float:
-        """2 x multiply-adds of every dot and convolution, per execution of the program."""
+        """2 x multiply-adds of every dot and convolution, per execution of the program,
+        plus the Pallas splash attention kernels' (`kernel_flops`)."""
         total = 0.0
+        self.uncounted_kernels = 0
+        self.recomputed_flops = 0.0  # of `total`: in rematerialized computations
         for comp, (mult, _) in self.weights.items():
             names = self.by_name.get(comp, {})
             for ins in self.comps.get(comp, []):
                 if ins.opcode in ("dot", "convolution"):
-                    total += mult * _matmul_flops(ins, names)
+                    found = _matmul_flops(ins, names)
+                elif ins.opcode == "custom-call" and "tpu_custom_call" in ins.attrs:
+                    found = kernel_flops(ins)
+                    self.uncounted_kernels += found is None
+                else:
+                    continue
+                total += mult * (found or 0.0)
+                if "rematted_computation" in _op_name(ins.attrs):
+                    self.recomputed_flops += mult * (found or 0.0)
         return total
 
     def collectives(self) -> list:
@@ -250,6 +265,23 @@ class Program:
         if m:
             return len([x for x in m.group(1).split(",") if x])
         return self.num_devices
+
+
+def kernel_flops(ins):
+    """FLOPs of a Pallas TPU kernel, which the HLO does not state: for the splash attention
+    kernels (forward, dq, dkv) 4 x (batch x) heads x queries x keys x head_dim each, the attention
+    FLOPs of the model count's convention (forward once, the backward twice the forward),
+    over every block: the blocks a mask lets the kernel skip and its recomputations are
+    not counted. None for other kernels."""
+    if not re.match(r"splash_mha_(fwd|dq|dkv)", ins.name):
+        return None
+    m = re.search(r"operand_layout_constraints=\{", ins.attrs)
+    text = ins.attrs[m.end() - 1:_matching(ins.attrs, m.end() - 1)] if m else ""
+    # q, k, v: [(batch,) heads, length, head_dim], after the block masks (int8)
+    arrays = [d for t, d in array_dims(text) if len(d) >= 3 and t in ("bf16", "f16", "f32")]
+    if len(arrays) < 2:
+        return None
+    return 4.0 * math.prod(arrays[0]) * arrays[1][-2]
 
 
 def _constant(ins):

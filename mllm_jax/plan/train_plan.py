@@ -22,6 +22,9 @@ def topology_devices(topology: str):
         raise RuntimeError("compiling for a TPU topology needs libtpu: pip install "
                            f"'jax[tpu]=={jax.__version__}' (or this package's `tpu` extra)")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata look-up
+    # Compiling takes no chip: several processes may plan at once (libtpu otherwise
+    # allows one process per machine).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     try:
         return topologies.get_topology_desc(topology, "tpu").devices
@@ -75,8 +78,10 @@ def summarize(compiled, num_devices: int, chip, model_flops_per_device: float) -
         "hbm_bytes_per_device": int(chip.hbm_bytes),
         "memory_fraction": round(memory / chip.hbm_bytes, 4),
         "flops_per_device": flops,
+        "recomputed_flops_per_device": program.recomputed_flops,
         "model_flops_per_device": model_flops_per_device,
-        "flops_ratio": round(flops / model_flops_per_device, 4)
+        # What the model count counts: the compiled FLOPs without rematerialization.
+        "flops_ratio": round((flops - program.recomputed_flops) / model_flops_per_device, 4)
         if model_flops_per_device else None,
         "collective_bytes_per_device": {k: int(v) for k, v in sorted(by_kind.items())},
         "collective_wire_bytes_per_device": int(wire),
@@ -87,6 +92,7 @@ def summarize(compiled, num_devices: int, chip, model_flops_per_device: float) -
             {"kind": c.kind, "bytes": int(c.bytes), "times": c.count, "group": c.group,
              "op": c.op_name[-120:]} for _, c in top[:5]],
         "unknown_trip_counts": program.unknown_trip_counts,
+        "uncounted_kernels": program.uncounted_kernels,
     }
 
 
@@ -141,16 +147,22 @@ def table(plan: dict) -> str:
                             f"{m['arguments'] / gib:.2f}, outputs {m['outputs'] / gib:.2f} "
                             f"(aliased {m['aliased'] / gib:.2f}), temporaries "
                             f"{m['temporaries'] / gib:.2f}, code {m['code'] / gib:.3f}"),
-        ("FLOPs per chip", f"{plan['flops_per_device']:.4g} from the HLO, "
-                           f"{plan['model_flops_per_device']:.4g} model count (ratio "
-                           f"{plan['flops_ratio']})"),
+        ("FLOPs per chip", f"{plan['flops_per_device']:.4g} from the HLO ("
+         f"{plan['recomputed_flops_per_device']:.3g} recomputed)"
+         + (f", {plan['model_flops_per_device']:.4g} model count (ratio without "
+            f"recomputation {plan['flops_ratio']})" if plan["model_flops_per_device"] else "")),
         ("collectives per chip", ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in
                                            plan["collective_bytes_per_device"].items())
          or "none"),
-        ("compute at peak", f"{plan['compute_s_at_peak'] * 1e3:.1f} ms"),
-        ("ICI floor", f"{plan['ici_floor_s'] * 1e3:.1f} ms "
+        ("compute at peak", f"{plan['compute_s_at_peak'] * 1e3:.4g} ms"),
+        ("ICI floor", f"{plan['ici_floor_s'] * 1e3:.4g} ms "
                       f"({plan['ici_over_compute']} x compute)"),
     ]
+    if "kv_cache_bytes_per_device" in plan:
+        rows.append(("KV cache per chip", f"{plan['kv_cache_bytes_per_device'] / gib:.2f} GiB "
+                     f"{plan['kv_cache_dtype']} (donated: {plan['cache_donated']}); weights "
+                     f"{plan['weight_bytes_per_device'] / gib:.2f} GiB; HBM floor "
+                     f"{plan['hbm_floor_s'] * 1e3:.4g} ms"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -205,6 +205,11 @@ def text_forward_flops(t, seq: int) -> float:
     return t.num_hidden_layers * per_layer + 2 * seq * d * t.vocab_size
 
 
+def text_attention_flops(t, seq: int) -> float:
+    """The scores and weighted values within `text_forward_flops` (the full square)."""
+    return t.num_hidden_layers * 2 * 2 * seq * seq * t.num_attention_heads * t.head_dim
+
+
 TEXT_DEFAULTS = {
     "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                   num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
@@ -349,4 +354,5 @@ for _name in TEXT_DEFAULTS:
     register_decoder(_name, DecoderSpec(
         module=LlamaModel, config=lambda _n=_name, **kw: mc.text_config(model_type=_n, **kw),
         init_cache=init_cache, reorder_cache=reorder_cache, flops=text_forward_flops,
+        attention_flops=text_attention_flops,
         from_hf=text_from_hf, to_hf=text_to_hf, check=check_text))

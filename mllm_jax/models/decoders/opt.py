@@ -269,6 +269,11 @@ def text_forward_flops(t, seq: int) -> float:
     return t.num_hidden_layers * per_layer + projections + 2 * seq * w * t.vocab_size
 
 
+def text_attention_flops(t, seq: int) -> float:
+    """The scores and weighted values within `text_forward_flops` (the full square)."""
+    return t.num_hidden_layers * 2 * 2 * seq * seq * t.hidden_size
+
+
 INT_FIELDS = ("vocab_size", "hidden_size", "ffn_dim", "num_attention_heads",
               "max_position_embeddings", "word_embed_proj_dim")
 BOOL_FIELDS = ("do_layer_norm_before", "remove_final_layer_norm", "enable_bias",
@@ -319,5 +324,6 @@ def text_to_hf(t) -> dict:
 
 register_decoder("opt", DecoderSpec(
     module=OPTModel, config=opt_text_config, init_cache=init_cache,
-    reorder_cache=llama.reorder_cache, flops=text_forward_flops, from_hf=text_from_hf,
+    reorder_cache=llama.reorder_cache, flops=text_forward_flops,
+    attention_flops=text_attention_flops, from_hf=text_from_hf,
     to_hf=text_to_hf, check=check_text, learned_positions=True))
