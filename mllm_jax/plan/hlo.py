@@ -177,13 +177,32 @@ class Program:
         if root is not None:
             consts = [_constant(instrs.get(o)) for o in root.operands]
             direction = _attr(root.attrs, "direction")
-            if consts[1] is not None and direction in ("LT", "LE"):
-                start = self._init_value(comp, ins, cond, root.operands[0])
-                return max(0.0, consts[1] - start + (direction == "LE"))
-            if consts[0] is not None and direction in ("GT", "GE"):
-                start = self._init_value(comp, ins, cond, root.operands[1])
-                return max(0.0, consts[0] - start + (direction == "GE"))
+            for bound, counter, ops in ((consts[1], root.operands[0], ("LT", "LE")),
+                                        (consts[0], root.operands[1], ("GT", "GE"))):
+                if bound is not None and direction in ops:
+                    start = self._init_value(comp, ins, cond, counter)
+                    step = self._step(ins, cond, counter)
+                    span = bound - start + (direction in ("LE", "GE"))
+                    return max(0.0, math.ceil(span / step))
         self.unknown_trip_counts += 1
+        return 1.0
+
+    def _step(self, loop, cond, counter) -> float:
+        """How much the loop body adds to the counter (a loop unrolled k times adds k)."""
+        gte = self.by_name[cond].get(counter)
+        index = re.search(r"index=(\d+)", gte.attrs) if gte is not None else None
+        body = _attr(loop.attrs, "body")
+        instrs = self.comps.get(body, [])
+        root = instrs[-1] if instrs else None
+        if index is None or root is None or root.opcode != "tuple":
+            return 1.0
+        k = int(index.group(1))
+        update = self.by_name[body].get(root.operands[k]) if k < len(root.operands) else None
+        if update is not None and update.opcode == "add":
+            for o in update.operands:
+                c = _constant(self.by_name[body].get(o))
+                if c is not None and c > 0:
+                    return c
         return 1.0
 
     def _init_value(self, comp, loop, cond, counter) -> float:
