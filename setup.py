@@ -36,7 +36,10 @@ setup(
         "tfds": TFDS + ["tensorflow-cpu"],
         # The demo describes scikit-learn's bundled sample photographs.
         "demo": ["scikit-learn"],
-        "test": TORCH + TFDS + ["scikit-learn", "pytest", "pytest-xdist", "ruff"],
+        # libtpu of the installed jax: `mllm-jax plan` compiles for TPU topologies with it
+        # on any machine (it needs no TPU).
+        "tpu": ["jax[tpu]"],
+        "test": TORCH + TFDS + ["scikit-learn", "pytest", "pytest-xdist", "ruff", "jax[tpu]"],
     },
     entry_points={"console_scripts": ["mllm-jax=mllm_jax.cli:main"]},
 )

@@ -12,6 +12,10 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests that compile for a TPU topology (libtpu installed, no TPU) may run in both xdist
+# workers at once; libtpu otherwise admits one process per machine.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax  # noqa: E402
 
@@ -32,7 +36,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # them at the end.
 LONGEST_FIRST = ("test_demo_qformer.py", "test_resume_multiprocess.py", "test_demo.py",
                  "test_registry.py", "test_resume.py", "test_blip2_stage1.py",
-                 "test_instructblip_train.py", "test_train.py", "test_blip2_train.py")
+                 "test_instructblip_train.py", "test_train.py", "test_splash_attention.py",
+                 "test_blip2_train.py")
 
 
 def pytest_collection_modifyitems(config, items):
