@@ -109,6 +109,9 @@ def build_parser():
         p.add_argument("--top-k", type=int, default=0)
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="compute and KV-cache dtype (default: the checkpoint config's, "
+                            "float32); the parameters stay as stored")
         if name == "generate":
             p.add_argument("--image", nargs="*", default=[], help="image file(s)")
             p.add_argument("--prompt", required=True)
@@ -236,8 +239,10 @@ def _bench_train(args):
 def _session(args):
     import jax
     from mllm_jax.convert import load_hf
+    from mllm_jax.infer.generate import with_compute_dtype
     from mllm_jax.infer.prompting import Session
     model, params = load_hf(args.ckpt, check_finite=True)
+    model = with_compute_dtype(model, args.dtype)
     sampling = {}
     if args.temperature > 0:
         sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k,

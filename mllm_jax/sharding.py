@@ -1,4 +1,5 @@
-"""Meshes, the one logical-axis rules table, and shardings for params, state and batches.
+"""Meshes, the logical-axis rules tables (training, serving), and shardings for params,
+state and batches.
 
 Every parameter and the activations at block boundaries carry logical axis names; this file
 alone maps them to the mesh axes `data`, `fsdp`, `tensor`. Changing parallelism is a change
@@ -33,6 +34,44 @@ LOGICAL_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
     ("activation_vocab", "tensor"),
     ("activation_kv_heads", "tensor"),  # KV cache heads during generation
 )
+
+# Serving (generation, eval, chat). Training shards the embed dimension of every weight over
+# fsdp and gathers each weight once per step, a cost a whole batch of sequences shares. A
+# decode step reads every weight for one token per sequence: gathering them there would
+# move the whole model across the interconnect for every token. So serving replicates the
+# embed dimensions over data and fsdp (those axes split the batch only) and splits weights
+# over tensor alone (heads, kv, mlp, vocab): each device multiplies by its own slice and
+# only the activations, one token per sequence, are all-reduced. The KV cache's heads go
+# over tensor with the attention heads that read them. Each device then holds 1/tensor of
+# the weights: a model that does not fit so needs a larger tensor axis (or the training
+# rules, which fit it and pay the gathers).
+SERVING_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", None),
+    ("vision_embed", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("layers", None),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_vocab", "tensor"),
+    ("activation_kv_heads", "tensor"),
+)
+
+# The rules tables by the names the command line takes (`mllm-jax eval --rules`).
+NAMED_RULES = {"serving": SERVING_RULES, "training": LOGICAL_RULES}
+
+
+def named_rules(name: str):
+    """The rules table called `name` in NAMED_RULES; a ValueError naming the choices."""
+    if name not in NAMED_RULES:
+        raise ValueError(f"rules {name!r} is not a rules table; use one of "
+                         f"{', '.join(NAMED_RULES)}")
+    return NAMED_RULES[name]
 
 
 def mesh_config(data=-1, fsdp=1, tensor=1) -> ml_collections.ConfigDict:

@@ -8,6 +8,8 @@ import dataclasses
 # Longest chain-of-thought answer, unless --max-new-tokens says otherwise.
 COT_MAX_NEW_TOKENS = 512
 DTYPES = ("float32", "bfloat16", "float16")
+# The names of `sharding.NAMED_RULES`, the parameter layouts --mesh decodes with.
+RULES = ("serving", "training")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "e.g. BLIP-2's zero-shot VQA prompt 'Question: {} Short answer:' "
                              "with --prompt-suffix '' --num-beams 5 --length-penalty -1")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="parameter dtype (default: as stored)")
+                        help="compute and KV-cache dtype (default: the checkpoint config's, "
+                             "float32); the parameters stay as stored")
+    parser.add_argument("--param-dtype", choices=DTYPES, default=None,
+                        help="dtype the parameters are loaded in (default: as stored)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=f"default: the task's (with --cot, {COT_MAX_NEW_TOKENS})")
     parser.add_argument("--num-beams", type=int, default=1)
@@ -64,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
                         help="decode on a device mesh, e.g. data=-1 (batches split over "
                              "all devices) or data=2,tensor=4; default: one device")
+    parser.add_argument("--rules", choices=RULES, default="serving",
+                        help="how --mesh lays out the parameters: serving (split over "
+                             "tensor only, never gathered per token; default) or training "
+                             "(also split over fsdp, as the trainer does)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the few-shot draws and sampling")
     parser.add_argument("--no-log-samples", dest="log_samples", action="store_false",
@@ -149,9 +158,16 @@ class EvalOptions:
     batch_size: int = 8
     """Prompts decoded together."""
     dtype: str | None = None
-    """Parameter dtype, one of DTYPES (None: as stored)."""
+    """Compute and KV-cache dtype, one of DTYPES (None: the checkpoint config's, float32).
+    The parameters stay as stored: the model casts each weight at use."""
+    param_dtype: str | None = None
+    """Dtype the parameters are loaded in, one of DTYPES (None: as stored)."""
     mesh: str | None = None
     """Device mesh to decode on, "AXIS=SIZE,..." (e.g. data=-1); None: one device."""
+    rules: str = "serving"
+    """The parameter layout on `mesh`, one of RULES: "serving" (`sharding.SERVING_RULES`:
+    split over tensor, replicated over data/fsdp, so no decode step gathers a weight) or
+    "training" (`sharding.LOGICAL_RULES`)."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -178,7 +194,12 @@ class EvalOptions:
         _check(0 <= self.top_p <= 1, "--top-p", self.top_p, "in [0, 1]",
                "use 1.0 to turn it off")
         _check(self.dtype is None or self.dtype in DTYPES, "--dtype", self.dtype,
-               f"one of {', '.join(DTYPES)}", "leave it unset to keep the stored dtype")
+               f"one of {', '.join(DTYPES)}", "leave it unset to compute in float32")
+        _check(self.param_dtype is None or self.param_dtype in DTYPES, "--param-dtype",
+               self.param_dtype, f"one of {', '.join(DTYPES)}",
+               "leave it unset to keep the stored dtype")
+        _check(self.rules in RULES, "--rules", self.rules, f"one of {', '.join(RULES)}",
+               "use serving unless you compare with the training layout")
         _check(all(self.stop or ()), "--stop", self.stop, "non-empty strings",
                "drop the empty stop string")
 

@@ -33,6 +33,7 @@ import typing
 
 import numpy as np
 
+from mllm_jax import sharding
 from mllm_jax.eval.options import (COT_MAX_NEW_TOKENS, EvalOptions,  # noqa: F401
                                    add_arguments, as_options)
 from mllm_jax.eval.tasks.base import LETTER_ANSWER, SHORT_ANSWER
@@ -294,7 +295,8 @@ def run_task(runtime, options: EvalOptions, name, data, image_root, prompting=No
                                         question_format=options.prompt_format)
                      for i in range(n_eval)]
     gen = generation_kwargs(options, task)
-    sampling = {} if mesh is None else {"mesh": mesh}
+    sampling = ({} if mesh is None else
+                {"mesh": mesh, "rules": sharding.named_rules(options.rules)})
     if gen.get("do_sample"):
         import jax
         sampling["rng"] = jax.random.fold_in(jax.random.PRNGKey(options.seed), _stable(name))
@@ -349,12 +351,14 @@ def load_runtime(options: EvalOptions):
     checkpoint; with a mesh, the parameters are sharded on it once."""
     from mllm_jax.convert import load_hf
     from mllm_jax.data.tokenizer import load_tokenizer
-    from mllm_jax.infer.generate import place_on_mesh
+    from mllm_jax.infer.generate import place_on_mesh, with_compute_dtype
     from mllm_jax.infer.prompting import image_config_for
     mesh = parse_mesh(options.mesh)
-    model, params = load_hf(options.ckpt, dtype=options.dtype, check_finite=True)
+    model, params = load_hf(options.ckpt, dtype=options.param_dtype, check_finite=True)
+    model = with_compute_dtype(model, options.dtype)
     if mesh is not None:
-        params = place_on_mesh(model, params, mesh, None, None)[0]
+        params = place_on_mesh(model, params, mesh, None, None,
+                               rules=sharding.named_rules(options.rules))[0]
     image_cfg = (image_config_for(model, options.ckpt) if registry.is_multimodal(model.cfg)
                  else None)
     return model, params, load_tokenizer(options.ckpt), image_cfg, mesh
@@ -402,7 +406,8 @@ def evaluate(options: EvalOptions, runtime=None) -> dict:
                    "gen_kwargs": gen_cli, "num_fewshot": options.num_fewshot,
                    "cot": options.cot, "random_seed": options.seed,
                    "fewshot_seed": options.seed, "dtype": options.dtype,
-                   "mesh": options.mesh},
+                   "param_dtype": options.param_dtype, "mesh": options.mesh,
+                   "rules": options.rules},
         "model_name": model_name,
         "model_name_sanitized": sanitize_model_name(options.ckpt),
         "start_time": start, "end_time": end,

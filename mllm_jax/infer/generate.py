@@ -8,8 +8,14 @@ padded, so every sample writes the same slot at every step (one shared write ind
 slots are masked out of attention by the prompt's attention mask, and RoPE positions come
 from the mask's cumulative sum, as in HF `generate`. Images are merged into the prompt
 embeddings at prefill only.
+
+On a mesh the parameters are laid out by `sharding.SERVING_RULES` (tensor-parallel, never
+gathered per token) unless told otherwise. The compute dtype (activations and the KV cache)
+is the model's config `dtype`; `generate(dtype=...)` changes it for one call without
+touching the stored parameters.
 """
 import contextlib
+import copy
 import json
 from functools import partial
 from typing import Sequence
@@ -22,7 +28,7 @@ from mllm_jax import sharding
 from mllm_jax.convert.hf_io import abstract_params
 from mllm_jax.infer.beam_search import beam_generate
 from mllm_jax.infer.sampling import sample_logits
-from mllm_jax.models import registry
+from mllm_jax.models import build_model, registry
 from mllm_jax.models.llava import check_image_tokens
 from mllm_jax.models.llm import cache_kv_mask
 
@@ -146,7 +152,39 @@ def check_position_table(model, attention_mask, max_new_tokens: int) -> None:
             f"max_new_tokens to at most {max(table - longest, 0)} or shorten the prompt")
 
 
-_COMPILED = {}  # (model class, model config, loop, settings) -> jitted loop
+# The compute dtypes a model runs in (`generate(dtype=)`, `--dtype` of eval, chat, generate).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype_name(dtype, option: str = "dtype"):
+    """The name of compute dtype `dtype` (a name, or a numpy / jax dtype), None for None; a
+    ValueError naming `option` and the accepted values for anything else."""
+    if dtype is None:
+        return None
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"{option} must be one of {', '.join(COMPUTE_DTYPES)} (the compute "
+                         f"and KV-cache dtype), got {dtype!r}")
+    return name
+
+
+def with_compute_dtype(model, dtype):
+    """`model` computing in `dtype`: its activations, matmuls and KV cache. It is built anew
+    from the config with `dtype` set; its `param_dtype` is unchanged, so the same parameter
+    tree serves it as stored (the layers cast each weight at use) and nothing is copied.
+    None, or the model's own dtype: `model` itself."""
+    name, own = compute_dtype_name(dtype), model.cfg.get("dtype")
+    if name is None or (own is not None and jnp.dtype(own).name == name):
+        return model
+    cfg = copy.deepcopy(model.cfg)
+    cfg.dtype = name
+    return build_model(cfg)
+
+
+_COMPILED = {}  # (model class, model config, loop, settings, rules) -> jitted loop
 
 
 def model_key(model):
@@ -156,9 +194,11 @@ def model_key(model):
                                                 default=str)
 
 
-def _compiled(model, settings, fn=None):
+def _compiled(model, settings, fn=None, rules=None):
+    """The jitted loop; `rules` (the activation rules it is traced under) are part of the
+    key, since jit does not see them."""
     fn = _generate if fn is None else fn
-    key = (model_key(model), fn.__name__, settings)
+    key = (model_key(model), fn.__name__, settings, rules)
     if key not in _COMPILED:
         _COMPILED[key] = jax.jit(partial(fn, model, settings))
     return _COMPILED[key]
@@ -170,7 +210,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping: bool | str = False, stop_sequences=(), rng=None,
-             mesh=None, **model_inputs) -> np.ndarray:
+             mesh=None, rules=None, dtype=None, **model_inputs) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens per prompt. Returns int32 [b, n] (new tokens
     only); n < max_new_tokens when every sample emitted an EOS earlier. After its EOS a
     sample holds `pad_token_id` (default: the first EOS id), as HF `generate` does.
@@ -193,9 +233,19 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     forward's names (InstructBLIP's `qformer_input_ids` / `qformer_attention_mask`), each
     with the prompts' batch as its first axis.
     mesh: a `jax.sharding.Mesh` (`mllm_jax.sharding.make_mesh`) to decode on, with the
-    parameters sharded by the logical rules as in training and the prompts split over the
-    data axes; the tokens equal those of a one-device run.
+    parameters sharded by `rules` and the prompts split over the data axes; the tokens
+    equal those of a one-device run.
+    rules: the logical-axis rules table on the mesh; None: `sharding.SERVING_RULES`
+      (weights tensor-parallel and replicated over data/fsdp, so no decode step gathers a
+      weight). `sharding.LOGICAL_RULES` lays them out as training does.
+    dtype: the compute and KV-cache dtype, one of COMPUTE_DTYPES (e.g. jnp.bfloat16); the
+      parameters are used as stored, never cast as a tree. None: the model's own (its
+      config's `dtype`, float32 unless set).
     """
+    model = with_compute_dtype(model, compute_dtype_name(dtype, "generate(dtype=...)"))
+    rules = sharding.SERVING_RULES if rules is None else tuple(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
+    traced_rules = rules if mesh is not None else None  # the rules apply on a mesh only
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -241,23 +291,24 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
                              f"batch of {ids.shape[0]} prompts")
     if mesh is not None:
         params, ids, mask, pixel_values, model_inputs = place_on_mesh(
-            model, params, mesh, ids, mask, pixel_values, model_inputs)
+            model, params, mesh, ids, mask, pixel_values, model_inputs, rules=rules)
     if num_beams > 1:
         # HF fills unused beam positions with `pad_token_id or eos_token_id[0]`: a pad id
         # of 0 counts as unset there.
         beam_pad = pad if (pad or not eos) else eos[0]
         settings = (int(max_new_tokens), eos, int(beam_pad), int(num_beams),
                     float(length_penalty), early_stopping)
-        fn, args = _compiled(model, settings, beam_generate), ()
+        fn, args = _compiled(model, settings, beam_generate, traced_rules), ()
     else:
         sampling = (("do_sample", bool(do_sample)), ("temperature", float(temperature)),
                     ("top_k", int(top_k)), ("top_p", float(top_p)))
         settings = (int(max_new_tokens), eos, int(pad), sampling, stops)
-        fn, args = _compiled(model, settings), (jax.random.PRNGKey(0) if rng is None else rng,)
+        fn = _compiled(model, settings, rules=traced_rules)
+        args = (jax.random.PRNGKey(0) if rng is None else rng,)
     with contextlib.ExitStack() as stack:
         if mesh is not None:
             stack.enter_context(jax.set_mesh(mesh))  # makes the logical constraints apply
-            stack.enter_context(sharding.activation_rules_context())
+            stack.enter_context(sharding.activation_rules_context(rules))
         out, *rest = fn(params, ids, mask, pixel_values, model_inputs, *args)
     # Beam search returns the best hypotheses' lengths, the loop the number of steps run.
     n = int(np.max(np.asarray(rest[0]))) if num_beams > 1 else int(rest[0])
@@ -265,11 +316,12 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
 
 
 def place_on_mesh(model, params, mesh, input_ids, attention_mask, pixel_values=None,
-                  model_inputs=None):
-    """Parameters sharded by the logical rules (as in training); prompts and images split
-    over the (data, fsdp) axes when their count divides, replicated otherwise."""
+                  model_inputs=None, *, rules=sharding.LOGICAL_RULES):
+    """Parameters sharded by `rules` (default: the training table; `generate` passes
+    `sharding.SERVING_RULES`); prompts and images split over the (data, fsdp) axes when
+    their count divides, replicated otherwise."""
     params = jax.device_put(params, sharding.param_shardings(
-        abstract_params(model, boxed=True), mesh))
+        abstract_params(model, boxed=True), mesh, rules))
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def split(x):
