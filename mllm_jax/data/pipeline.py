@@ -36,6 +36,15 @@ prompt is the user turn, chosen and rejected the assistant's answers, labels on 
 only) and yields chosen_{input_ids, attention_mask, labels}, rejected_{...} and pixel_values
 (shared by the pair), the batch of `train.step.dpo_objective`.
 
+Packing. `packing=True` (data.packing) fills each row with several whole samples (modes lm
+and dpo; see `data.packing`): segment_ids and position_ids join the batch, pixel_values holds
+`row_images` images per row (the row's, in sample order), a batch still has
+`global_batch_size` rows, so a step sees more samples. Examples that fit no row are carried
+to the next batch; the state lists them ("carry", record indices) and `set_state` rebuilds
+them, so a restore still yields the batches of an uninterrupted run. "sample_ids" is then
+[rows, samples per row] ("" where a row holds fewer) and `last_sample_ids` lists the batch's
+samples row by row.
+
 Mixtures. `MixturePipeline` draws each sample from one of several sources (pipelines read
 example by example with `next_example`) with given weights; see `data.mixture` (its names
 are importable from here too). Batches are assembled by `data.collate.collate`.
@@ -57,6 +66,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mllm_jax.data import image as image_lib
+from mllm_jax.data import packing as packing_lib
 from mllm_jax.data import pairs
 from mllm_jax.data import templates as T
 from mllm_jax.data.collate import collate
@@ -177,9 +187,12 @@ class LlavaPipeline:
                  image_tokens_per_image: int, image_token_id: int | None = None, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, num_workers: int = 2,
                  workdir=None, system: str | None = None, return_sample_ids: bool = False,
-                 mode: str = "lm", report_name: str = "data_report", sample_inputs=None):
+                 mode: str = "lm", report_name: str = "data_report", sample_inputs=None,
+                 packing: bool = False, packing_images: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        _check_packing(packing, mode, sample_inputs)
+        self.packing = bool(packing)
         if sample_inputs is not None and mode != "lm":
             raise ValueError(f"this model reads per-sample inputs {list(sample_inputs.keys)} "
                              f"(InstructBLIP's instruction), which batches of mode {mode!r} do "
@@ -212,6 +225,10 @@ class LlavaPipeline:
         self.max_length = max_length
         self.max_images = max_images
         self.image_tokens_per_image = image_tokens_per_image
+        # Images per row of a batch: a packed row holds several samples' images.
+        self.row_images = packing_lib.row_image_capacity(
+            max_length, max_images, image_tokens_per_image, packing_images) if packing \
+            else max_images
         self.image_token_id = image_token_id if image_token_id is not None \
             else tokenizer.image_token_id
         self.system = system
@@ -254,15 +271,19 @@ class LlavaPipeline:
         self._cursor = (epoch, position)  # next record to read ahead
         self._pending = collections.deque()
         self._bad = dict(bad)  # record index -> reason
+        self._carry = []  # packing: examples read but not yet placed in a row
         # The report files are brought in line with the state before the first batch (a
         # new pipeline must not wipe them before a set_state that restores what they hold).
         self._report_synced = False
 
     def get_state(self) -> dict:
-        return {"epoch": self._epoch, "position": self._position, "seed": self.seed,
-                "process_index": self.process_index, "process_count": self.process_count,
-                "num_records": len(self.records),
-                "bad": [[int(i), r] for i, r in sorted(self._bad.items())]}
+        state = {"epoch": self._epoch, "position": self._position, "seed": self.seed,
+                 "process_index": self.process_index, "process_count": self.process_count,
+                 "num_records": len(self.records),
+                 "bad": [[int(i), r] for i, r in sorted(self._bad.items())]}
+        if self.packing:
+            state.update(packing=True, carry=[int(ex["record_index"]) for ex in self._carry])
+        return state
 
     def set_state(self, state: dict):
         mine = {"seed": self.seed, "process_index": self.process_index,
@@ -274,8 +295,24 @@ class LlavaPipeline:
         position = int(state["position"])
         if not 0 <= position < self.local_len:
             raise ValueError(f"data state position {position} outside [0, {self.local_len})")
+        if bool(state.get("packing", False)) != self.packing:
+            raise ValueError(f"data state was saved with packing={bool(state.get('packing'))}"
+                             f", this pipeline has packing={self.packing} (data.packing)")
         self._reset(int(state["epoch"]), position,
                     {int(i): r for i, r in state.get("bad", [])})
+        self._carry = [self._rebuild(int(i)) for i in state.get("carry", [])]
+
+    def _rebuild(self, index: int) -> dict:
+        """The example of record `index` (a carried example of a saved state), read again."""
+        record = self.records[index]
+        images = _Done(decode_images(record.images, self.image_cfg)) if record.images else None
+        ex = self._example(record, images)
+        if isinstance(ex, Bad):
+            raise ValueError(f"data state carries sample {record.id!r} (record {index}) into "
+                             f"the next batch, but it now reads as bad ({ex.reason}: "
+                             f"{ex.detail}); its data changed since the checkpoint")
+        ex["record_index"] = index
+        return ex
 
     def report(self) -> dict:
         """Bad records seen by this process, counted by reason (each record once)."""
@@ -420,13 +457,26 @@ class LlavaPipeline:
                     raise RuntimeError(f"no usable record in a whole epoch of process "
                                        f"{self.process_index}: {self.report()}")
                 continue
+            result["record_index"] = p.index
             return result
 
     def __next__(self) -> dict:
+        if self.packing:
+            return self._next_packed()
         rows = [self.next_example() for _ in range(self.local_batch_size)]
         ids = [ex["sample_id"] for ex in rows]
         self.last_sample_ids = ids
         return self._batch(rows, ids)
+
+    def _next_packed(self) -> dict:
+        rows, self._carry = packing_lib.pack(
+            self._carry, self.next_example, rows=self.local_batch_size, mode=self.mode,
+            max_length=self.max_length, max_images=self.row_images)
+        self.last_sample_ids = [ex["sample_id"] for row in rows for ex in row]
+        return packing_lib.collate_packed(
+            rows, self.mode, max_length=self.max_length, max_images=self.row_images,
+            image_shape=self.image_shape, pad_id=self.pad_id,
+            sample_ids=self.return_sample_ids)
 
     def _batch(self, rows, ids) -> dict:
         if self.mode == "image_text":
@@ -480,6 +530,21 @@ class LlavaPipeline:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _check_packing(packing, mode, sample_inputs):
+    """Packing works on lm and dpo examples of models without per-sample inputs."""
+    if not packing:
+        return
+    if mode not in packing_lib.SIDES:
+        raise ValueError(f"data.packing packs lm and dpo samples; mode {mode!r} (image-caption "
+                         "pairs for contrastive objectives) is not packed: set data.packing "
+                         "to False")
+    if sample_inputs is not None:
+        raise ValueError(f"data.packing: this model reads per-sample inputs "
+                         f"{list(sample_inputs.keys)} (one per image, InstructBLIP's "
+                         "instruction), which packed rows do not carry: set data.packing to "
+                         "False")
 
 
 def preference_conversations(record):

@@ -20,12 +20,18 @@ def make_data(cfg, process_index, process_count, workdir=None, objective=None):
     caption} entries; see `data.pairs`), data.tokenizer is the Q-Former's tokenizer and
     data.max_length the caption length. `objective` defaults to the one the config names.
     A non-empty `data.mixture` ([{"json" or "tfds_dir", "image_root", "weight"}, ...]) mixes
-    several such sources with `data.pipeline.MixturePipeline` (seeded by data.seed)."""
+    several such sources with `data.pipeline.MixturePipeline` (seeded by data.seed).
+    `data.packing` packs several whole samples into each row of one source's batches
+    (`data.packing`; lm and dpo objectives, not mixtures)."""
     d = cfg.data
     if objective is None:
         objective = make_objective(cfg.stage, cfg.train.loss_chunk)
     if d.source == "synthetic":
         from mllm_jax.data.synthetic import SyntheticSource
+        if d.get("packing", False):
+            raise ValueError("data.packing = True with data.source=synthetic: packing fills "
+                             "rows with tokenized samples of data.source llava_json or tfds; "
+                             "set data.packing=False")
         return SyntheticSource(cfg.model, cfg.train.global_batch_size, d.text_len,
                                seed=d.seed, images_per_sample=d.images,
                                objective=objective.data_mode,
@@ -103,9 +109,14 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
             max_length=d.max_length, max_images=d.images,
             image_tokens_per_image=tokens, image_token_id=registry.image_token_id(m),
             seed=seed, process_index=process_index, process_count=process_count,
-            num_workers=d.workers, workdir=workdir, mode=mode, sample_inputs=inputs, **kw)
+            num_workers=d.workers, workdir=workdir, mode=mode, sample_inputs=inputs,
+            packing=bool(d.get("packing", False)),
+            packing_images=int(d.get("packing_images", 0)), **kw)
 
     seed = d.seed
+    if mixture and d.get("packing", False):
+        raise ValueError("data.packing = True with a data.mixture: mixtures are not packed; "
+                         "set data.packing=False or train on one source")
     if mixture:
         # Each source its own order (seed + k) and report file (data_report.source{k}.*).
         sources = [(pipeline(_records(d.source, spec, mode, allow_absolute), seed + k,

@@ -133,9 +133,31 @@ def masked_lm_loss(hidden, labels, head, chunk_size: int = 2048):
     return -jnp.sum(lp), n
 
 
-def sequence_logprob(hidden, labels, head, chunk_size: int = 2048):
-    """Sum of log-probs over each sample's label (completion) tokens: [b]."""
-    return jnp.sum(token_logprobs(hidden, shift_labels(labels), head, chunk_size), axis=1)
+def sequence_logprob(hidden, labels, head, chunk_size: int = 2048, segment_ids=None):
+    """Sum of log-probs over each sample's label (completion) tokens: [b]; with segment_ids
+    (packed rows, `data.packing`) per sample: [b, s], `segment_sums` of the token log-probs.
+    A packed sample's first label is IGNORE_INDEX, so no sum takes a target across a
+    sample boundary."""
+    lp = token_logprobs(hidden, shift_labels(labels), head, chunk_size)
+    if segment_ids is None:
+        return jnp.sum(lp, axis=1)
+    return segment_sums(lp, segment_ids)
+
+
+def segment_sums(values, segment_ids):
+    """Per-row sums of values [b, s] by segment: [b, s], column k the sum over segment k + 1
+    (segment 0, padding, is left out; a row of s tokens holds at most s segments)."""
+    s = values.shape[1]
+
+    def row(v, seg):
+        return jax.ops.segment_sum(v, seg, num_segments=s + 1)[1:]
+    return jax.vmap(row)(values, segment_ids)
+
+
+def segments_present(segment_ids):
+    """[b, s] bool: whether segment k + 1 holds a token of the row (column k, as
+    `segment_sums`)."""
+    return segment_sums(jnp.ones(segment_ids.shape, jnp.int32), segment_ids) > 0
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):

@@ -71,7 +71,16 @@ def base(preset: str) -> ml_collections.ConfigDict:
                                         "qformer_tokenizer": "", "qformer_max_length": 0,
                                         # weighted sources (replace json / tfds_dir):
                                         # [{"json" | "tfds_dir", "image_root", "weight"}]
-                                        "mixture": []})
+                                        "mixture": [],
+                                        # llava_json / tfds, lm and dpo objectives: several
+                                        # whole samples per row of max_length tokens
+                                        # (segment and position ids, each sample's images
+                                        # with it; data/packing.py); a batch keeps its
+                                        # global_batch_size rows, so a step sees more samples
+                                        "packing": False,
+                                        # images a packed row holds (0: as many as fit,
+                                        # max_length // tokens per image)
+                                        "packing_images": 0})
     c.distributed = ml_collections.ConfigDict({
         "enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0,
         "cpu_collectives": "", "local_device_ids": []})

@@ -62,7 +62,10 @@ def lm_objective(model, params, batch, frozen_extra, *, chunk_size=2048):
 def dpo_objective(model, params, batch, frozen_extra, *, beta=0.1, chunk_size=2048):
     """DPO over (chosen, rejected) pairs sharing their images. The vision tower runs once per
     pair (it is frozen, so policy and reference share it); each side projects it with its own
-    connector. frozen_extra["ref"] holds the full reference parameters."""
+    connector. frozen_extra["ref"] holds the full reference parameters. Packed rows
+    (`data.packing`: chosen_/rejected_segment_ids and _position_ids) hold one pair per
+    segment, the same segments on both sides: log-probs are summed per segment and the loss
+    counts the pairs present."""
     if registry.sample_input_keys(model.cfg):
         raise ValueError(f"model_type {model.cfg.model_type!r} reads "
                          f"{list(registry.sample_input_keys(model.cfg))} with every sample; "
@@ -72,14 +75,21 @@ def dpo_objective(model, params, batch, frozen_extra, *, beta=0.1, chunk_size=20
     mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     labels = jnp.concatenate([batch["chosen_labels"], batch["rejected_labels"]])
     b = batch["chosen_input_ids"].shape[0]
+    packed = "chosen_segment_ids" in batch
+    seg, rows = None, {}
+    if packed:
+        seg = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]])
+        rows = {"segment_ids": seg, "position_ids": jnp.concatenate(
+            [batch["chosen_position_ids"], batch["rejected_position_ids"]])}
 
     def logps(p, vis):
-        kw = {}
+        kw = dict(rows)
         if vis is not None:
             feats = _apply(model, p, "project", vis)
             kw["image_features"] = jnp.concatenate([feats, feats])
         h = _apply(model, p, "hidden_states", ids, None, mask, **kw)
-        return losses.sequence_logprob(h, labels, _apply(model, p, "output_head"), chunk_size)
+        return losses.sequence_logprob(h, labels, _apply(model, p, "output_head"), chunk_size,
+                                       segment_ids=seg)
 
     vis = None
     if batch.get("pixel_values") is not None:
@@ -91,8 +101,13 @@ def dpo_objective(model, params, batch, frozen_extra, *, beta=0.1, chunk_size=20
     pi = logps(params, vis)
     ref_lp = jax.lax.stop_gradient(logps(ref, vis))
     per_pair, r_c, r_r = losses.dpo_loss(pi[:b], pi[b:], ref_lp[:b], ref_lp[b:], beta)
-    metrics = {"reward_margin": jnp.sum(r_c - r_r), "reward_accuracy": jnp.sum(r_c > r_r)}
-    return jnp.sum(per_pair), jnp.asarray(b, jnp.int32), metrics
+    # Which entries are pairs: every row, or (packed) the segments a row holds.
+    pairs = (losses.segments_present(batch["chosen_segment_ids"]) if packed
+             else jnp.ones((b,), bool))
+    w = pairs.astype(per_pair.dtype)
+    metrics = {"reward_margin": jnp.sum((r_c - r_r) * w),
+               "reward_accuracy": jnp.sum((r_c > r_r) & pairs)}
+    return jnp.sum(per_pair * w), jnp.sum(pairs, dtype=jnp.int32), metrics
 
 
 def _micro_batches(batch, accum):

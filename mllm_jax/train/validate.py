@@ -37,6 +37,7 @@ COUNTS = {
     "data.max_length": (1, "the longest tokenized sample", ""),
     "data.workers": (0, "data-loading worker threads (0: load in the training thread)", ""),
     "data.distinct_batches": (0, "distinct synthetic batches (0: every batch new)", ""),
+    "data.packing_images": (0, "images a packed row holds (0: as many as fit)", ""),
 }
 
 # Real numbers: field -> (low, high, low included, high included, what it is).
@@ -53,7 +54,8 @@ NUMBERS = {
                            "the final learning rate as a fraction of the peak"),
 }
 
-FLAGS = ("train.async_checkpointing", "train.export_final", "distributed.enabled")
+FLAGS = ("train.async_checkpointing", "train.export_final", "distributed.enabled",
+         "data.packing")
 
 
 class ConfigError(ValueError):
@@ -127,6 +129,7 @@ def problems(cfg) -> list[str]:
     out += _dtype_problems(cfg)
     out += _regex_problems(cfg)
     out += _objective_problems(cfg)
+    out += _packing_problems(cfg)
     out += _mesh_value_problems(cfg)
     out += _model_problems(cfg)
     return out
@@ -236,6 +239,29 @@ def _objective_problems(cfg):
         return [f"data.images = {images!r}: stage.objective {name!r} reads image-caption "
                 "pairs, one image per sample; set data.images=1"]
     return []
+
+
+def _packing_problems(cfg):
+    """data.packing packs the samples of one LLaVA JSON / TFDS source for the lm and dpo
+    objectives (data/packing.py)."""
+    if value_of(cfg, "data.packing") is not True:
+        return []
+    out = []
+    source = value_of(cfg, "data.source")
+    if source not in (_MISSING, "llava_json", "tfds"):
+        out.append(f"data.packing = True with data.source = {source!r}: packing fills rows "
+                   "with tokenized samples of data.source llava_json or tfds; set "
+                   "data.packing=False")
+    if value_of(cfg, "data.mixture") not in (_MISSING, None, [], ()):
+        out.append("data.packing = True with a data.mixture: mixtures are not packed; set "
+                   "data.packing=False or train on one source")
+    name = value_of(cfg, "stage.objective")
+    if name is not _MISSING:
+        from mllm_jax.train import objectives
+        if name in objectives.names() and objectives.data_mode(name) not in ("lm", "dpo"):
+            out.append(f"data.packing = True with stage.objective {name!r}: only the lm and "
+                       "dpo objectives' samples are packed; set data.packing=False")
+    return out
 
 
 def _mesh_value_problems(cfg):
