@@ -89,6 +89,8 @@ def build_parser():
     plan.add_argument("--decode", nargs=2, type=int, metavar=("BATCH", "LEN"), default=None,
                       help="also compile the generation programs (prefill and one decode "
                            "step) for BATCH sequences of LEN tokens with the serving rules")
+    plan.add_argument("--no-train", action="store_true",
+                      help="with --decode: the generation programs only")
     plan.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                       help="compute and KV-cache dtype of the generation programs")
     plan.add_argument("--dump-hlo", default="", metavar="DIR",
@@ -214,12 +216,16 @@ def _plan(args):
     from mllm_jax.plan import train_plan
     from mllm_jax.train import config_file
     cfg = config_file.load(args.config, args.overrides)
-    plans = [train_plan.plan_training(cfg, args.topology, dump_hlo=args.dump_hlo,
-                                      log=lambda m: print(m, file=sys.stderr))]
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.no_train and not args.decode:
+        raise ValueError("--no-train leaves nothing to plan without --decode BATCH LEN")
+    plans = [] if args.no_train else [
+        train_plan.plan_training(cfg, args.topology, dump_hlo=args.dump_hlo, log=log)]
     if args.decode:
         from mllm_jax.plan import decode_plan
-        plans.append(decode_plan.plan_decode(cfg, args.topology, *args.decode,
-                                             dtype=args.dtype, dump_hlo=args.dump_hlo))
+        plans.extend(decode_plan.plan_decode(cfg, args.topology, *args.decode,
+                                             dtype=args.dtype, dump_hlo=args.dump_hlo,
+                                             log=log))
     for p in plans:
         print(train_plan.table(p))
     for p in plans:

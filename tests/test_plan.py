@@ -90,11 +90,15 @@ ENTRY %main (a: f32[4]) -> f32[4] {
     (ar,) = program.collectives()
     assert (ar.kind, ar.bytes, ar.group, ar.count, ar.in_loop) == ("all-reduce", 16, 2, 10,
                                                                    True)
+    # A loop unrolled by XLA adds 2 to its counter: 2, 4, ..., 10.
+    unrolled = hlo.Program(text.replace("%one = s32[] constant(1)", "%one = s32[] constant(2)"))
+    assert unrolled.flops() == 5 * 2 * 4 * 4
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install 'jax[tpu]==<jax version>')")
 def test_plan_compiles_a_tiny_training_step_for_a_tpu_topology():
+    """The training step, then the prefill and decode step with the serving rules."""
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path, TPU_SKIP_MDS_QUERY="1")
     env.pop("JAX_PLATFORMS", None)  # the command sets it
@@ -102,11 +106,12 @@ def test_plan_compiles_a_tiny_training_step_for_a_tpu_topology():
     out = subprocess.run(
         [sys.executable, "-m", "mllm_jax.cli", "plan", "--config",
          os.path.join(ROOT, "configs", "llava15_tiny_stage2.py"), "--topology", "v5e:2x2",
-         "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+         "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+         "--decode", "16", "1024"],
         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    plan = json.loads(lines[-1])
+    plan, prefill, step = (json.loads(line) for line in lines[-3:])
     assert "memory per chip" in out.stdout and "ICI floor" in out.stdout  # the table
     assert plan["compiles"] and plan["topology"] == "v5e:2x2" and plan["devices"] == 4
     assert plan["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
@@ -119,3 +124,13 @@ def test_plan_compiles_a_tiny_training_step_for_a_tpu_topology():
     assert plan["compute_s_at_peak"] == pytest.approx(plan["flops_per_device"] / 197e12)
     assert plan["ici_floor_s"] > 0 and plan["unknown_trip_counts"] == 0
     assert np.isfinite(plan["ici_over_compute"])
+
+    assert (prefill["program"], step["program"]) == ("prefill", "decode_step")
+    # Serving: weights over tensor only, the widest axis the tiny model's KV heads divide.
+    assert step["mesh"]["tensor"] == 2 and step["rules"] == "serving"
+    assert step["kv_cache_dtype"] == "bfloat16" and step["cache_donated"]
+    assert step["memory_detail"]["temporaries"] < step["kv_cache_bytes_per_device"]
+    assert step["weight_bytes_per_device"] > 0 and step["hbm_floor_s"] > 0
+    # Nothing is gathered per token: neither the weights nor the cache.
+    assert step["collective_bytes_per_device"].get("all-gather", 0) < 0.01 * (
+        step["weight_bytes_per_device"] + step["kv_cache_bytes_per_device"])
