@@ -39,7 +39,7 @@ setup(
         # libtpu of the installed jax: `mllm-jax plan` compiles for TPU topologies with it
         # on any machine (it needs no TPU).
         "tpu": ["jax[tpu]"],
-        "test": TORCH + TFDS + ["scikit-learn", "pytest", "pytest-xdist", "ruff", "jax[tpu]"],
+        "test": TORCH + TFDS + ["scikit-learn", "pytest", "pytest-xdist", "ruff"],
     },
     entry_points={"console_scripts": ["mllm-jax=mllm_jax.cli:main"]},
 )
