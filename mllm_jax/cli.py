@@ -130,9 +130,13 @@ def build_parser():
     btrain.add_argument("--steps", type=int, default=5)
     btrain.add_argument("--dtype", choices=DTYPES, default="float32")
     btrain.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    btrain.add_argument("--packing", action="store_true",
+                        help="instead: real tokens/s with and without data.packing on a "
+                             "LLaVA-like mix (rows of the image's tokens + --text-len)")
     btrain.set_defaults(func=_bench_train)
     bdata = bsub.add_parser("data", help="samples/s of the LLaVA JSON pipeline (336 px, "
-                                          "vicuna_v1), against a training step's rate")
+                                          "vicuna_v1), against a training step's rate, and "
+                                          "its padding with and without packing")
     bdata.add_argument("--samples", type=int, default=64)
     bdata.add_argument("--batch", type=int, default=16)
     bdata.add_argument("--workers", type=int, default=2)
@@ -235,6 +239,11 @@ def _plan(args):
 
 def _bench_train(args):
     import json
+    if args.packing:
+        from mllm_jax.bench import train_packing
+        print(json.dumps(train_packing.run(args.preset, args.stage, args.batch, args.text_len,
+                                           args.steps, dtype=args.dtype)))
+        return 0
     from mllm_jax.bench import train as bench_train
     out = bench_train.run(args.preset, args.stage, args.batch, args.text_len, args.steps,
                           torch_compare=not args.no_torch, dtype=args.dtype)

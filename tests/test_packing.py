@@ -411,3 +411,33 @@ def test_training_on_packed_batches(tokenizer_dir, tmp_path, objective):
     saved = tmp_path / "run" / "checkpoints" / "2" / "data" / "metadata"  # the data state
     state = json.loads(saved.read_text())
     assert state["packing"] is True and "carry" in state
+
+
+def test_bench_data_reports_padding_with_and_without_packing():
+    from mllm_jax.bench import data as bench_data
+    out = bench_data.run(samples=12, batch=4, step_time=2.0)
+    packed = out["packed"]
+    assert out["samples_per_row"] == 1.0 and packed["samples_per_row"] > 1
+    assert 0 < packed["padding_fraction"] < out["padding_fraction"] < 1
+    assert out["packing_tokens_per_row_gain"] == pytest.approx(
+        packed["tokens_per_row"] / out["tokens_per_row"], rel=1e-3)
+    assert packed["train_samples_per_s"] == pytest.approx(2.0 * packed["samples_per_row"],
+                                                          rel=1e-2)
+    assert set(out["mean_tokens_by_kind"]) <= set(bench_data.MIX)
+
+
+def test_bench_train_packing_counts_real_tokens(capsys):
+    from mllm_jax.cli import main
+    assert main(["bench", "train", "--packing", "--preset", "tiny-llava", "--batch", "2",
+                 "--text-len", "496", "--steps", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    plain, packed = out["unpacked"], out["packed"]
+    assert out["seq_len"] == IMAGE_TOKENS + 496
+    assert plain["samples_per_step"] == 2 and packed["samples_per_step"] > 2
+    assert packed["real_tokens_per_step"] > plain["real_tokens_per_step"]
+    assert packed["padding_fraction"] < plain["padding_fraction"]
+    for run in (plain, packed):
+        assert run["real_tokens_per_s"] == pytest.approx(
+            run["real_tokens_per_step"] / run["step_time_s"], rel=1e-2)
+    assert out["real_tokens_per_s_gain"] == pytest.approx(
+        packed["real_tokens_per_s"] / plain["real_tokens_per_s"], rel=1e-2)
