@@ -30,7 +30,16 @@ def abstract_params(model, boxed=False):
     (boxed=True keeps the `nn.Partitioned` boxes, for `sharding.param_shardings`)."""
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                                *registry.init_inputs(model.cfg))
-    return variables["params"] if boxed else nn.meta.unbox(variables["params"])
+    return variables["params"] if boxed else unbox_shapes(variables["params"])
+
+
+def unbox_shapes(boxed):
+    """The shapes in a tree of boxed abstract parameters, unboxed. Not `nn.meta.unbox`:
+    under a mesh (the trainer traces under its abstract mesh) that applies each box's
+    sharding constraint, which a shape cannot take."""
+    return jax.tree_util.tree_map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
+        else x.unbox(), boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def _expected(model):

@@ -20,7 +20,7 @@ import numpy as np
 
 from mllm_jax import sharding
 from mllm_jax.convert import integrity
-from mllm_jax.convert.hf_io import abbreviate
+from mllm_jax.convert.hf_io import abbreviate, unbox_shapes
 from mllm_jax.data.sources import make_data
 from mllm_jax.models import build_model, registry
 from mllm_jax.train import flops as flops_lib
@@ -71,13 +71,6 @@ def initial_params(cfg, model, boxed, shardings):
     return init_fn(jax.random.PRNGKey(init.seed))
 
 
-def _unbox_shapes(boxed):
-    """The shapes in a tree of boxed abstract parameters, unboxed. Not `nn.meta.unbox`:
-    under `jax.set_mesh` that applies each box's sharding constraint, which a shape cannot
-    take."""
-    return jax.tree_util.tree_map(
-        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
-        else x.unbox(), boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def _flat_select(tree, reference):
@@ -337,7 +330,7 @@ def build_trainer(cfg, *, devices=None, params=None, abstract=False) -> Trainer:
         boxed = abstract_boxed_params(model, cfg.model, cfg.init.seed)
         param_sh = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
         if abstract:
-            params = _abstract(_unbox_shapes(boxed), param_sh)
+            params = _abstract(unbox_shapes(boxed), param_sh)
         elif params is None:
             params = initial_params(cfg, model, boxed, param_sh)
         else:
@@ -345,7 +338,7 @@ def build_trainer(cfg, *, devices=None, params=None, abstract=False) -> Trainer:
         trainable, frozen = partition.split(params, cfg.stage.trainable)
         objective.check(partition.paths(trainable))
         trainable_boxed = _flat_select(boxed, trainable)
-        tx, schedules = make_optimizer(tc, _unbox_shapes(trainable_boxed), int(tc.num_steps))
+        tx, schedules = make_optimizer(tc, unbox_shapes(trainable_boxed), int(tc.num_steps))
         st_sh = state_shardings(tx, trainable_boxed, mesh, rules, rng)
         if abstract:
             frozen = _abstract(jax.eval_shape(partial(partition.cast_floating,
