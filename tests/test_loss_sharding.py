@@ -48,7 +48,7 @@ def test_loss_chunks_need_no_vocab_collective(sizes):
     program = hlo.Program(compiled.as_text(), 8)
     in_loop = [c for c in program.collectives() if c.in_loop]
     rows = B // (mesh.shape["data"] * mesh.shape["fsdp"])
-    chunks = S // (CHUNK // rows)  # each chunk: CHUNK // rows positions of every row
+    chunks = rows * S // CHUNK  # the device's own tokens, CHUNK at a time
     assert max(m for m, _ in program.weights.values()) == chunks  # the chunk loop ran
     if mesh.shape["tensor"] == 1:
         assert in_loop == [], [(c.kind, c.bytes) for c in in_loop]

@@ -82,8 +82,9 @@ def token_logprobs(hidden, targets, head, chunk_size: int = 2048):
     """log p(target) for every position ([b, s], 0 where the target is ignored).
 
     hidden: [b, s, d] final hidden states; head: (weight, vocab_major) of the output
-    projection. Under a mesh that splits the batch, each device computes the logits of
-    its own rows alone (`jax.shard_map` over the batch axes): the head is gathered whole
+    projection. Each device takes the tokens of its own rows, `chunk_size` at a time (on
+    one device: the batch's tokens, as one device always did). Under a mesh that splits
+    the batch that is a `jax.shard_map` over the batch axes: the head is gathered whole
     once (but for its vocabulary, which stays split over `activation_vocab`), the chunks
     loop without collectives but the per-token softmax sums of a split vocabulary, and
     the head's gradient is summed over the batch shards once, after the loop.
@@ -104,24 +105,27 @@ def token_logprobs(hidden, targets, head, chunk_size: int = 2048):
 
 
 def _local_logprobs(h, targets, w, *, vocab_major, chunk_size):
-    """token_logprobs of rows that are all on this device: chunks of `chunk_size` tokens,
-    each a span of positions of every row."""
+    """token_logprobs of rows that are all on this device: their tokens, flattened, in
+    chunks of `chunk_size`."""
     b, s, d = h.shape
-    span = max(1, min(s, chunk_size // b))  # positions per chunk
-    n = -(-s // span)
+    n_tok = b * s
+    h = h.reshape(n_tok, d)
+    t = targets.reshape(n_tok)
+    c = min(chunk_size, n_tok)
+    n = -(-n_tok // c)
     if n == 1:  # one chunk: nothing to save by recomputing the logits
-        return linear_target_logprobs(h, w, targets, vocab_major)
-    pad = n * span - s
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-    t = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+        return linear_target_logprobs(h, w, t, vocab_major).reshape(b, s)
+    pad = n * c - n_tok
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    t = jnp.pad(t, (0, pad), constant_values=IGNORE_INDEX)
 
     @jax.checkpoint
     def chunk(hc, tc):
         return linear_target_logprobs(hc, w, tc, vocab_major)
 
-    xs = (h.reshape(b, n, span, d).swapaxes(0, 1), t.reshape(b, n, span).swapaxes(0, 1))
-    _, lp = jax.lax.scan(lambda carry, x: (carry, chunk(*x)), None, xs)
-    return lp.swapaxes(0, 1).reshape(b, n * span)[:, :s]
+    _, lp = jax.lax.scan(lambda carry, xs: (carry, chunk(*xs)), None,
+                         (h.reshape(n, c, d), t.reshape(n, c)))
+    return lp.reshape(n * c)[:n_tok].reshape(b, s)
 
 
 def masked_lm_loss(hidden, labels, head, chunk_size: int = 2048):
