@@ -260,11 +260,11 @@ def test_demo_passes_its_options_and_prints_the_table_and_paths(tmp_path, capsys
     assert calls[-1]["connector"] == "qformer"
 
 
-def test_config_overrides_belong_to_train_only(capsys):
+def test_config_overrides_belong_to_train_and_plan_only(capsys):
     with pytest.raises(SystemExit) as e:
         main(["presets", "--config.train.lr=1e-4"])
     assert e.value.code == 2
-    assert "--config.* overrides apply to train only" in capsys.readouterr().err
+    assert "--config.* overrides apply to train and plan only" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2(capsys):

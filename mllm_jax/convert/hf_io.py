@@ -37,9 +37,12 @@ def unbox_shapes(boxed):
     """The shapes in a tree of boxed abstract parameters, unboxed. Not `nn.meta.unbox`:
     under a mesh (the trainer traces under its abstract mesh) that applies each box's
     sharding constraint, which a shape cannot take."""
-    return jax.tree_util.tree_map(
-        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
-        else x.unbox(), boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    def unbox(x):
+        if isinstance(x, nn.Partitioned):
+            return x.unbox(apply_constraint=False)
+        return x.unbox() if isinstance(x, nn.meta.AxisMetadata) else x  # unannotated leaf
+    return jax.tree_util.tree_map(unbox, boxed,
+                                  is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def _expected(model):
