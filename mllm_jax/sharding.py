@@ -18,6 +18,15 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or None: replicated). First matching rule whose mesh axes are
 # still free in the array's spec wins (flax semantics).
+# Activations, the same in training and serving.
+ACTIVATION_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_vocab", "tensor"),
+    ("activation_kv_heads", "tensor"),  # KV cache heads during generation
+)
+
 LOGICAL_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
     # parameters
     ("vocab", "tensor"),
@@ -27,13 +36,7 @@ LOGICAL_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
     ("heads", "tensor"),
     ("kv", "tensor"),
     ("layers", None),
-    # activations
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_vocab", "tensor"),
-    ("activation_kv_heads", "tensor"),  # KV cache heads during generation
-)
+) + ACTIVATION_RULES
 
 # Serving (generation, eval, chat). Training shards the embed dimension of every weight over
 # fsdp and gathers each weight once per step, a cost a whole batch of sequences shares. A
@@ -54,13 +57,7 @@ SERVING_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
     ("heads", "tensor"),
     ("kv", "tensor"),
     ("layers", None),
-    # activations
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_vocab", "tensor"),
-    ("activation_kv_heads", "tensor"),
-)
+) + ACTIVATION_RULES
 
 # The rules tables by the names the command line takes (`mllm-jax eval --rules`).
 NAMED_RULES = {"serving": SERVING_RULES, "training": LOGICAL_RULES}
