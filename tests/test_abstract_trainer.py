@@ -3,9 +3,6 @@ step from shapes and shardings alone, so a step compiles ahead of time for devic
 no arrays (here: a (2, 2, 2) mesh of the simulated CPU devices, and a TPU v5e topology when
 libtpu is installed)."""
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -15,8 +12,7 @@ import pytest
 from mllm_jax.data.sources import make_data
 from mllm_jax.train import recipe
 from mllm_jax.train.loop import build_trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tpu_script import run_tpu_script
 
 
 def _config(objective="lm"):
@@ -87,16 +83,7 @@ def test_abstract_step_compiles_for_a_tpu_topology():
         print(json.dumps({"platform": devices[0].platform, "args": m.argument_size_in_bytes,
                           "temp": m.temp_size_in_bytes}))
     """)
-    # JAX_PLATFORMS=cpu: the TPU runtime is not started (no TPU is attached); the topology
-    # alone is what the compiler needs. TPU_SKIP_MDS_QUERY: no cloud metadata look-up.
-    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", PYTHONPATH=path)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    import json
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(result)
+    result = run_tpu_script(script)
     assert result["platform"] == "tpu" and result["args"] > 0
     total = _tiny_llava_state_bytes()
     # 4 chips: every chip holds at least a quarter of the parameters and optimizer state.

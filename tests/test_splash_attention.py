@@ -11,9 +11,6 @@ Tolerance: max |splash - xla| / max |xla| <= 1e-5 in float32 (measured 2e-7 to 1
 with -s to see the measured errors.
 """
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -26,8 +23,8 @@ from mllm_jax import presets, sharding
 from mllm_jax import config as mc
 from mllm_jax.models import attention, splash
 from mllm_jax.models.decoders.opt import opt_text_config
+from tpu_script import run_tpu_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5
 
 
@@ -347,15 +344,6 @@ def test_compiles_to_mosaic_kernels_for_a_tpu_topology():
                           "kernel": kernel.as_text().count("tpu_custom_call"),
                           "model": step.as_text().count("tpu_custom_call")}))
     """)
-    # JAX_PLATFORMS=cpu: the TPU runtime is not started (no TPU is attached); the topology
-    # alone is what the compiler needs. TPU_SKIP_MDS_QUERY: no cloud metadata look-up.
-    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", PYTHONPATH=path)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    import json
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(result)
+    result = run_tpu_script(script)
     assert result["platform"] == "tpu" and result["auto"] == "splash"
     assert result["kernel"] >= 3 and result["model"] >= 3  # forward, dq and dkv kernels
