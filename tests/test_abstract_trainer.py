@@ -39,7 +39,8 @@ def test_abstract_step_compiles_placing_nothing(objective):
     assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     compiled = t.jit_step(batch).lower(t.state, t.frozen, t.frozen_extra,
                                        t.abstract_batch(batch)).compile()
-    assert _live_bytes() == before  # nothing was placed on a device
+    # Nothing was placed on a device (arrays an earlier test left may be freed meanwhile).
+    assert _live_bytes() <= before
     stats = compiled.memory_analysis()
 
     # The same step built for real: the abstract trees carry the very shapes and
