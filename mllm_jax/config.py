@@ -76,7 +76,7 @@ def runtime_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.dtype = "float32"  # activation / compute dtype
     c.param_dtype = "float32"
     c.scan_layers = False
-    c.remat_policy = "none"  # none | full | dots | dots_no_batch
+    c.remat_policy = "none"  # none | full | dots | dots_no_batch, each also as "<name>+weights"
     # The LLM's causal self-attention over whole sequences (training, prefill): "xla", or
     # Pallas splash attention ("splash": TPU only; "auto": splash on TPU, XLA elsewhere;
     # "splash_interpret": the kernel in the Pallas interpreter, for tests). See models.splash.

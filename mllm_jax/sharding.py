@@ -10,8 +10,10 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.experimental.mesh_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -147,6 +149,113 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# The mesh axes that only store weights: they split the batch in computation, so every device
+# needs a weight's slices from the others (see `matmul`).
+STORAGE_AXES = ("data", "fsdp")
+
+# XLA:TPU writes the reduce-scatter of a larger weight gradient, or of one scattered along
+# its minor dimension, as an all-reduce and a slice (twice the bytes): `matmul` gathers a
+# weight, and so reduce-scatters its gradient, in pieces of at most this many bytes
+# (gathered), along the major dimension.
+PIECE_BYTES = 16 << 20
+
+# The names `matmul` gives the weights it gathers and the products it sums over the tensor
+# axis, for remat policies that keep them (models.stack).
+GATHERED_WEIGHT = "gathered_weight"
+SUMMED_PRODUCT = "summed_product"
+
+
+def matmul(x, w, axes: Sequence[str | None]):
+    """`x @ w` for rows `x` [n, in] and a weight `w` [in, out] with logical axes `axes`
+    (cast both to the compute dtype first: the gathers move half the bytes of float32).
+
+    Under a mesh and rules whose storage axes (data, fsdp) split `w`, the product is written
+    per device: each device takes its own rows (split over the storage axes), all-gathers
+    `w` over the storage axes and keeps it split over the others (tensor): a column split
+    gives output columns, a split of the contraction gives partial sums, added over those
+    axes. The gradient of the gather is a reduce-scatter: each device's partial weight
+    gradient (its own rows' contribution) lands on the slice of `w` it keeps, one collective
+    of the weight's size. Left to sharding propagation, a scanned layer's weight gradient was
+    all-reduced whole and then sliced: twice the bytes. The gathered weight is named
+    GATHERED_WEIGHT so that a remat policy can keep it for the backward pass instead of
+    gathering it again, and a sum over the tensor axis SUMMED_PRODUCT, so that the policies
+    that keep matmul outputs keep it summed (models.stack).
+
+    A plain `x @ w` outside a mesh, inside a shard_map, where no storage axis of size > 1
+    splits `w` (e.g. under the serving rules), or where the rows do not divide over the
+    storage axes."""
+    plan = _split_plan(w, axes, x.shape[0])
+    if plan is None:
+        return jnp.dot(x, w)
+    mesh, w_spec, gathers, summed = plan
+    rows = tuple(a for a in STORAGE_AXES if a in mesh.shape)
+
+    def local(x, w):
+        if len(gathers) == 1:
+            w = _gather_in_pieces(w, *gathers[0], mesh)
+        else:
+            for dim, names in gathers:
+                w = jax.lax.all_gather(w, names, axis=dim, tiled=True)
+        y = jnp.dot(x, checkpoint_name(w, GATHERED_WEIGHT))
+        return checkpoint_name(jax.lax.psum(y, summed), SUMMED_PRODUCT) if summed else y
+
+    x_spec = P(rows, _kept(w_spec[0]))
+    y_spec = P(rows, _kept(w_spec[1]))
+    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec), out_specs=y_spec)(x, w)
+
+
+def _gather_in_pieces(w, dim: int, names, mesh):
+    """`all_gather(w, names, axis=dim)` of a 2-D `w`, in pieces of at most PIECE_BYTES
+    gathered (split along the other dimension, in multiples of 128 where it can). A gather
+    along the minor dimension is written on the transpose, along the major one."""
+    if dim == 1:
+        return _gather_in_pieces(w.T, 0, names, mesh).T
+    n = int(np.prod([mesh.shape[a] for a in _names(names)]))
+    other = 1 - dim
+    pieces = -(-w.size * n * w.dtype.itemsize // PIECE_BYTES)
+    width = w.shape[other]
+    step = -(-width // pieces)
+    step = -(-step // 128) * 128 if width >= 128 * pieces else step
+    if pieces <= 1 or step >= width:
+        return jax.lax.all_gather(w, names, axis=dim, tiled=True)
+    parts = [jax.lax.slice_in_dim(w, i, min(i + step, width), axis=other)
+             for i in range(0, width, step)]
+    return jnp.concatenate([jax.lax.all_gather(p, names, axis=dim, tiled=True)
+                            for p in parts], axis=other)
+
+
+def _names(entry) -> tuple:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _one(names: tuple):
+    return None if not names else names[0] if len(names) == 1 else names
+
+
+def _kept(entry):
+    """A spec entry without the storage axes."""
+    return _one(tuple(a for a in _names(entry) if a not in STORAGE_AXES))
+
+
+def _split_plan(w, axes, num_rows: int):
+    """(mesh, w's spec, [(dim, storage axes to gather it over)], the axes splitting the
+    contraction) for `matmul`, or None where it is a plain product."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules or w.ndim != 2 or getattr(mesh, "manual_axes", ()):
+        return None
+    rows = [a for a in STORAGE_AXES if a in mesh.shape]
+    if num_rows % int(np.prod([mesh.shape[a] for a in rows])):
+        return None
+    stored = tuple(nn.logical_to_mesh_axes(tuple(axes), rules))
+    gathers = [(dim, _one(tuple(a for a in _names(entry) if a in STORAGE_AXES)))
+               for dim, entry in enumerate(stored)]
+    gathers = [(dim, names) for dim, names in gathers if names is not None]
+    if not any(mesh.shape[a] > 1 for _, names in gathers for a in _names(names)):
+        return None
+    return mesh, P(*stored), gathers, _kept(stored[0])
 
 
 def activation_rules_context(rules=LOGICAL_RULES):

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mllm_jax import sharding
+
 Dtype = Any
 
 
@@ -61,7 +63,8 @@ class Dense(nn.Module):
         # As a 2-D matmul: XLA:CPU handles the weight gradient of a [tokens, in] x [in, out]
         # product far better than the same contraction over (batch, seq) dims.
         lead = x.shape[:-1]
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
+        y = sharding.matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype),
+                            kernel.astype(self.dtype), self.axes)
         y = y.reshape(*lead, self.features)
         if self.use_bias:
             bias = self.param("bias", with_axes(nn.initializers.zeros, self.axes[1:]),

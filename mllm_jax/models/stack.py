@@ -10,11 +10,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mllm_jax.sharding import GATHERED_WEIGHT, SUMMED_PRODUCT
+
+_policies = jax.checkpoint_policies
+# The policies that keep matmul outputs keep a product split over the tensor axis summed
+# (`sharding.matmul`): else the backward pass would sum it over the devices again.
+_BASE_POLICIES = {
+    "full": _policies.nothing_saveable,
+    "dots": _policies.save_from_both_policies(
+        _policies.checkpoint_dots, _policies.save_only_these_names(SUMMED_PRODUCT)),
+    "dots_no_batch": _policies.save_from_both_policies(
+        _policies.checkpoint_dots_with_no_batch_dims,
+        _policies.save_only_these_names(SUMMED_PRODUCT)),
+}
+# "<policy>+weights" also keeps each layer's weights as gathered for its matmuls
+# (`sharding.matmul`) from the forward pass to the backward pass: with weights split
+# over fsdp, the backward pass then gathers none of them again, for the memory of every
+# layer's gathered compute-dtype weights (their size / the tensor axis, per device).
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    **_BASE_POLICIES,
+    **{f"{name}+weights": _policies.save_from_both_policies(
+        policy, _policies.save_only_these_names(GATHERED_WEIGHT))
+       for name, policy in _BASE_POLICIES.items()},
 }
 
 

@@ -242,9 +242,10 @@ class Program:
     def collectives(self) -> list:
         """Every collective once, with how often it runs. TPU programs keep a copy of an
         asynchronous collective in each fused computation of its phases (start,
-        continuations, done), all with its channel id: a channel counts once, at its
-        most frequent copy."""
-        by_channel = {}
+        continuations, done), all with its channel id and op name: such a collective counts
+        once, at its most frequent copy. Collectives of one computation are all counted:
+        those written in a shard_map may share a channel id and an op name on CPU."""
+        copies = {}  # (kind, channel, op name) -> {computation: [Collective]}
         for comp, (mult, in_loop) in self.weights.items():
             names = self.by_name.get(comp, {})
             for ins in self.comps.get(comp, []):
@@ -256,10 +257,11 @@ class Program:
                                    self._group_size(ins.attrs), mult, in_loop,
                                    _op_name(ins.attrs))
                 channel = re.search(r"\bchannel_id=(\d+)", ins.attrs)
-                key = (kind, channel.group(1)) if channel else (comp, ins.name)
-                if key not in by_channel or by_channel[key].count < found.count:
-                    by_channel[key] = found
-        return list(by_channel.values())
+                key = ((kind, channel.group(1), found.op_name) if channel
+                       else (comp, ins.name))
+                copies.setdefault(key, {}).setdefault(comp, []).append(found)
+        return [c for by_comp in copies.values()
+                for c in max(by_comp.values(), key=lambda cs: cs[0].count)]
 
     def _collective_bytes(self, ins, kind, names) -> float:
         arrays = array_dims(ins.shape)
