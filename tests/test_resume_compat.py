@@ -61,6 +61,7 @@ def test_changed_frozen_model_seed_batch_and_lr_are_refused_naming_each(checkpoi
     cfg = _config(global_batch_size=8, lr=3e-4, num_steps=STEPS + 1, log_every=1)
     cfg.model.text.intermediate_size = 96
     cfg.init.seed = 7
+    cfg.model.remat_policy = "full+weights"  # how, not what: may change
     with pytest.raises(ResumeConfigError) as e:
         _train(cfg, workdir)
     msg = str(e.value)
@@ -71,7 +72,7 @@ def test_changed_frozen_model_seed_batch_and_lr_are_refused_naming_each(checkpoi
     assert "train.lr: " in msg and "add 'train.lr' to train.resume_may_change" in msg
     assert "start a new run in a new workdir" in msg
     # Fields that may change are not listed.
-    assert "num_steps" not in msg and "log_every" not in msg
+    assert "num_steps" not in msg and "log_every" not in msg and "remat" not in msg
 
 
 def test_opted_in_lr_change_resumes(checkpointed, tmp_path):

@@ -16,9 +16,10 @@ Resume compatibility. A run resumes only with the config it was checkpointed wit
 for the fields in `MAY_CHANGE`: every other field changes what is computed (the model and
 its frozen initialisation, the stage and objective, batch and sequence shapes, the data and
 its order, the RNG seeds, the optimizer), so a resumed run with one of them changed would
-neither continue the old run nor be a new one. `mesh` may change (restore re-shards), and
-so may logging, checkpoint cadence and retention, the step count (`train.num_steps`; the
-cosine decay then ends at the new count) and the loader's thread count. Two options widen
+neither continue the old run nor be a new one. `mesh` may change (restore re-shards), so may
+how the same model is computed (`model.remat_policy`, `model.attention`), logging,
+checkpoint cadence and retention, the step count (`train.num_steps`; the cosine decay then
+ends at the new count) and the loader's thread count. Two options widen
 this on purpose:
   train.resume_may_change: fields of `OPT_IN` (the learning-rate schedule and the
     optimizer's regularisation) allowed to differ from the checkpoint's;
@@ -47,6 +48,9 @@ MAY_CHANGE = (
     "train.loss_chunk",  # the same loss in token chunks of another size (memory only)
     "train.resume_may_change", "train.resume_partial",
     "mesh", "rules", "distributed", "data.workers",
+    # the same model computed another way: what the backward pass keeps or recomputes
+    # (memory only), the attention kernel (the same attention to rounding)
+    "model.remat_policy", "model.attention",
 )
 # Fields a run may change on resume only when `train.resume_may_change` names them.
 OPT_IN = ("train.lr", "train.warmup_ratio", "train.warmup_steps", "train.end_lr_ratio",
