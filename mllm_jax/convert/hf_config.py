@@ -1,9 +1,8 @@
 """HF `config.json` <-> our model configs, through the model registry: each family owns its
 mapping (`ModelFamily.from_hf` / `to_hf`, beside its module), this file finds the family.
 """
-import os
 
-from mllm_jax import jsonfile
+from mllm_jax import jsonfile, storage
 from mllm_jax.models import registry
 from mllm_jax.models.registry import UnsupportedModelError
 
@@ -11,10 +10,10 @@ __all__ = ["read_config_json", "from_hf", "to_hf", "UnsupportedModelError"]
 
 
 def read_config_json(directory) -> dict:
-    path = os.path.join(directory, "config.json")
-    if not os.path.isdir(directory):
+    path = storage.join(directory, "config.json")
+    if not storage.isdir(directory):
         raise FileNotFoundError(f"{directory} is not a directory")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"{directory} has no config.json; point load_hf at an HF checkpoint directory "
             "(config.json + *.safetensors)")

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mllm_jax import storage
 from mllm_jax.convert import destination, finite, hf_config, hf_keys
 from mllm_jax.convert.safetensors_io import (INDEX_FILE, CheckpointReader,
                                              write_checkpoint)
@@ -211,16 +212,19 @@ def save_hf(model, params, out_dir, *, dtype=None, max_shard_size=5 * 1024 ** 3,
                                  make(p, layer))))
     with destination.staged(out_dir, replace=overwrite) as work:
         write_checkpoint(work, entries, max_shard_bytes=max_shard_size)
-        with open(os.path.join(work, "config.json"), "w") as f:
+        with storage.open_file(storage.join(work, "config.json"), "w") as f:
             json.dump(hf, f, indent=2, sort_keys=True)
     return out_dir
 
 
 def _refuse_earlier_export(out_dir):
     out_dir = os.fspath(out_dir)
-    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+    if storage.is_remote(out_dir):
+        if storage.exists(out_dir) and not storage.isdir(out_dir):
+            raise FileExistsError(f"{out_dir} exists and is not a directory")
+    elif os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not a directory")
-    found = sorted(f for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+    found = sorted(f for f in (storage.listdir(out_dir) if storage.isdir(out_dir) else [])
                    if f in ("config.json", INDEX_FILE) or f.endswith(".safetensors"))
     if found:
         raise FileExistsError(

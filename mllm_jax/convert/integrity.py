@@ -17,11 +17,12 @@ The record is JSON: {"format": FORMAT, "arrays": {path: {"shape", "dtype", "fing
 with '/'-joined tree paths.
 """
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mllm_jax import storage
 
 FORMAT = "mllm_jax.array_fingerprints/1"
 RECORD_FILE = "integrity.json"
@@ -141,19 +142,16 @@ def write_record(path, tree):
     """Writes `tree`'s record to the JSON file `path` (process 0 only)."""
     rec = record(tree)
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rec, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        storage.write_atomic(path, json.dumps(rec, indent=1, sort_keys=True))
     return rec
 
 
 def read_record(path):
     """The record in `path`, or None if there is none (written before records existed)."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None
     try:
-        with open(path) as f:
+        with storage.open_file(path) as f:
             rec = json.load(f)
     except (OSError, ValueError) as e:
         raise IntegrityError(f"{path}: the checksum record is unreadable ({e}); the "

@@ -8,14 +8,13 @@ records existed loads unverified). The config
 alone rebuilds the module, so a checkpoint restores without the HF files it came from, and
 directly onto any sharding: orbax reads each shard of each array where it is placed.
 """
-import os
 
 import flax
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from mllm_jax import config as mc
+from mllm_jax import config as mc, storage
 from mllm_jax.convert import finite, integrity
 from mllm_jax.convert.hf_io import CheckpointMismatchError, abbreviate, abstract_params
 from mllm_jax.models import build_model, check_config
@@ -31,35 +30,35 @@ def save_orbax(model, params, out_dir, *, overwrite=False):
     Every process of a multi-host run calls this with its (global) arrays; orbax writes each
     shard once, and process 0 writes the config.
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    params_dir = os.path.join(out_dir, PARAMS_DIR)
-    if os.path.exists(params_dir) and not overwrite:
+    out_dir = storage.absolute(out_dir)  # a gs:// directory goes to orbax as it is
+    params_dir = storage.join(out_dir, PARAMS_DIR)
+    if storage.exists(params_dir) and not overwrite:
         raise FileExistsError(f"{params_dir} exists; pass overwrite=True to replace it")
     params = nn.meta.unbox(params)
     _check_structure(model, params, what="params")
-    os.makedirs(out_dir, exist_ok=True)
-    record_file = os.path.join(out_dir, integrity.RECORD_FILE)
-    if jax.process_index() == 0 and os.path.exists(record_file):
-        os.remove(record_file)  # the old arrays' record; rewritten once the new ones are
+    storage.makedirs(out_dir)
+    record_file = storage.join(out_dir, integrity.RECORD_FILE)
+    if jax.process_index() == 0 and storage.exists(record_file):
+        storage.remove(record_file)  # the old arrays' record; rewritten once the new ones are
     # StandardCheckpointer saves asynchronously; leaving the `with` block waits for the write
     # to be committed (the directory is renamed into place only when complete).
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, params, force=overwrite)
     integrity.write_record(record_file, params)
     if jax.process_index() == 0:
-        with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        with storage.open_file(storage.join(out_dir, CONFIG_FILE), "w") as f:
             f.write(model.cfg.to_json(indent=2, sort_keys=True))
             f.write("\n")
     return out_dir
 
 
 def read_model_config(directory):
-    path = os.path.join(os.fspath(directory), CONFIG_FILE)
-    if not os.path.exists(path):
+    path = storage.join(directory, CONFIG_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"{directory} has no {CONFIG_FILE}; it is not a checkpoint written by save_orbax")
     try:
-        with open(path) as f:
+        with storage.open_file(path) as f:
             cfg = mc.config_from_json(f.read())
     except (ValueError, TypeError) as e:  # JSON syntax; a value of the wrong type
         raise ValueError(f"{path} is not a valid model config ({e}); restore it from the "
@@ -78,11 +77,11 @@ def load_orbax(directory, *, shardings=None, check_finite=False):
     Arrays keep the dtypes they were saved with; their checksums (`integrity.json`, when the
     checkpoint has one) are verified.
     """
-    directory = os.path.abspath(os.fspath(directory))
+    directory = storage.absolute(directory)
     cfg = read_model_config(directory)
     model = build_model(cfg)
-    params_dir = os.path.join(directory, PARAMS_DIR)
-    if not os.path.isdir(params_dir):
+    params_dir = storage.join(directory, PARAMS_DIR)
+    if not storage.isdir(params_dir):
         raise FileNotFoundError(f"{directory} has {CONFIG_FILE} but no {PARAMS_DIR}/ checkpoint")
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(params_dir).item_metadata
@@ -109,14 +108,14 @@ def load_orbax(directory, *, shardings=None, check_finite=False):
 def verify(params, directory):
     """Raises `integrity.IntegrityError` naming each array of `params` (restored from
     `directory`) whose fingerprint differs from the directory's record."""
-    rec = integrity.read_record(os.path.join(directory, integrity.RECORD_FILE))
+    rec = integrity.read_record(storage.join(directory, integrity.RECORD_FILE))
     if rec is None:
         return
     bad = integrity.mismatches(params, rec)
     if bad:
         raise integrity.IntegrityError(
-            f"{os.path.join(directory, PARAMS_DIR)}: {len(bad)} array(s) differ from what "
-            f"was written ({os.path.join(directory, integrity.RECORD_FILE)}): "
+            f"{storage.join(directory, PARAMS_DIR)}: {len(bad)} array(s) differ from what "
+            f"was written ({storage.join(directory, integrity.RECORD_FILE)}): "
             f"{integrity.describe(bad)}. The checkpoint is damaged: write it again from its "
             "source (e.g. `mllm-jax convert hf-to-orbax`), or restore a copy")
 

@@ -12,7 +12,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from mllm_jax import jsonfile
+from mllm_jax import jsonfile, storage
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -234,7 +234,7 @@ def write_file(path, tensors: dict, metadata=None):
     header["__metadata__"] = dict(metadata or {"format": "pt"})
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data must start 8-byte aligned
-    with open(path, "wb") as f:
+    with storage.open_file(path, "wb") as f:  # a gs:// file is uploaded as it is written
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in tensors.values():
@@ -244,7 +244,7 @@ def write_file(path, tensors: dict, metadata=None):
 def write_checkpoint(directory, named_arrays, max_shard_bytes=5 * 1024 ** 3):
     """Writes an iterable of (name, array factory) pairs as one file or several shards plus
     an index, as `save_pretrained` lays them out. Factories are called one shard at a time."""
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     shards, current, size = [], {}, 0
     for name, (nbytes, make) in named_arrays:
         if current and size + nbytes > max_shard_bytes:
@@ -261,10 +261,10 @@ def write_checkpoint(directory, named_arrays, max_shard_bytes=5 * 1024 ** 3):
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
         arrays = {k: make() for k, make in shard.items()}
         total += sum(a.nbytes for a in arrays.values())
-        write_file(os.path.join(directory, fname), arrays)
+        write_file(storage.join(directory, fname), arrays)
         weight_map.update({k: fname for k in arrays})
         del arrays
     if len(shards) > 1:
-        with open(os.path.join(directory, INDEX_FILE), "w") as f:
+        with storage.open_file(storage.join(directory, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return weight_map

@@ -52,6 +52,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from mllm_jax import storage
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MODES = ("crop", "pad", "anyres")
@@ -193,20 +195,21 @@ def load_image_processor_config(checkpoint_dir, *, mode: str | None = None) -> I
     preprocessor_config.json. Original LLaVA checkpoints (a CLIP processor config plus
     `image_aspect_ratio` in config.json) get that aspect handling: "pad" or "anyres".
     """
-    root = Path(checkpoint_dir)
+    root = storage.as_path(checkpoint_dir) if storage.is_remote(checkpoint_dir) \
+        else Path(checkpoint_dir)
     d = None
-    if (root / "processor_config.json").is_file():
+    if storage.isfile(root / "processor_config.json"):
         d = json.loads((root / "processor_config.json").read_text()).get("image_processor")
     if d is None:
         path = root / "preprocessor_config.json"
-        if not path.is_file():
+        if not storage.isfile(path):
             raise FileNotFoundError(f"no preprocessor_config.json (or processor_config.json with "
                                     f"an image_processor entry) in {root}")
         d = json.loads(path.read_text())
     kind = str(d.get("image_processor_type") or "").removesuffix("Fast").removesuffix("Pil")
     model_cfg = root / "config.json"
     if mode is None and kind not in ("LlavaImageProcessor", "LlavaNextImageProcessor") \
-            and model_cfg.is_file():
+            and storage.isfile(model_cfg):
         cfg = json.loads(model_cfg.read_text())
         aspect = cfg.get("image_aspect_ratio")
         if aspect == "pad":
@@ -273,6 +276,16 @@ def read_image(path) -> Image.Image:
             raise ImageReadError(f"cannot read image {name!r}: data is a "
                                  f"{type(data).__name__}, not bytes")
         source = io.BytesIO(bytes(data))
+    elif storage.is_remote(path):
+        # Read whole (one request; an image is small) and decoded from memory: object-store
+        # files seek by new requests, and PIL seeks while it reads a header.
+        name = os.fspath(path)
+        try:
+            source = io.BytesIO(storage.as_path(path).read_bytes())
+        except Exception as e:  # noqa: BLE001  any store error is an unreadable image
+            # gcsfs raises FileNotFoundError, TensorFlow's gfile its own NotFoundError.
+            cause = FileNotFoundError(str(e)) if type(e).__name__ == "NotFoundError" else e
+            raise ImageReadError(f"cannot read image {name!r}: {e}") from cause
     else:
         name, source = os.fspath(path), path
     try:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 
+from mllm_jax import storage
 from mllm_jax.data.paths import OutsideRoot, resolve_image_path
 
 
@@ -102,7 +103,7 @@ def preference_from_dict(entry, index: int, image_root=None, source: str = "", *
 
 def read_entries(path) -> list:
     """The raw entries of a LLaVA data file: a .json list or .jsonl lines."""
-    with open(path, encoding="utf-8") as f:
+    with storage.open_file(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
             entries = [json.loads(line) for line in f if line.strip()]
         else:
@@ -119,7 +120,7 @@ def read_preference_json(path, image_root=None, *,
     file's directory (image paths are confined to it, see the module docstring)."""
     path = os.fspath(path)
     if image_root is None:
-        image_root = os.path.dirname(os.path.abspath(path))
+        image_root = storage.dirname(storage.absolute(path))
     source = os.path.basename(path)
     return [preference_from_dict(e, k, image_root, source,
                                  allow_absolute_image_paths=allow_absolute_image_paths)
@@ -133,7 +134,7 @@ def read_llava_json(path, image_root=None, *,
     module docstring)."""
     path = os.fspath(path)
     if image_root is None:
-        image_root = os.path.dirname(os.path.abspath(path))
+        image_root = storage.dirname(storage.absolute(path))
     source = os.path.basename(path)
     return [record_from_dict(e, k, image_root, source,
                              allow_absolute_image_paths=allow_absolute_image_paths)

@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from mllm_jax import storage
 from mllm_jax.data import llava_json
 
 CAPTION_ROLES = ("gpt", "assistant")
@@ -78,7 +79,7 @@ def read_caption_records(path, image_root=None, *, allow_absolute_image_paths=Fa
     path = os.fspath(path)
     entries = llava_json.read_entries(path)
     if image_root is None:
-        image_root = os.path.dirname(os.path.abspath(os.fspath(path)))
+        image_root = storage.dirname(storage.absolute(path))
     out = []
     for k, e in enumerate(entries):
         if isinstance(e, dict) and "conversations" not in e and "caption" in e:

@@ -65,6 +65,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from mllm_jax import storage
 from mllm_jax.data import image as image_lib
 from mllm_jax.data import packing as packing_lib
 from mllm_jax.data import pairs
@@ -132,7 +133,8 @@ def decode_images(paths, cfg) -> list:
         elif not isinstance(path, (str, os.PathLike)):
             out.append(Bad(UNREADABLE_IMAGE, f"image entry is not a path: {path!r}"))
             continue
-        elif not os.path.exists(path):
+        elif not storage.is_remote(path) and not os.path.exists(path):
+            # (remote: no existence request per image; the read says MISSING_IMAGE)
             out.append(Bad(MISSING_IMAGE, f"no such file {os.fspath(path)!r}"))
             continue
         else:
@@ -143,9 +145,10 @@ def decode_images(paths, cfg) -> list:
             detail = str(e) if name in str(e) else f"image {name!r}: {e}"
             out.append(Bad(e.reason, detail))
         except image_lib.ImageReadError as e:
-            reason = MISSING_IMAGE if isinstance(e.__cause__, FileNotFoundError) \
-                else UNREADABLE_IMAGE
-            out.append(Bad(reason, str(e)))
+            missing = isinstance(e.__cause__, FileNotFoundError)
+            out.append(Bad(MISSING_IMAGE if missing else UNREADABLE_IMAGE,
+                           f"no such file {name!r}" if missing and storage.is_remote(name)
+                           else str(e)))  # (the words a local missing file gets above)
         except (OSError, ValueError, TypeError) as e:  # decodes, but preprocessing fails
             out.append(Bad(UNREADABLE_IMAGE, f"cannot preprocess {name!r}: {e}"))
     return out
@@ -247,9 +250,9 @@ class LlavaPipeline:
         self.workdir = os.fspath(workdir) if workdir is not None else None
         suffix = "" if process_count == 1 else f".process{process_index}"
         if self.workdir is not None:
-            os.makedirs(self.workdir, exist_ok=True)
-            self._jsonl = os.path.join(self.workdir, f"{report_name}{suffix}.jsonl")
-            self._json = os.path.join(self.workdir, f"{report_name}{suffix}.json")
+            storage.makedirs(self.workdir)
+            self._jsonl = storage.join(self.workdir, f"{report_name}{suffix}.jsonl")
+            self._json = storage.join(self.workdir, f"{report_name}{suffix}.json")
         self.last_sample_ids = []
         self._reset(epoch=0, position=0, bad={})
 
@@ -430,8 +433,14 @@ class LlavaPipeline:
         line = {"sample_id": record.id, "reason": bad.reason, "detail": bad.detail,
                 "index": pending.index, "epoch": pending.epoch,
                 "process_index": self.process_index}
-        with open(self._jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, default=str) + "\n")
+        text = json.dumps(line, default=str) + "\n"
+        if storage.is_remote(self._jsonl):
+            # An object store has no append: the report (a line per bad record) is rewritten.
+            old = storage.read_text(self._jsonl) if storage.exists(self._jsonl) else ""
+            storage.write_atomic(self._jsonl, old + text)
+        else:
+            with open(self._jsonl, "a", encoding="utf-8") as f:
+                f.write(text)
         self._write_counts()
 
     def next_example(self) -> dict:
@@ -492,19 +501,17 @@ class LlavaPipeline:
 
     # ---- report files ---------------------------------------------------------------------
     def _write_counts(self):
-        tmp = self._json + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"counts": self.report(), "total": len(self._bad),
-                       "num_records": len(self.records), "process_index": self.process_index,
-                       "process_count": self.process_count}, f, indent=1)
-        os.replace(tmp, self._json)
+        storage.write_atomic(self._json, json.dumps(
+            {"counts": self.report(), "total": len(self._bad),
+             "num_records": len(self.records), "process_index": self.process_index,
+             "process_count": self.process_count}, indent=1))
 
     def _rewrite_report(self):
         """Keep only the lines of bad records the current state knows (after a restore, those
         found later are found, and written, again)."""
         kept, seen = [], set()
-        if os.path.exists(self._jsonl):
-            with open(self._jsonl, encoding="utf-8") as f:
+        if storage.exists(self._jsonl):
+            with storage.open_file(self._jsonl, encoding="utf-8") as f:
                 for line in f:
                     try:
                         entry = json.loads(line)
@@ -514,10 +521,7 @@ class LlavaPipeline:
                     if i in self._bad and i not in seen:
                         seen.add(i)
                         kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self._jsonl + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, self._jsonl)
+        storage.write_atomic(self._jsonl, "".join(kept))
         self._write_counts()
 
     def close(self):

@@ -14,6 +14,8 @@ import functools
 import json
 import os
 
+from mllm_jax import storage
+
 FILES = ("features.json", "dataset_info.json")
 
 
@@ -51,11 +53,11 @@ def check_features(directory) -> None:
     do not write; ValueError if its metadata is not JSON. Missing files are TFDS's to report."""
     directory = os.fspath(directory)
     for name in FILES:
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
+        path = storage.join(directory, name)
+        if not storage.isfile(path):
             continue
         try:
-            with open(path, encoding="utf-8") as f:
+            with storage.open_file(path, encoding="utf-8") as f:
                 data = json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a readable JSON file ({e})") from None

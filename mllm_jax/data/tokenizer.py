@@ -29,10 +29,9 @@ boundary in context; the conversation templates check exactly that.
 from __future__ import annotations
 
 import json
-import os
 import re
 
-from mllm_jax import jsonfile
+from mllm_jax import jsonfile, storage
 
 START, AFTER_SPECIAL, MIDDLE = "start", "after_special", "middle"
 
@@ -274,8 +273,8 @@ class _CheckpointConfig:
 
     def __init__(self, directory):
         def read(name):
-            path = os.path.join(directory, name)
-            if not os.path.exists(path):
+            path = storage.join(directory, name)
+            if not storage.exists(path):
                 return {}
             return jsonfile.read_object(path, "restore it from the checkpoint it came from")
 
@@ -335,7 +334,7 @@ class SentencePieceTokenizer(Tokenizer):
         from sentencepiece import sentencepiece_model_pb2 as pb2
 
         self.source = source or model_file
-        with open(model_file, "rb") as f:
+        with storage.open_file(model_file, "rb") as f:
             blob = f.read()
         proto = pb2.ModelProto()
         proto.ParseFromString(blob)
@@ -345,7 +344,7 @@ class SentencePieceTokenizer(Tokenizer):
             self._sp_bare = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         else:
             self._sp_bare = self._sp
-        cfg = cfg or _CheckpointConfig(os.path.dirname(model_file))
+        cfg = cfg or _CheckpointConfig(storage.dirname(model_file))
         self._prefix_after_special = bool(cfg.legacy) if cfg.legacy is not None else False
         kinds = (pb2.ModelProto.SentencePiece.CONTROL, pb2.ModelProto.SentencePiece.USER_DEFINED,
                  pb2.ModelProto.SentencePiece.UNKNOWN)
@@ -391,7 +390,8 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as _Lib
 
         self.source = source or json_file
-        self._tok = _Lib.from_file(json_file)
+        self._tok = _Lib.from_str(storage.read_text(json_file)) if storage.is_remote(json_file) \
+            else _Lib.from_file(json_file)
         self._tok.no_padding()
         self._tok.no_truncation()
         self._bare = _Lib.from_str(json.dumps(_without_prefix_space(json.loads(
@@ -406,7 +406,7 @@ class HFTokenizer(Tokenizer):
         if self._sentinel is not None:
             self._prefix_after_special = (self._encode_piece("x", AFTER_SPECIAL)
                                           != self._encode_piece("x", MIDDLE))
-        cfg = cfg or _CheckpointConfig(os.path.dirname(json_file))
+        cfg = cfg or _CheckpointConfig(storage.dirname(json_file))
         self._resolve_specials(cfg, builtin, {})
 
     def _native(self, tok, text):
@@ -476,14 +476,14 @@ def load_tokenizer(checkpoint_dir: str, *, prefer: str | None = None) -> Tokeniz
     """The tokenizer of a checkpoint directory: `tokenizer.json` (HF) if present, else
     `tokenizer.model` (SentencePiece). `prefer="sentencepiece"` picks the latter when both
     exist."""
-    hf = os.path.join(checkpoint_dir, "tokenizer.json")
-    sp = os.path.join(checkpoint_dir, "tokenizer.model")
-    if not os.path.isdir(checkpoint_dir):
+    hf = storage.join(checkpoint_dir, "tokenizer.json")
+    sp = storage.join(checkpoint_dir, "tokenizer.model")
+    if not storage.isdir(checkpoint_dir):
         raise FileNotFoundError(f"tokenizer directory {checkpoint_dir} does not exist")
     cfg = _CheckpointConfig(checkpoint_dir)
-    if os.path.exists(sp) and (prefer == "sentencepiece" or not os.path.exists(hf)):
+    if storage.exists(sp) and (prefer == "sentencepiece" or not storage.exists(hf)):
         return SentencePieceTokenizer(sp, cfg, source=checkpoint_dir)
-    if os.path.exists(hf):
+    if storage.exists(hf):
         return HFTokenizer(hf, cfg, source=checkpoint_dir)
     raise FileNotFoundError(f"no tokenizer in {checkpoint_dir}: expected tokenizer.json "
                             f"(HF tokenizers) or tokenizer.model (SentencePiece)")

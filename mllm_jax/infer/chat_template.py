@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
+from mllm_jax import storage
 from mllm_jax.data.templates import get_template
 
 CONFIG_FILE = "tokenizer_config.json"
@@ -101,14 +101,14 @@ def jinja_template(name: str) -> str | None:
 
 
 def _config_path(checkpoint_dir) -> str:
-    return os.path.join(os.fspath(checkpoint_dir), CONFIG_FILE)
+    return storage.join(checkpoint_dir, CONFIG_FILE)
 
 
 def _read_config(path) -> dict:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
+        with storage.open_file(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
@@ -138,8 +138,8 @@ def write_chat_template(checkpoint_dir, template: str, *, system: str | None = N
     else:
         cfg["chat_template"] = jinja
     cfg[FIELD] = {"name": name, "system": system, "prompt_suffixes": suffixes}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    storage.makedirs(storage.dirname(path))
+    with storage.open_file(path, "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2, ensure_ascii=False)
         f.write("\n")
     return path

@@ -31,12 +31,11 @@ only one of the two configs has (added or removed by a newer version of the libr
 defaults keep the old behaviour) is logged, not refused.
 """
 import json
-import os
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
 
+from mllm_jax import storage
 from mllm_jax.convert import integrity
 
 # Config fields (dotted prefixes) that may differ between a checkpoint and the run resuming
@@ -171,7 +170,7 @@ class Checkpoints:
         # tc.keep_checkpoints >= 1 (train.validate): a run keeping none could not resume.
         keep = tc.keep_checkpoints
         self.workdir = workdir
-        self.directory = os.path.join(workdir, "checkpoints")
+        self.directory = storage.join(workdir, "checkpoints")  # orbax takes gs:// itself
         self.log = log
         self._options = dict(max_to_keep=keep, save_interval_steps=tc.checkpoint_every,
                              enable_async_checkpointing=tc.async_checkpointing)
@@ -202,7 +201,7 @@ class Checkpoints:
         return step in self.mngr.all_steps(read=True)
 
     def step_dir(self, step):
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     # ---- restore ------------------------------------------------------------------------
 
@@ -252,15 +251,15 @@ class Checkpoints:
         if skipped:
             raise CheckpointDamagedError(
                 f"every checkpoint in {self.directory} is damaged; each was moved to "
-                f"{os.path.join(self.workdir, DAMAGED_DIR)}:\n  "
+                f"{storage.join(self.workdir, DAMAGED_DIR)}:\n  "
                 + "\n  ".join(f"step {s}: {why}" for s, why in skipped)
                 + "\nRestore a copy of the workdir, or start a new run in a new workdir "
                 "(the damaged steps are kept for inspection).")
         return None
 
     def _read_json(self, step, item):
-        path = os.path.join(self.step_dir(step), item)
-        if not os.path.isdir(path):
+        path = storage.join(self.step_dir(step), item)
+        if not storage.isdir(path):
             return None  # written before this item existed
         try:
             return self.mngr.restore(step, args=ocp.args.Composite(
@@ -272,7 +271,7 @@ class Checkpoints:
     def _restore_step(self, step, abstract_state, partial, restore_leaf, checked):
         rec = self._read_json(step, "integrity")
         data_state = self._read_json(step, "data")
-        sdir = os.path.join(self.step_dir(step), "state")
+        sdir = storage.join(self.step_dir(step), "state")
         only, out = None, {}
         try:
             if partial:
@@ -329,15 +328,15 @@ class Checkpoints:
 
     def _skip(self, step, why, skipped):
         src = self.step_dir(step)
-        dst_root = os.path.join(self.workdir, DAMAGED_DIR)
-        dst = os.path.join(dst_root, str(step))
+        dst_root = storage.join(self.workdir, DAMAGED_DIR)
+        dst = storage.join(dst_root, str(step))
         if jax.process_index() == 0:
-            os.makedirs(dst_root, exist_ok=True)
+            storage.makedirs(dst_root)
             n = 1
-            while os.path.exists(dst):
-                dst = os.path.join(dst_root, f"{step}.{n}")
+            while storage.exists(dst):
+                dst = storage.join(dst_root, f"{step}.{n}")
                 n += 1
-            shutil.move(src, dst)
+            storage.move(src, dst)  # remote: copied object by object, then deleted
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"skip checkpoint {step}")

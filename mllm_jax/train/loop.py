@@ -7,7 +7,6 @@ optimizer -> (resume) -> steps with checkpoints, NaN guard and logging -> final 
 import contextlib
 import dataclasses
 import json
-import os
 import signal
 import time
 from functools import partial
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_jax import sharding
+from mllm_jax import sharding, storage
 from mllm_jax.convert import integrity
 from mllm_jax.convert.hf_io import abbreviate, unbox_shapes
 from mllm_jax.data.sources import make_data
@@ -334,8 +333,8 @@ def train(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
 
 def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -> dict:
     """`train` once the config is checked, JAX is initialised and the workdir is locked."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.absolute(workdir)  # a gs:// workdir stays as it is
+    storage.makedirs(workdir)
     ckpts = Checkpoints(workdir, cfg.train, log=log)
     ckpts.check_config(cfg)  # an incompatible resume is refused before anything is built
     trainer = build_trainer(cfg, devices=devices)
@@ -368,12 +367,12 @@ def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -
         from mllm_jax.convert.orbax_io import save_orbax
         # overwrite: a run restarted after it finished (e.g. preempted between this export
         # and exiting) resumes at the last step and exports the same parameters.
-        save_orbax(trainer.model, final, os.path.join(workdir, "final"), overwrite=True)
+        save_orbax(trainer.model, final, storage.join(workdir, "final"), overwrite=True)
         if cfg.data.source != "synthetic" and jax.process_index() == 0:
             # The conversation template the model was trained with, which generate, chat
             # and eval use by default (carried over by `convert orbax-to-hf`).
             from mllm_jax.infer.chat_template import write_chat_template
-            write_chat_template(os.path.join(workdir, "final"), cfg.data.template)
+            write_chat_template(storage.join(workdir, "final"), cfg.data.template)
     summary["final_params"] = final
     return _finish(summary, state, tb, steps.counters)
 
@@ -591,9 +590,13 @@ def _tensorboard(workdir):
         from tensorboardX import SummaryWriter
     except ImportError:  # logging must never stop training
         return None
-    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+    try:
+        # tensorboardX writes a gs:// logdir itself, through google-cloud-storage
+        return SummaryWriter(storage.join(workdir, "tensorboard"))
+    except ImportError:  # (not installed: a gs:// workdir has no event files)
+        return None
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
+    with storage.open_file(path, "w") as f:
         json.dump(obj, f, indent=2)

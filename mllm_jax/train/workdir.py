@@ -9,6 +9,12 @@ takes it over and says so; a lock from another host is never taken over, since t
 trainer may still run: the message says how to remove it when that host is gone. The lock
 is released when training returns or raises (a SIGTERM stop returns); after a kill -9 the
 next run on the same host takes the stale lock over.
+
+A remote workdir (gs://...) has its lock as an object, through etils.epath, and a weaker
+guarantee: an object store offers no exclusive create (epath exposes no generation
+precondition), so a trainer writes the lock when it finds none, waits REMOTE_SETTLE_S and
+reads it back, backing off when another trainer's lock is there. Two trainers whose check
+and write both fall within that pause of each other can still both start.
 """
 import contextlib
 import datetime
@@ -19,7 +25,11 @@ import sys
 import time
 import uuid
 
+from mllm_jax import storage
+
 LOCK_NAME = "train.lock"
+# Seconds a trainer waits between writing a remote lock and reading it back (see above).
+REMOTE_SETTLE_S = 2.0
 
 
 class WorkdirLockedError(FileExistsError):
@@ -27,7 +37,7 @@ class WorkdirLockedError(FileExistsError):
 
 
 def lock_path(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), LOCK_NAME)
+    return storage.join(storage.absolute(workdir), LOCK_NAME)
 
 
 def _boot_id():
@@ -92,9 +102,12 @@ def _duration(seconds):
 def read_lock(workdir: str):
     """The lock's contents (dict), None when there is no lock; {} when it cannot be read."""
     path = lock_path(workdir)
+    remote = storage.is_remote(path)
     for _ in range(20):  # a lock being written by O_EXCL is briefly empty
         try:
-            with open(path) as f:
+            if remote and not storage.exists(path):
+                return None
+            with storage.open_file(path) as f:
                 text = f.read()
         except FileNotFoundError:
             return None
@@ -110,6 +123,8 @@ def read_lock(workdir: str):
 
 def _create(path, info) -> bool:
     """Creates the lock file holding `info` atomically; False when it exists."""
+    if storage.is_remote(path):
+        return _create_remote(path, info)
     data = json.dumps(info, indent=1).encode()
     tmp = f"{path}.{info['host']}.{info['pid']}.{info['token']}.tmp"
     with open(tmp, "wb") as f:
@@ -135,10 +150,26 @@ def _create(path, info) -> bool:
         os.unlink(tmp)
 
 
+def _create_remote(path, info) -> bool:
+    """`_create` on an object store: written when absent, then read back after
+    REMOTE_SETTLE_S; False when the lock there is not this one (see the module doc for the
+    race this leaves)."""
+    if storage.exists(path):
+        return False
+    storage.write_atomic(path, json.dumps(info, indent=1))
+    time.sleep(REMOTE_SETTLE_S)
+    held = read_lock(storage.dirname(path))
+    return bool(held) and held.get("token") == info["token"]
+
+
 def _remove_stale(path, stale) -> None:
     """Removes the lock at `path` if it still is `stale` (the lock read and judged stale),
     under a short-lived guard so that two trainers taking over together cannot remove each
-    other's fresh lock."""
+    other's fresh lock (remote: no such guard, see the module doc)."""
+    if storage.is_remote(path):
+        if read_lock(storage.dirname(path)) == stale:
+            storage.remove(path)
+        return
     guard = path + ".takeover"
     try:
         fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -161,8 +192,8 @@ def _remove_stale(path, stale) -> None:
 def acquire(workdir: str, *, log=print, command=None) -> dict:
     """Takes the workdir's lock (creating the workdir) and returns what it holds; a
     WorkdirLockedError naming the holder when another trainer has it."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.absolute(workdir)
+    storage.makedirs(workdir)
     path = lock_path(workdir)
     host = socket.gethostname()
     now = time.time()
@@ -207,7 +238,7 @@ def release(workdir: str, info: dict) -> None:
     held = read_lock(workdir)
     if held and held.get("token") == info.get("token"):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_path(workdir))
+            storage.remove(lock_path(workdir))
 
 
 @contextlib.contextmanager
