@@ -87,6 +87,9 @@ def test_storage_helpers_keep_uris():
         resolve_image_path("gs://b/img", "gs://other/c.jpg")
     assert resolve_image_path("gs://b/img", "gs://other/c.jpg",
                               allow_absolute=True) == "gs://other/c.jpg"
+    from mllm_jax.convert import load_hf
+    with pytest.raises(ValueError, match="read from a local directory"):
+        load_hf("gs://b/hf")  # safetensors are memory-mapped: local only, said so
 
 
 def _pipeline(json_path, tok_dir, workdir=None):

@@ -114,6 +114,11 @@ def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, check_finite
     overrides: other config fields (e.g. remat_policy="full").
     """
     path = os.fspath(path)
+    if storage.is_remote(path):
+        raise ValueError(
+            f"{path}: an HF checkpoint is read from a local directory (its safetensors files "
+            "are memory-mapped); copy it to local disk, or convert it once with `mllm-jax "
+            "convert hf-to-orbax` and read the orbax checkpoint from there")
     hf = hf_config.read_config_json(path)
     cfg = hf_config.from_hf(hf, where=os.path.join(path, "config.json"))
     cfg.scan_layers = scan_layers

@@ -13,8 +13,11 @@ next run on the same host takes the stale lock over.
 A remote workdir (gs://...) has its lock as an object, through etils.epath, and a weaker
 guarantee: an object store offers no exclusive create (epath exposes no generation
 precondition), so a trainer writes the lock when it finds none, waits REMOTE_SETTLE_S and
-reads it back, backing off when another trainer's lock is there. Two trainers whose check
-and write both fall within that pause of each other can still both start.
+reads it back, backing off when another trainer's lock is there. Two trainers can still
+both start when one checks before the other writes but writes only after the other has
+read its lock back (its check-to-write gap longer than the pause). The stale-lock takeover
+has no O_EXCL guard there either: the stale lock is re-read and removed, and each trainer
+taking over then writes and reads back as above.
 """
 import contextlib
 import datetime
