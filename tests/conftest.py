@@ -35,6 +35,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # the other worker works through the many short files, instead of both workers waiting on
 # them at the end.
 LONGEST_FIRST = ("test_demo_qformer.py", "test_resume_multiprocess.py", "test_demo.py",
+                 "test_notebook.py",
                  "test_registry.py", "test_resume.py", "test_blip2_stage1.py",
                  "test_instructblip_train.py", "test_train.py", "test_plan.py",
                  "test_splash_attention.py", "test_packing.py", "test_blip2_train.py")
