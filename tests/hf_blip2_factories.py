@@ -34,11 +34,13 @@ CLASSES = {"blip2": (transformers.Blip2Config, transformers.Blip2ForConditionalG
                             transformers.InstructBlipForConditionalGeneration)}
 
 
-def build(family: str, text: str, seed: int = 0):
-    """A float32 HF model in eval mode, every parameter drawn at random."""
+def build(family: str, text: str, seed: int = 0, vision: dict = None, text_config: dict = None):
+    """A float32 HF model in eval mode, every parameter drawn at random (`vision` and
+    `text_config` replace VISION and TEXT[text])."""
     config_cls, model_cls = CLASSES[family]
-    config = config_cls(vision_config=dict(VISION), qformer_config=dict(QFORMER),
-                        text_config=dict(TEXT[text]), num_query_tokens=NUM_QUERIES,
+    config = config_cls(vision_config=dict(vision or VISION), qformer_config=dict(QFORMER),
+                        text_config=dict(text_config or TEXT[text]),
+                        num_query_tokens=NUM_QUERIES,
                         image_token_index=IMAGE_TOKEN)
     torch.manual_seed(seed)
     model = model_cls(config).eval()

@@ -162,26 +162,7 @@ BLIP_TEXT = {"opt": dict(F.TEXT["opt"], num_hidden_layers=1),
 
 def build_blip2(family, text, seed=0):
     """A float32 Blip2/InstructBlipForConditionalGeneration, every parameter random."""
-    config_cls, model_cls = F.CLASSES[family]
-    config = config_cls(vision_config=dict(BLIP_VISION),
-                        qformer_config=dict(F.QFORMER),
-                        text_config=dict(BLIP_TEXT[text]),
-                        num_query_tokens=F.NUM_QUERIES,
-                        image_token_index=F.IMAGE_TOKEN)
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    if text == "t5":  # Flan-T5's own head (transformers 5 ties it unless the checkpoint has it)
-        lm = model.language_model
-        lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.shared.weight))
-        model.all_tied_weights_keys.pop("language_model.lm_head.weight", None)
-        lm.all_tied_weights_keys.pop("lm_head.weight", None)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and ("norm" in name.lower() or name.endswith("layernorm.weight")):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.08 * torch.randn_like(p))
-    return model
+    return F.build(family, text, seed, vision=BLIP_VISION, text_config=BLIP_TEXT[text])
 
 
 def tiny_instructblip_flan_t5():
