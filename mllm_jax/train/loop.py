@@ -586,14 +586,12 @@ def _finish(summary, state, tb, counters=None):
 
 
 def _tensorboard(workdir):
+    """tensorboardX's writer (a gs:// logdir through google-cloud-storage), or None without
+    either: logging must never stop training."""
     try:
         from tensorboardX import SummaryWriter
-    except ImportError:  # logging must never stop training
-        return None
-    try:
-        # tensorboardX writes a gs:// logdir itself, through google-cloud-storage
         return SummaryWriter(storage.join(workdir, "tensorboard"))
-    except ImportError:  # (not installed: a gs:// workdir has no event files)
+    except ImportError:
         return None
 
 
