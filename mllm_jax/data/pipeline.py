@@ -191,7 +191,8 @@ class LlavaPipeline:
                  process_index: int = 0, process_count: int = 1, num_workers: int = 2,
                  workdir=None, system: str | None = None, return_sample_ids: bool = False,
                  mode: str = "lm", report_name: str = "data_report", sample_inputs=None,
-                 packing: bool = False, packing_images: int = 0):
+                 packing: bool = False, packing_images: int = 0,
+                 image_placement: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         _check_packing(packing, mode, sample_inputs)
@@ -217,7 +218,8 @@ class LlavaPipeline:
         self.tokenizer = tokenizer
         self.image_cfg = image_lib.as_image_config(image_cfg)
         self.image_shape = _image_shape(self.image_cfg)
-        self.template = T.get_template(template)
+        # image_placement None: the template's own (templates.IMAGE_PLACEMENTS)
+        self.template = T.get_template(template, image_placement)
         if mode == "image_text":  # captions alone, in the Q-Former's tokenizer; no template
             self._specials = pairs.special_ids(tokenizer)
             self._image_ids = pairs.image_index(self.records)

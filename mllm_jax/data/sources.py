@@ -111,7 +111,8 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
             seed=seed, process_index=process_index, process_count=process_count,
             num_workers=d.workers, workdir=workdir, mode=mode, sample_inputs=inputs,
             packing=bool(d.get("packing", False)),
-            packing_images=int(d.get("packing_images", 0)), **kw)
+            packing_images=int(d.get("packing_images", 0)),
+            image_placement=d.get("image_placement") or None, **kw)
 
     seed = d.seed
     if mixture and d.get("packing", False):

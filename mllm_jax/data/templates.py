@@ -5,6 +5,17 @@ A conversation is LLaVA's format, [{"from": "human" | "gpt", "value": "..."}, ..
 prompt); messages alternate, starting with the user. "<image>" in a user message marks where
 an image goes; there may be several, or none.
 
+Image placement (`image_placement`, an option of every template): "as_written" keeps each
+"<image>" where the message has it; "llava" is LLaVA's `preprocess_multimodal`
+(llava/train/train.py): a user message holding images becomes its placeholders, a newline
+and its text with the placeholders removed and surrounding whitespace stripped
+("What is <image> here?" -> "<image>\nWhat is  here?"; a message of images alone is just
+the placeholders, without the newline). LLaVA keeps one placeholder per message, since its
+samples have one image; here every placeholder of the message is kept, in order, at its
+front. LLaVA's `mm_use_im_start_end` and `mmtag` variants wrap the image in extra tokens
+and are not reproduced. `plain` renders the images and the caption only, so both
+placements give the same example for it.
+
 A template renders a conversation into segments: prompt text (no loss), target text (an
 assistant message and the token that ends it: the only text with loss; for `plain`, the
 caption and EOS) and images (no loss). Consecutive segments of one kind are joined, so the
@@ -52,6 +63,10 @@ from mllm_jax.train.losses import IGNORE_INDEX
 
 IMAGE_PLACEHOLDER = "<image>"
 PROMPT, TARGET, IMAGE = "prompt", "target", "image"
+
+# Where a user message's images go (see the module doc).
+AS_WRITTEN, LLAVA = "as_written", "llava"
+IMAGE_PLACEMENTS = (AS_WRITTEN, LLAVA)
 
 # Reasons a sample is dropped (counted by the caller).
 PROMPT_TOO_LONG = "prompt_too_long"  # no loss token within max_length
@@ -104,6 +119,10 @@ class Template:
     end_token: str | None = None  # None: the tokenizer's EOS
     specials: tuple = ()  # special tokens the template writes (checked against the tokenizer)
     single_turn: bool = False
+    image_placement: str = AS_WRITTEN  # one of IMAGE_PLACEMENTS
+
+    def __post_init__(self):
+        check_image_placement(self.image_placement)
 
     def end(self, tokenizer: Tokenizer) -> str:
         end = self.end_token or tokenizer.eos_token
@@ -118,6 +137,23 @@ class Template:
         if missing:
             raise ValueError(f"template {self.name!r} needs {missing} as special tokens; the "
                              f"tokenizer at {tokenizer.source} does not have them")
+
+
+def check_image_placement(value, field: str = "image_placement") -> str:
+    """`value` when it is one of IMAGE_PLACEMENTS, else a ValueError naming `field`, the
+    value and the choices."""
+    if not isinstance(value, str) or value not in IMAGE_PLACEMENTS:
+        raise ValueError(f"{field} = {value!r} is not an image placement; choose one of "
+                         f"{', '.join(repr(p) for p in IMAGE_PLACEMENTS)}")
+    return value
+
+
+def place_images(text: str, placement: str) -> str:
+    """A user message's text with its images placed as `placement` says (module doc)."""
+    if placement == AS_WRITTEN or IMAGE_PLACEHOLDER not in text:
+        return text
+    images = IMAGE_PLACEHOLDER * text.count(IMAGE_PLACEHOLDER)
+    return (images + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
 
 
 def _prompt(text: str) -> list:
@@ -221,12 +257,18 @@ TEMPLATES = {t.name: t for t in [
 ]}
 
 
-def get_template(template) -> Template:
-    if isinstance(template, Template):
-        return template
-    if template not in TEMPLATES:
-        raise KeyError(f"unknown conversation template {template!r}; known: {sorted(TEMPLATES)}")
-    return TEMPLATES[template]
+def get_template(template, image_placement: str | None = None) -> Template:
+    """The template named `template` (or `template` itself, a Template), with
+    `image_placement` when given (None: the template's own, "as_written" for a name)."""
+    if not isinstance(template, Template):
+        if template not in TEMPLATES:
+            raise KeyError(f"unknown conversation template {template!r}; known: "
+                           f"{sorted(TEMPLATES)}")
+        template = TEMPLATES[template]
+    if image_placement is not None and image_placement != template.image_placement:
+        template = dataclasses.replace(template, image_placement=check_image_placement(
+            image_placement))
+    return template
 
 
 # ---- conversations ---------------------------------------------------------------------
@@ -270,10 +312,12 @@ def parse_conversation(conversation, sample_id=None):
     return system, turns
 
 
-def _render(conversation, template, tokenizer, system, sample_id, generation):
-    tpl = get_template(template)
+def _render(conversation, template, tokenizer, system, sample_id, generation,
+            image_placement):
+    tpl = get_template(template, image_placement)
     tpl.check_tokenizer(tokenizer)
     own_system, turns = parse_conversation(conversation, sample_id)
+    turns = [Turn(place_images(t.user, tpl.image_placement), t.assistant) for t in turns]
     if generation:
         if turns[-1].assistant is not None:
             raise MalformedConversation(sample_id, "a generation prompt must end with a user "
@@ -291,10 +335,12 @@ def _render(conversation, template, tokenizer, system, sample_id, generation):
     return tpl, tpl.render(system, turns, tpl.end(tokenizer), tokenizer.bos_token)
 
 
-def render_text(conversation, template, tokenizer, *, system=None, generation=False) -> str:
+def render_text(conversation, template, tokenizer, *, system=None, generation=False,
+                image_placement: str | None = None) -> str:
     """The text a conversation renders to, "<image>" placeholders included (BOS, when the
     template adds one, is an id in front of it, not part of the text)."""
-    _, segments = _render(conversation, template, tokenizer, system, None, generation)
+    _, segments = _render(conversation, template, tokenizer, system, None, generation,
+                          image_placement)
     return "".join(s.text for s in segments)
 
 
@@ -370,14 +416,15 @@ def _tokenize(segments, tpl, tokenizer, image_token_id, sample_id):
 
 
 def _assemble(conversation, template, tokenizer, image_tokens_per_image, image_token_id,
-              system, sample_id, generation):
+              system, sample_id, generation, image_placement):
     if image_token_id is None:
         image_token_id = tokenizer.image_token_id
     elif tokenizer.image_token_id is not None and tokenizer.image_token_id != image_token_id:
         raise ValueError(f"image_token_id {image_token_id} differs from the tokenizer's "
                          f"{tokenizer.image_token!r} = {tokenizer.image_token_id} "
                          f"({tokenizer.source})")
-    tpl, segments = _render(conversation, template, tokenizer, system, sample_id, generation)
+    tpl, segments = _render(conversation, template, tokenizer, system, sample_id, generation,
+                            image_placement)
     segments = _merge(segments)
     n_images = sum(s.kind == IMAGE for s in segments)
     if n_images and image_token_id is None:
@@ -401,7 +448,8 @@ def _assemble(conversation, template, tokenizer, image_tokens_per_image, image_t
 
 def build_example(conversation, template, tokenizer: Tokenizer, *,
                   image_tokens_per_image: int | Sequence[int], max_length: int, sample_id,
-                  image_token_id: int | None = None, system: str | None = None):
+                  image_token_id: int | None = None, system: str | None = None,
+                  image_placement: str | None = None):
     """One training example, or `Dropped` when no loss token fits in `max_length`.
 
     Returns {"input_ids", "labels"} (int32 arrays, at most max_length long), "num_images"
@@ -409,9 +457,12 @@ def build_example(conversation, template, tokenizer: Tokenizer, *,
     the number of image features per image (one int, or one per placeholder, in order);
     `image_token_id` defaults to the tokenizer's (from the checkpoint config). `system`
     replaces the template's system prompt unless the conversation has its own.
+    `image_placement` (one of IMAGE_PLACEMENTS; None: the template's own) says where a
+    user message's images go (module doc).
     """
     ids, labels, spans = _assemble(conversation, template, tokenizer, image_tokens_per_image,
-                                   image_token_id, system, sample_id, generation=False)
+                                   image_token_id, system, sample_id, generation=False,
+                                   image_placement=image_placement)
     if all(x == IGNORE_INDEX for x in labels[1:]):
         raise TokenizationMismatch(sample_id, "labels are fully masked")
     truncated = len(ids) > max_length
@@ -437,9 +488,12 @@ def build_example(conversation, template, tokenizer: Tokenizer, *,
 
 def build_prompt(conversation, template, tokenizer: Tokenizer, *,
                  image_tokens_per_image: int | Sequence[int], image_token_id: int | None = None,
-                 system: str | None = None, sample_id=None) -> np.ndarray:
+                 system: str | None = None, sample_id=None,
+                 image_placement: str | None = None) -> np.ndarray:
     """Input ids for generation: the conversation (ending with a user message) followed by
-    the assistant's header. They equal the prompt part of `build_example`'s input_ids."""
+    the assistant's header. They equal the prompt part of `build_example`'s input_ids
+    (with the same `image_placement`)."""
     ids, _, _ = _assemble(conversation, template, tokenizer, image_tokens_per_image,
-                          image_token_id, system, sample_id, generation=True)
+                          image_token_id, system, sample_id, generation=True,
+                          image_placement=image_placement)
     return np.asarray(ids, np.int32)

@@ -28,7 +28,10 @@ this on purpose:
     fresh run would (the log lists both).
 A changed field is refused naming each field with both values and what to do. A field
 only one of the two configs has (added or removed by a newer version of the library, whose
-defaults keep the old behaviour) is logged, not refused.
+defaults keep the old behaviour) is logged, not refused; a field of `ADDED_FIELDS` missing
+from one config is compared as the value it had before it existed, so a run that sets it
+otherwise (e.g. `data.image_placement = "llava"` against a checkpoint written before the
+field) is refused like any other change.
 """
 import json
 
@@ -56,6 +59,9 @@ OPT_IN = ("train.lr", "train.warmup_ratio", "train.warmup_steps", "train.end_lr_
           "train.weight_decay", "train.grad_clip")
 # Fields that `train.resume_partial` allows to change.
 PARTIAL = ("stage.trainable",)
+# Fields added since checkpoints were first written, with the value that gives what runs
+# without them computed; a config without one is compared as having that value.
+ADDED_FIELDS = {"data.image_placement": "as_written"}
 
 DAMAGED_DIR = "damaged_checkpoints"
 _ITEMS = ("state", "data", "integrity", "config")
@@ -135,6 +141,10 @@ def check_resume_config(saved: dict, cfg, where: str, log=None) -> bool:
     for field, old, new in config_changes(saved, config_json(cfg)):
         if _covered(field, MAY_CHANGE) or _covered(field, opt_in):
             continue
+        if field in ADDED_FIELDS and (old is ABSENT or new is ABSENT):
+            old, new = (ADDED_FIELDS[field] if v is ABSENT else v for v in (old, new))
+            if old == new:
+                continue
         if old is ABSENT or new is ABSENT:
             one_sided.append(f"{field} ({old!r} in the checkpoint, {new!r} now)")
             continue

@@ -61,6 +61,11 @@ def base(preset: str) -> ml_collections.ConfigDict:
                                         "allow_absolute_image_paths": False,
                                         "processor": "", "image_mode": "",
                                         "template": "vicuna_v1", "max_length": 2048,
+                                        # where a user message's images go: as_written
+                                        # (where the text has them) | llava (LLaVA's
+                                        # preprocess_multimodal: images, a newline, the
+                                        # stripped text; data/templates.py)
+                                        "image_placement": "as_written",
                                         "workers": 4,
                                         # source "tfds": a prepared tfds_builders directory
                                         "tfds_dir": "",

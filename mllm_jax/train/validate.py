@@ -130,6 +130,7 @@ def problems(cfg) -> list[str]:
     out += _regex_problems(cfg)
     out += _objective_problems(cfg)
     out += _packing_problems(cfg)
+    out += _image_placement_problems(cfg)
     out += _mesh_value_problems(cfg)
     out += _model_problems(cfg)
     return out
@@ -262,6 +263,18 @@ def _packing_problems(cfg):
             out.append(f"data.packing = True with stage.objective {name!r}: only the lm and "
                        "dpo objectives' samples are packed; set data.packing=False")
     return out
+
+
+def _image_placement_problems(cfg):
+    v = value_of(cfg, "data.image_placement")
+    if v is _MISSING:
+        return []
+    from mllm_jax.data.templates import check_image_placement
+    try:
+        check_image_placement(v, "data.image_placement")
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def _mesh_value_problems(cfg):
