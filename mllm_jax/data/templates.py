@@ -14,7 +14,11 @@ the placeholders, without the newline). LLaVA keeps one placeholder per message,
 samples have one image; here every placeholder of the message is kept, in order, at its
 front. LLaVA's `mm_use_im_start_end` and `mmtag` variants wrap the image in extra tokens
 and are not reproduced. `plain` renders the images and the caption only, so both
-placements give the same example for it.
+placements give the same example for it. LLaVA tokenizes the text between images piece by
+piece (`tokenizer_image_token`), each piece as the start of a text; the whole text tokenized
+here, "<image>" a special token, gives the same ids when the tokenizer reads text after a
+special token as a new text (transformers' `legacy=True`, as the llava-hf tokenizers do);
+with `legacy=False` LLaVA's ids have a dummy-prefix "▁" after each image that these do not.
 
 A template renders a conversation into segments: prompt text (no loss), target text (an
 assistant message and the token that ends it: the only text with loss; for `plain`, the
@@ -46,10 +50,11 @@ token left is not an error but a `Dropped` result with a reason, for the caller 
 
 Template formats follow the references: `vicuna_v1` and `llama_2` are LLaVA's conv_vicuna_v1
 and conv_llava_llama_2; `plain` is LLaVA's stage-1 format (images, then the caption) with EOS
-ending the caption; `llama_3` and `chatml` (Qwen) are the HF chat templates; `mistral` is
-"[INST] q [/INST] a</s>" as mistral-common tokenizes it. BOS is a token id put before the
-text (so the text starts in START context), as LLaVA's tokenizer call does, not the string
-"<s>" some HF chat templates write. Message values are stripped of surrounding whitespace.
+ending the caption (LLaVA's `preprocess_plain` ends it with its separator, "\n"); `llama_3`
+and `chatml` (Qwen) are the HF chat templates; `mistral` is "[INST] q [/INST] a</s>" as
+mistral-common tokenizes it. BOS is a token id put before the text (so the text starts in
+START context), as LLaVA's tokenizer call does, not the string "<s>" some HF chat templates
+write. Message values are stripped of surrounding whitespace.
 """
 from __future__ import annotations
 

@@ -11,7 +11,10 @@ tokenizer_config.json (creating the file if there is none):
                        "prompt_suffixes": {kind: text}}: what the model saw after a
                        question where the benchmarks append an answer-format instruction
                        (kinds in PROMPT_SUFFIX_KINDS; e.g. {"short_answer": ""}: the bare
-                       question, never "Answer the question using a single word or phrase.").
+                       question, never "Answer the question using a single word or phrase."),
+                       and "image_placement" when it is not "as_written" (where a user
+                       message's images go, `data.templates.IMAGE_PLACEMENTS`; the Jinja
+                       template then places them so too).
 
 `read_chat_template(dir)` returns that record (or None), `copy_chat_template(src, dst)`
 carries it from one checkpoint directory to another, and `resolve_template` what
@@ -24,7 +27,8 @@ import dataclasses
 import json
 
 from mllm_jax import storage
-from mllm_jax.data.templates import get_template
+from mllm_jax.data.templates import AS_WRITTEN, IMAGE_PLACEHOLDER, LLAVA, \
+    check_image_placement, get_template
 
 CONFIG_FILE = "tokenizer_config.json"
 FIELD = "mllm_jax_template"
@@ -39,10 +43,15 @@ class RecordedTemplate:
     """A checkpoint's conversation template: `name` (one of `data.templates.TEMPLATES`),
     `system` (None: the template's default system prompt) and `prompt_suffixes`
     ({kind: text} for kinds in PROMPT_SUFFIX_KINDS; a kind not given: the benchmark's
-    own instruction)."""
+    own instruction) and `image_placement` (where a user message's images go)."""
     name: str
     system: str | None = None
     prompt_suffixes: dict = dataclasses.field(default_factory=dict)
+    image_placement: str = AS_WRITTEN
+
+    def template(self):
+        """The `data.templates.Template` to prompt with (with the image placement)."""
+        return get_template(self.name, self.image_placement)
 
 
 def _set_system(default) -> str:
@@ -92,12 +101,27 @@ _JINJA = {
 }
 
 
-def jinja_template(name: str) -> str | None:
+# image_placement "llava": each message's text as `text`, a user message's images moved to
+# its front as `data.templates.place_images` moves them.
+_PLACED = (
+    "{% set text = m['content'] | trim %}"
+    f"{{% if m['role'] == 'user' and '{IMAGE_PLACEHOLDER}' in text %}}"
+    f"{{% set text = (('{IMAGE_PLACEHOLDER}' * text.count('{IMAGE_PLACEHOLDER}')) ~ '\\n' ~ "
+    f"(text.replace('{IMAGE_PLACEHOLDER}', '') | trim)) | trim %}}{{% endif %}}")
+_LOOP = "{% for m in loop_messages %}"
+
+
+def jinja_template(name: str, image_placement: str = AS_WRITTEN) -> str | None:
     """The Jinja chat template (transformers' `chat_template`) of one of our templates, or
     None when it has none (`plain`: images then a caption, no chat)."""
-    tpl = get_template(name)  # an unknown name is a KeyError listing the known ones
+    # an unknown name is a KeyError listing the known ones
+    tpl = get_template(name, image_placement)
     body = _JINJA.get(tpl.name)
-    return None if body is None else _set_system(tpl.default_system) + body
+    if body is None:
+        return None
+    if tpl.image_placement == LLAVA:
+        body = body.replace(_LOOP, _LOOP + _PLACED).replace(_TEXT, "{{ text }}")
+    return _set_system(tpl.default_system) + body
 
 
 def _config_path(checkpoint_dir) -> str:
@@ -118,11 +142,14 @@ def _read_config(path) -> dict:
 
 
 def write_chat_template(checkpoint_dir, template: str, *, system: str | None = None,
-                        prompt_suffixes: dict | None = None) -> str:
-    """Records the conversation template `template` (with the `system` prompt and the
-    `prompt_suffixes` the model was trained with; see the module doc) in the checkpoint
-    directory's tokenizer_config.json, keeping its other fields. Returns the file's path."""
+                        prompt_suffixes: dict | None = None,
+                        image_placement: str = AS_WRITTEN) -> str:
+    """Records the conversation template `template` (with the `system` prompt, the
+    `prompt_suffixes` and the `image_placement` the model was trained with; see the module
+    doc) in the checkpoint directory's tokenizer_config.json, keeping its other fields.
+    Returns the file's path."""
     name = get_template(template).name
+    check_image_placement(image_placement)
     suffixes = dict(prompt_suffixes or {})
     unknown = sorted(set(suffixes) - set(PROMPT_SUFFIX_KINDS))
     if unknown:
@@ -132,12 +159,14 @@ def write_chat_template(checkpoint_dir, template: str, *, system: str | None = N
         raise ValueError(f"prompt_suffixes: values must be strings, got {suffixes!r}")
     path = _config_path(checkpoint_dir)
     cfg = _read_config(path)
-    jinja = jinja_template(name)
+    jinja = jinja_template(name, image_placement)
     if jinja is None:
         cfg.pop("chat_template", None)
     else:
         cfg["chat_template"] = jinja
     cfg[FIELD] = {"name": name, "system": system, "prompt_suffixes": suffixes}
+    if image_placement != AS_WRITTEN:
+        cfg[FIELD]["image_placement"] = image_placement
     storage.makedirs(storage.dirname(path))
     with storage.open_file(path, "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2, ensure_ascii=False)
@@ -169,14 +198,19 @@ def read_chat_template(checkpoint_dir) -> RecordedTemplate | None:
             k in PROMPT_SUFFIX_KINDS and isinstance(v, str) for k, v in suffixes.items()):
         raise ValueError(f"{where}: prompt_suffixes must map some of "
                          f"{list(PROMPT_SUFFIX_KINDS)} to strings, got {suffixes!r}")
-    return RecordedTemplate(name, system, dict(suffixes))
+    try:
+        placement = check_image_placement(record.get("image_placement", AS_WRITTEN),
+                                          "image_placement")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return RecordedTemplate(name, system, dict(suffixes), placement)
 
 
 def resolve_template(checkpoint_dir, template: str | None = None) -> RecordedTemplate:
     """What to prompt the checkpoint with: `template` when given, else the checkpoint's
-    recorded template, else DEFAULT_TEMPLATE. The recorded system prompt and suffixes come
-    with the recorded template only (another template gets its own default system prompt
-    and the benchmarks' own suffixes)."""
+    recorded template, else DEFAULT_TEMPLATE. The recorded system prompt, suffixes and image
+    placement come with the recorded template only (another template gets its own default
+    system prompt, the benchmarks' own suffixes and images as written)."""
     recorded = read_chat_template(checkpoint_dir)
     if template is None:
         return recorded or RecordedTemplate(DEFAULT_TEMPLATE)
@@ -191,5 +225,6 @@ def copy_chat_template(src_dir, dst_dir) -> RecordedTemplate | None:
     recorded = read_chat_template(src_dir)
     if recorded is not None:
         write_chat_template(dst_dir, recorded.name, system=recorded.system,
-                            prompt_suffixes=recorded.prompt_suffixes)
+                            prompt_suffixes=recorded.prompt_suffixes,
+                            image_placement=recorded.image_placement)
     return recorded

@@ -1,5 +1,6 @@
 """From a checkpoint directory, images and a question to generated text: the tokenizer,
 image processor and template of the checkpoint, then `generate`."""
+from mllm_jax.data.templates import get_template
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.infer import batching
 from mllm_jax.infer.batching import image_config_for
@@ -13,15 +14,19 @@ class Session:
 
     `template` None: the one the checkpoint records (`infer.chat_template`), else
     vicuna_v1; `system` None: the recorded system prompt when the template is the recorded
-    one, else the template's own."""
+    one, else the template's own; `image_placement` None: likewise the recorded one, else
+    "as_written" (`data.templates.IMAGE_PLACEMENTS`)."""
 
     def __init__(self, model, params, checkpoint_dir, template=None, *,
-                 max_new_tokens=128, system=None, **sampling):
+                 max_new_tokens=128, system=None, image_placement=None, **sampling):
         self.model, self.params = model, params
         self.tokenizer = load_tokenizer(checkpoint_dir)
         recorded = resolve_template(checkpoint_dir, template)
         self.template = recorded.name
         self.system = recorded.system if system is None else system
+        self.image_placement = recorded.image_placement if image_placement is None \
+            else image_placement
+        self._template = get_template(self.template, self.image_placement)  # validates it
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.multimodal = registry.is_multimodal(model.cfg)
         self.image_cfg = image_config_for(model, checkpoint_dir) if self.multimodal else None
@@ -36,7 +41,7 @@ class Session:
         every_image = self.images + list(images)
         answer = batching.generate_batch(
             self.model, self.params, self.tokenizer, self.image_cfg,
-            [batching.Conversation(conversation, every_image)], self.template,
+            [batching.Conversation(conversation, every_image)], self._template,
             system=self.system, pad_to_multiple=1, max_new_tokens=self.max_new_tokens,
             prompt_encoder=self.prompt_encoder, **self.sampling)[0]
         self.images = every_image

@@ -369,10 +369,10 @@ def _train_locked(cfg, workdir: str, *, log=print, on_step=None, devices=None) -
         # and exiting) resumes at the last step and exports the same parameters.
         save_orbax(trainer.model, final, storage.join(workdir, "final"), overwrite=True)
         if cfg.data.source != "synthetic" and jax.process_index() == 0:
-            # The conversation template the model was trained with, which generate, chat
-            # and eval use by default (carried over by `convert orbax-to-hf`).
+            # The template trained with, generate/chat/eval's default (convert orbax-to-hf keeps it)
             from mllm_jax.infer.chat_template import write_chat_template
-            write_chat_template(storage.join(workdir, "final"), cfg.data.template)
+            write_chat_template(storage.join(workdir, "final"), cfg.data.template,
+                                image_placement=cfg.data.get("image_placement", "as_written"))
     summary["final_params"] = final
     return _finish(summary, state, tb, steps.counters)
 
