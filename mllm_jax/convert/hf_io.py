@@ -60,14 +60,14 @@ def _expected(model):
     return out, flat
 
 
-def _match_keys(reader, cfg, expected):
+def _match_keys(reader, cfg, expected, layout):
     """{hf key: checkpoint key}; raises naming every missing, unexpected or misshapen key."""
     model_type = cfg.model_type
     found, problems = {}, []
     for key in reader.keys():
         if any(re.search(p, key) for p in hf_keys.IGNORED_KEYS):
             continue
-        canon = hf_keys.canonical_key(key, model_type)
+        canon = layout.canonical_key(cfg, key)
         if canon in found:
             problems.append(f"both {found[canon]!r} and {key!r} map to {canon!r}")
         found[canon] = key
@@ -77,6 +77,7 @@ def _match_keys(reader, cfg, expected):
                         and not any(re.search(p, k) for p in skip))
     shapes = []
     for k, (_, _, shape) in expected.items():
+        shape = layout.stored_shape(cfg, k, shape)
         if k in found and tuple(reader.shape(found[k])) != tuple(shape):
             shapes.append(f"{found[k]} ({reader.file_of(found[k])}): checkpoint "
                           f"{list(reader.shape(found[k]))}, model expects {list(shape)}")
@@ -90,7 +91,8 @@ def _match_keys(reader, cfg, expected):
     if problems:
         raise CheckpointMismatchError(
             f"{reader.directory} does not match its config.json "
-            f"(model_type {model_type}); nothing was loaded:\n  " + "\n  ".join(problems))
+            f"(model_type {model_type}, {registry.recorded_layout(cfg)} layout); nothing was "
+            "loaded:\n  " + "\n  ".join(problems))
     return {k: found[k] for k in expected}
 
 
@@ -101,8 +103,12 @@ def abbreviate(items, n=8):
 
 
 def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, check_finite=False,
-            **overrides):
+            vision_tower=None, **overrides):
     """Reads an HF checkpoint directory. Returns (model, params).
+
+    The directory is in an HF class's layout, or in another program's that a registered
+    `CheckpointLayout` reads (the LLaVA repository's, `models.llava_repo`); the config then
+    records the layout, and `save_hf` writes it back by default.
 
     dtype: parameter dtype (None keeps what the checkpoint stores, float32 if mixed).
     scan_layers: build the model with scanned layers (params stacked on a layer axis).
@@ -111,6 +117,9 @@ def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, check_finite
     check_finite: refuse weights holding NaN or Inf (`NonFiniteWeightsError` naming the
       tensors and their files), tested on the device after loading. Off by default (training
       and `convert` copy what they are given); `generate`, `chat` and `eval` turn it on.
+    vision_tower: the directory of the vision tower's own checkpoint, for a layout whose
+      config.json names its tower instead of holding its config (the LLaVA repository's
+      `mm_vision_tower`, often a hub id); an error for checkpoints that hold theirs.
     overrides: other config fields (e.g. remat_policy="full").
     """
     path = os.fspath(path)
@@ -120,11 +129,14 @@ def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, check_finite
             "are memory-mapped); copy it to local disk, or convert it once with `mllm-jax "
             "convert hf-to-orbax` and read the orbax checkpoint from there")
     hf = hf_config.read_config_json(path)
-    cfg = hf_config.from_hf(hf, where=os.path.join(path, "config.json"))
+    options = {} if vision_tower is None else {"vision_tower": os.fspath(vision_tower)}
+    cfg = hf_config.from_hf(hf, where=os.path.join(path, "config.json"), directory=path,
+                            **options)
     cfg.scan_layers = scan_layers
     for k, v in overrides.items():
         cfg[k] = v
-    reader = CheckpointReader(path)
+    _, layout = hf_config.checkpoint_layout(cfg)
+    reader = (layout.open_reader or (lambda c, d: CheckpointReader(d)))(cfg, path)
     if dtype is None:
         stored = {reader.dtype(k) for k in reader.keys()
                   if np.issubdtype(reader.dtype(k), np.floating)
@@ -134,7 +146,7 @@ def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, check_finite
     cfg.param_dtype = dtype.name
     model = build_model(cfg)
     expected, flat = _expected(model)
-    keymap = _match_keys(reader, cfg, expected)
+    keymap = _match_keys(reader, cfg, expected, layout)
 
     by_path = {}
     for hf_key, (p, layer, _) in expected.items():
@@ -142,14 +154,19 @@ def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, check_finite
     flat_shardings = (flax.traverse_util.flatten_dict(shardings) if shardings is not None
                       else {})
     out = {}
+
+    def read(hf_key, q):
+        stored = layout.from_stored(cfg, hf_key, reader.get(keymap[hf_key]))
+        return np.ascontiguousarray(hf_keys.from_hf_layout(q, stored), dtype=dtype)
+
     for p, entries in by_path.items():
         leaf = flat[p]
         if entries[0][0] is None:
-            host = _read(reader, keymap[entries[0][1]], p, dtype)
+            host = read(entries[0][1], p)
         else:
             host = np.empty(leaf.shape, dtype)
             for layer, hf_key in entries:
-                host[layer] = _read(reader, keymap[hf_key], hf_keys.unstack_path(p, layer), dtype)
+                host[layer] = read(hf_key, hf_keys.unstack_path(p, layer))
         out[p] = jax.device_put(host, flat_shardings.get(p))
         del host
     params = flax.traverse_util.unflatten_dict(out)
@@ -162,15 +179,15 @@ def load_hf(path, *, dtype=None, scan_layers=False, shardings=None, check_finite
     return model, params
 
 
-def _read(reader, key, path, dtype):
-    return np.ascontiguousarray(hf_keys.from_hf_layout(path, reader.get(key)), dtype=dtype)
-
-
 def save_hf(model, params, out_dir, *, dtype=None, max_shard_size=5 * 1024 ** 3,
-            overwrite=False):
+            overwrite=False, layout=None):
     """Writes `params` as an HF checkpoint directory (config.json + safetensors, sharded with
     an index past `max_shard_size` bytes) in the layout of published checkpoints, which
     transformers loads with its own classes. dtype: None keeps each parameter's dtype.
+
+    layout: "hf" (the transformers class's layout) or a registered `CheckpointLayout`'s name
+    (e.g. "llava_repo"); None: the layout the model was read from (`load_hf` records it in
+    the config), else "hf".
 
     `out_dir` is created if needed and may hold other files (e.g. a tokenizer), but not an
     earlier export (config.json, *.safetensors, the index): that raises FileExistsError
@@ -180,7 +197,8 @@ def save_hf(model, params, out_dir, *, dtype=None, max_shard_size=5 * 1024 ** 3,
     if not overwrite:
         _refuse_earlier_export(out_dir)
     cfg = model.cfg
-    hf = hf_config.to_hf(cfg)
+    _, lay = hf_config.checkpoint_layout(cfg, layout)
+    hf = lay.to_hf(cfg)
     params = nn.meta.unbox(params)
     flat = flax.traverse_util.flatten_dict(params)
     expected, abstract = _expected(model)
@@ -200,21 +218,26 @@ def save_hf(model, params, out_dir, *, dtype=None, max_shard_size=5 * 1024 ** 3,
     hf["torch_dtype"] = hf["dtype"] = (out_dtype or (stored.pop() if len(stored) == 1
                                                      else jnp.dtype("float32"))).name
 
-    def make(p, layer):
+    def make(p, layer, hf_key):
         def fn():
             arr = np.asarray(jax.device_get(flat[p] if layer is None else flat[p][layer]))
             if out_dtype is not None:
                 arr = arr.astype(out_dtype)
             q = p if layer is None else hf_keys.unstack_path(p, layer)
-            return np.ascontiguousarray(hf_keys.to_hf_layout(q, arr))
+            return np.ascontiguousarray(lay.to_stored(cfg, hf_key, hf_keys.to_hf_layout(q, arr)))
         return fn
 
     entries = []
-    for hf_key in sorted(expected, key=_natural):
+    for hf_key in expected:
+        stored = lay.stored_key(cfg, hf_key)
+        if stored is None:
+            continue
         p, layer, shape = expected[hf_key]
+        shape = lay.stored_shape(cfg, hf_key, shape)
         itemsize = (out_dtype or jnp.dtype(flat[p].dtype)).itemsize
-        entries.append((hf_key, (int(np.prod(shape, dtype=np.int64)) * itemsize,
-                                 make(p, layer))))
+        entries.append((stored, (int(np.prod(shape, dtype=np.int64)) * itemsize,
+                                 make(p, layer, hf_key))))
+    entries.sort(key=lambda e: _natural(e[0]))
     with destination.staged(out_dir, replace=overwrite) as work:
         write_checkpoint(work, entries, max_shard_bytes=max_shard_size)
         with storage.open_file(storage.join(work, "config.json"), "w") as f:

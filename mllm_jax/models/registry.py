@@ -180,10 +180,43 @@ class ModelFamily:
     sample_input_keys: Callable[[Any], tuple] = lambda cfg: ()
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointLayout:
+    """How another program stores a family's models: its config.json, its tensor names and
+    stored shapes, read into the family's own config and parameters and written back from
+    them. A config read through a layout records it (`cfg.checkpoint_layout.name`), so
+    `save_hf` writes that layout again by default; the family's HF layout stays available.
+
+    Names are spoken of in two spellings: *stored* (the checkpoint's) and *canonical* (the
+    HF class's on-disk names, which our parameter paths translate to, `convert.hf_keys`)."""
+
+    family: str  # the MODELS entry whose module the checkpoints load into
+    hf_model_types: Callable[[], tuple]  # () -> config.json model_type values it reads
+    # (hf dict, where, directory=None, **options) -> our config (the family's), recording
+    # the layout; options are load_hf's (e.g. vision_tower=). Checks the values it maps.
+    from_hf: Callable[..., ml_collections.ConfigDict]
+    to_hf: Callable[[Any], dict]  # (cfg) -> the config.json dict to write
+    # (config.json dict) -> whether this layout reads it; None: by model_type alone.
+    reads: Optional[Callable[[dict], bool]] = None
+    canonical_key: Callable[[Any, str], str] = lambda cfg, key: key
+    # (cfg, canonical key) -> the stored key, or None for a tensor this layout does not write
+    stored_key: Callable[[Any, str], Optional[str]] = lambda cfg, key: key
+    # (cfg, canonical key, canonical shape) -> the stored shape
+    stored_shape: Callable[[Any, str, tuple], tuple] = lambda cfg, key, shape: tuple(shape)
+    # (cfg, canonical key, array) -> array: stored -> canonical, and back
+    from_stored: Callable[[Any, str, Any], Any] = lambda cfg, key, array: array
+    to_stored: Callable[[Any, str, Any], Any] = lambda cfg, key, array: array
+    # (cfg, directory) -> the tensors to read (`keys`, `shape`, `dtype`, `get`, `file_of`,
+    # `directory`, as `convert.safetensors_io.CheckpointReader`); None: that reader.
+    open_reader: Optional[Callable[[Any, str], Any]] = None
+
+
 ENCODERS = Registry("encoder", "vision.type")
 CONNECTORS = Registry("connector", "projector.type")
 DECODERS = Registry("decoder", "text.model_type")
 MODELS = Registry("model", "model_type")
+LAYOUTS = Registry("layout", "checkpoint_layout.name")
+HF_LAYOUT = "hf"  # a family's own HF layout (`ModelFamily.from_hf` / `to_hf`), not registered
 
 
 def decoder_train_flops(text_cfg, seq: int, batch: int, upstream: bool, trained: bool) -> float:
@@ -216,6 +249,29 @@ def register_model(name: str, family: ModelFamily, **kw) -> ModelFamily:
     return MODELS.register(name, family, **kw)
 
 
+def register_layout(name: str, layout: CheckpointLayout, **kw) -> CheckpointLayout:
+    if name == HF_LAYOUT:
+        raise ValueError(f"{HF_LAYOUT!r} names each family's own HF layout")
+    return LAYOUTS.register(name, layout, **kw)
+
+
+def layout_for_hf(hf: dict) -> Optional[tuple[str, CheckpointLayout]]:
+    """(name, layout) of the registered layout that reads this config.json dict, or None
+    (a family's HF layout reads it, if any does)."""
+    for name, layout in LAYOUTS.items():
+        reads = layout.reads or (lambda d, lay=layout: d.get("model_type")
+                                 in lay.hf_model_types())
+        if reads(hf):
+            return name, layout
+    return None
+
+
+def recorded_layout(cfg) -> str:
+    """The layout `cfg` was read from (`HF_LAYOUT` when it records none)."""
+    record = cfg.get("checkpoint_layout")
+    return record.name if record else HF_LAYOUT
+
+
 def family(cfg) -> ModelFamily:
     return MODELS.get(cfg.get("model_type"))
 
@@ -228,6 +284,8 @@ def family_for_hf(hf_model_type: str) -> tuple[str, ModelFamily]:
             readable[name] = tuple(fam.hf_model_types())
             if hf_model_type in readable[name]:
                 return name, fam
+    for name, layout in LAYOUTS.items():
+        readable[f"{layout.family}, {name} layout"] = tuple(layout.hf_model_types())
     listing = "; ".join(f"{', '.join(types)} (as {name})" for name, types in readable.items())
     raise UnsupportedModelError(
         f"HF model_type {hf_model_type!r} is not supported; supported: {listing}")
