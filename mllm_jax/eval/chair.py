@@ -38,7 +38,7 @@ import re
 from typing import Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 __all__ = ["COCO_SYNONYMS_TXT", "COCO_SYNONYMS", "COCO_DOUBLE_WORDS", "singularize",
-           "word_tokenize", "pluralize", "ChairEvaluator"]
+           "word_tokenize", "merge_coco_words", "pluralize", "ChairEvaluator"]
 
 # data/synonyms.txt of LisaAnne/Hallucination, verbatim (first entry = category).
 COCO_SYNONYMS_TXT = """person, girl, boy, man, woman, kid, child, chef, baker, people, adult, rider, children, baby, worker, passenger, sister, biker, policeman, cop, officer, lady, cowboy, bride, groom, male, female, guy, traveler, mother, father, gentleman, pitcher, player, skier, snowboarder, skater, skateboarder, person, woman, guy, foreigner, child, gentleman, caller, offender, coworker, trespasser, patient, politician, soldier, grandchild, serviceman, walker, drinker, doctor, bicyclist, thief, buyer, teenager, student, camper, driver, solider, hunter, shopper, villager
@@ -284,6 +284,24 @@ def word_tokenize(text: str) -> List[str]:
     return tokens
 
 
+def merge_coco_words(words: Sequence[str]) -> List[str]:
+    """Steps 2 and 3 of ``caption_to_words`` on normalized words: double words merged
+    left to right (:data:`COCO_DOUBLE_WORDS`), ``seat`` dropped when ``toilet`` is there."""
+    merged: List[str] = []
+    i = 0
+    while i < len(words):
+        pair = " ".join(words[i:i + 2])
+        if pair in COCO_DOUBLE_WORDS:
+            merged.append(COCO_DOUBLE_WORDS[pair])
+            i += 2
+        else:
+            merged.append(words[i])
+            i += 1
+    if "toilet" in merged and "seat" in merged:
+        merged = [w for w in merged if w != "seat"]
+    return merged
+
+
 # ----------------------------------------------------------------------------- custom vocab
 _IRREGULAR_PLURALS = {
     "man": "men", "woman": "women", "person": "people", "child": "children", "mouse": "mice",
@@ -373,20 +391,7 @@ class ChairEvaluator:
         return self.surface.get(tuple(_tokens(word)))
 
     def _coco_words(self, caption: str) -> List[str]:
-        words = [singularize(w) for w in word_tokenize(caption.lower())]
-        merged: List[str] = []
-        i = 0
-        while i < len(words):
-            pair = " ".join(words[i:i + 2])
-            if pair in COCO_DOUBLE_WORDS:
-                merged.append(COCO_DOUBLE_WORDS[pair])
-                i += 2
-            else:
-                merged.append(words[i])
-                i += 1
-        if "toilet" in merged and "seat" in merged:
-            merged = [w for w in merged if w != "seat"]
-        return merged
+        return merge_coco_words([singularize(w) for w in word_tokenize(caption.lower())])
 
     def mentions(self, caption: str) -> List[Tuple[str, str]]:
         """All object mentions as ``(word, canonical)`` in caption order, with

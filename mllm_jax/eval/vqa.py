@@ -82,12 +82,14 @@ PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
          ">", "<", "@", "`", ",", "?", "!"]
 
 
-def process_punctuation(in_text: str) -> str:
-    """Official ``processPunctuation``."""
+def process_punctuation(in_text: str, comma_strip: re.Pattern = COMMA_STRIP) -> str:
+    """Official ``processPunctuation``; ``comma_strip`` is the digit-comma-digit pattern
+    whose presence anywhere deletes punctuation instead of spacing it out (lmms-eval's
+    EvalAI copy uses ``(?<=\\d)(\\,)+(?=\\d)``)."""
     out_text = in_text
     for p in PUNCT:
         if (p + " " in in_text or " " + p in in_text) or (
-                re.search(COMMA_STRIP, in_text) is not None):
+                re.search(comma_strip, in_text) is not None):
             out_text = out_text.replace(p, "")
         else:
             out_text = out_text.replace(p, " ")

@@ -13,6 +13,9 @@ SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 DETAIL_PROMPT = "Please describe this image in detail."
+# How answers are scored: as the benchmark's official script does, or as lmms-eval 0.7.3
+# does (`mllm_jax.eval.lmms_eval_scoring`).
+SCORINGS = ("official", "lmms_eval")
 # File name endings taken for images when a loader scans a directory.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 
@@ -135,6 +138,14 @@ def check_result_count(processed: list, samples: list) -> None:
         raise ValueError(f"aggregate got {len(processed)} results for {len(samples)} samples")
 
 
+def check_scoring(scoring: str) -> str:
+    """``scoring`` if it is one of SCORINGS, else ``ValueError`` naming the choices."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"--scoring must be one of {', '.join(SCORINGS)}, got {scoring!r} "
+                         f"(EvalOptions.scoring)")
+    return scoring
+
+
 def mean_or_zero(xs) -> float:
     """The mean of ``xs``; 0.0 when empty."""
     xs = list(xs)
@@ -157,10 +168,36 @@ class Task:
         the data's directory), absolute ones anywhere with ``allow_absolute_image_paths``."""
         raise NotImplementedError
 
-    def process_result(self, sample: Sample, response: str) -> dict:
+    def process_result(self, sample: Sample, response: str, scoring: str = "official") -> dict:
+        """The per-sample results of ``response``, scored as ``scoring`` (one of SCORINGS)
+        says: the official script's rules, or lmms-eval's ``process_results``."""
+        if check_scoring(scoring) == "lmms_eval":
+            return self.process_result_lmms_eval(sample, response)
+        return self.process_result_official(sample, response)
+
+    def aggregate(self, processed: list, samples: list, scoring: str = "official") -> dict:
+        """Metric name -> value over ``process_result`` outputs of the same ``scoring``."""
+        check_scoring(scoring)
+        check_result_count(processed, samples)
+        if scoring == "lmms_eval":
+            return self.aggregate_lmms_eval(processed, samples)
+        return self.aggregate_official(processed, samples)
+
+    def require_scoring(self, scoring: str) -> None:
+        """Raises before any answer is generated when ``scoring`` cannot run here (a
+        library it needs is missing)."""
+        check_scoring(scoring)
+
+    def process_result_official(self, sample: Sample, response: str) -> dict:
         raise NotImplementedError
 
-    def aggregate(self, processed: list, samples: list) -> dict:
+    def aggregate_official(self, processed: list, samples: list) -> dict:
+        raise NotImplementedError
+
+    def process_result_lmms_eval(self, sample: Sample, response: str) -> dict:
+        raise NotImplementedError
+
+    def aggregate_lmms_eval(self, processed: list, samples: list) -> dict:
         raise NotImplementedError
 
     def extract_answer(self, response: str) -> str:

@@ -4,11 +4,10 @@ from __future__ import annotations
 import functools
 import os
 
-from mllm_jax.eval import caption, chair
+from mllm_jax.eval import caption, chair, lmms_eval_scoring, rouge
 from mllm_jax.eval.tasks.base import (ImageRoot, CAPTION_PROMPT, DETAIL_PROMPT, Sample, Task,
-                                      check_limit, check_result_count, data_directory,
-                                      image_path, mean_or_zero, read_json, require_keys,
-                                      take_first)
+                                      check_limit, check_scoring, data_directory, image_path,
+                                      mean_or_zero, read_json, require_keys, take_first)
 
 
 # ----------------------------------------------------------------------------- COCO captions
@@ -62,16 +61,26 @@ class CocoCaptionTask(Task):
     def extract_answer(self, response):
         return response
 
-    def process_result(self, sample, response):
+    def process_result_official(self, sample, response):
         return {"caption": response.strip()}
 
-    def aggregate(self, processed, samples):
-        check_result_count(processed, samples)
+    process_result_lmms_eval = process_result_official
+
+    def aggregate_official(self, processed, samples):
         cands = {s.doc_id: p["caption"] for p, s in zip(processed, samples)}
         refs = {s.doc_id: list(s.target) for s in samples}
         bleus = caption.bleu(cands, refs, tokenize=True)
         out = {f"coco_Bleu_{k}": float(b) for k, b in enumerate(bleus, 1)}
         out["coco_CIDEr"] = float(caption.cider_d(cands, refs, tokenize=True)[0])
+        return out
+
+    def aggregate_lmms_eval(self, processed, samples):
+        """lmms-eval's ``coco_aggregation_result``: the official toolkit's BLEU and CIDEr-D
+        (the same pycocoevalcap scorers) and its ROUGE-L; METEOR (Java) is left out."""
+        out = self.aggregate_official(processed, samples)
+        cands = {s.doc_id: p["caption"] for p, s in zip(processed, samples)}
+        out["coco_ROUGE_L"] = rouge.rouge_l(cands, {s.doc_id: list(s.target) for s in samples},
+                                            tokenize=True)[0]
         return out
 
 
@@ -163,16 +172,34 @@ class ChairTask(Task):
         """A reference caption (the answer of a few-shot demonstration)."""
         return sample.meta["captions"][0]
 
-    def process_result(self, sample, response):
-        text = response.strip()
-        mentioned = _chair_evaluator().mentioned_objects(text)
-        gt = set(sample.target)
+    def require_scoring(self, scoring):
+        if check_scoring(scoring) == "lmms_eval":
+            lmms_eval_scoring.nltk_pipeline()  # RuntimeError naming what to install
+
+    def process_result_official(self, sample, response):
+        return self._record(response.strip(), _chair_evaluator().mentioned_objects,
+                            sample.target)
+
+    def process_result_lmms_eval(self, sample, response):
+        return self._record(response.strip(), lmms_eval_scoring.chair_words, sample.target)
+
+    @staticmethod
+    def _record(text, objects, target):
+        mentioned = objects(text)
+        gt = set(target)
         return {"chair": {"caption": text, "mentioned": mentioned,
                           "hallucinated": [o for o in mentioned if o not in gt],
                           "num_words": len(text.split())}}
 
-    def aggregate(self, processed, samples):
-        check_result_count(processed, samples)
+    def aggregate_lmms_eval(self, processed, samples):
+        """lmms-eval's ``coco_cap_chair`` metrics over the objects its ``caption_to_words``
+        finds; the ground truth is the task's (COCO segmentation + reference captions)."""
+        res = lmms_eval_scoring.chair_aggregate(
+            [(s.target, p["chair"]["mentioned"]) for p, s in zip(processed, samples)])
+        return {"coco_cap_chair_s": res["chair_s"], "coco_cap_chair_i": res["chair_i"],
+                "coco_cap_recall": res["recall"]}
+
+    def aggregate_official(self, processed, samples):
         caps = {s.doc_id: p["chair"]["caption"] for p, s in zip(processed, samples)}
         res = _chair_evaluator().chair(caps, {s.doc_id: s.target for s in samples})
         covered = sum(len(set(p["chair"]["mentioned"]) & set(s.target))

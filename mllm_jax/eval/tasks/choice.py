@@ -5,10 +5,10 @@ import glob
 import os
 import re
 
-from mllm_jax.eval import scienceqa
+from mllm_jax.eval import lmms_eval_scoring, scienceqa
 from mllm_jax.eval.tasks.base import (ImageRoot, LETTER_ANSWER, Sample, Task, check_limit,
-                                      check_result_count, data_directory, image_path, read_json,
-                                      require_keys, take_first)
+                                      data_directory, image_path, read_json, require_keys,
+                                      take_first)
 
 
 # ----------------------------------------------------------------------------- ScienceQA
@@ -103,14 +103,25 @@ class ScienceQATask(Task):
         letters = re.findall(r"[Tt]he answer is \(?([A-E])\)?", text)
         return letters[-1] if letters else text
 
-    def process_result(self, sample, response):
+    def process_result_official(self, sample, response):
         pred = response.strip()
         idx = scienceqa.parse_choice(pred, sample.meta["num_options"])
         return {"exact_match": float(idx == sample.target), "prediction": pred, "pred_index": idx}
 
-    def aggregate(self, processed, samples):
-        check_result_count(processed, samples)
+    def process_result_lmms_eval(self, sample, response):
+        return {"exact_match": lmms_eval_scoring.scienceqa_exact_match(response, sample.target),
+                "prediction": response.strip()}
 
+    def aggregate_lmms_eval(self, processed, samples):
+        """lmms-eval's ``scienceqa`` (every problem) and ``scienceqa_img`` (those with an
+        image) means."""
+        out = {"exact_match": lmms_eval_scoring.mean([p["exact_match"] for p in processed])}
+        img = [p["exact_match"] for p, s in zip(processed, samples) if s.meta.get("has_image")]
+        if img:
+            out["exact_match_img"] = lmms_eval_scoring.mean(img)
+        return out
+
+    def aggregate_official(self, processed, samples):
         def acc(pairs):
             if not pairs:
                 return None

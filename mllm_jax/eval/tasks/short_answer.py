@@ -5,11 +5,10 @@ import glob
 import os
 import re
 
-from mllm_jax.eval import vqa
+from mllm_jax.eval import lmms_eval_scoring, vqa
 from mllm_jax.eval.tasks.base import (ImageRoot, SHORT_ANSWER, Sample, Task, check_limit,
-                                      check_result_count, data_directory, image_path, iter_jsonl,
-                                      mean_or_zero, read_json, require_keys, strip_suffix,
-                                      take_first)
+                                      data_directory, image_path, iter_jsonl, mean_or_zero,
+                                      read_json, require_keys, strip_suffix, take_first)
 
 
 # ----------------------------------------------------------------------------- VQAv2
@@ -100,27 +99,40 @@ class VQAv2Task(Task):
                 question=strip_suffix(obj["text"], SHORT_ANSWER), target=None, meta={}))
         return samples
 
-    def process_result(self, sample, response):
+    def process_result_official(self, sample, response):
         acc = None if sample.target is None else vqa.vqa_accuracy(response, sample.target)
         return {"exact_match": acc, "answer": vqa.normalize_answer(response)}
 
-    def aggregate(self, processed, samples):
-        check_result_count(processed, samples)
+    def process_result_lmms_eval(self, sample, response):
+        """lmms-eval's ``vqav2_process_results`` (no accuracy without answers: test split)."""
+        acc, answer = lmms_eval_scoring.vqav2_accuracy(response, sample.target or [])
+        return {"exact_match": None if sample.target is None else acc, "answer": answer}
+
+    def aggregate_official(self, processed, samples):
+        return self._aggregate(processed, samples, mean_or_zero)
+
+    def aggregate_lmms_eval(self, processed, samples):
+        return self._aggregate(processed, samples, lmms_eval_scoring.mean)
+
+    @staticmethod
+    def _aggregate(processed, samples, mean):
+        """The mean accuracy (lmms-eval's ``vqav2_val``) and the mean per answer type."""
         out = {"n": float(len(samples))}
         scored = [(p["exact_match"], s) for p, s in zip(processed, samples)
                   if p["exact_match"] is not None]
         if scored:
-            out["exact_match"] = mean_or_zero(a for a, _ in scored)
+            out["exact_match"] = mean([a for a, _ in scored])
             for t in sorted({s.meta.get("answer_type") for _, s in scored} - {None}):
                 key = "exact_match_" + re.sub(r"\W+", "_", t)
-                out[key] = mean_or_zero(a for a, s in scored if s.meta.get("answer_type") == t)
+                out[key] = mean([a for a, s in scored if s.meta.get("answer_type") == t])
         return out
 
 
 # ----------------------------------------------------------------------------- GQA
 class GQATask(Task):
     """GQA ``testdev_balanced_questions.json`` ({qid: {imageId, question, answer...}}),
-    images ``{imageId}.jpg``; exact match after LLaVA's ``rstrip('.').lower()``."""
+    images ``{imageId}.jpg``; exact match after LLaVA's ``rstrip('.').lower()`` (lmms-eval:
+    case and every punctuation character ignored)."""
 
     name = "gqa"
     max_new_tokens = 16
@@ -152,10 +164,17 @@ class GQATask(Task):
     def normalize(response: str) -> str:
         return response.strip().rstrip(".").lower()
 
-    def process_result(self, sample, response):
+    def process_result_official(self, sample, response):
         pred = self.normalize(response)
         return {"exact_match": float(pred == sample.target), "prediction": pred}
 
-    def aggregate(self, processed, samples):
-        check_result_count(processed, samples)
+    def process_result_lmms_eval(self, sample, response):
+        score, pred = lmms_eval_scoring.exact_match_ignoring_case_and_punctuation(
+            response, sample.target)
+        return {"exact_match": score, "prediction": pred}
+
+    def aggregate_official(self, processed, samples):
         return {"exact_match": mean_or_zero(p["exact_match"] for p in processed)}
+
+    def aggregate_lmms_eval(self, processed, samples):
+        return {"exact_match": lmms_eval_scoring.mean([p["exact_match"] for p in processed])}

@@ -1,14 +1,14 @@
-"""POPE and MME: yes/no questions, scored with the official parsers."""
+"""POPE and MME: yes/no questions, scored with the official parsers or lmms-eval's."""
 from __future__ import annotations
 
 import glob
 import os
 import re
 
-from mllm_jax.eval import mme, pope
+from mllm_jax.eval import lmms_eval_scoring, mme, pope
 from mllm_jax.eval.tasks.base import (ImageRoot, IMAGE_EXTENSIONS, SHORT_ANSWER, Sample, Task,
-                                      check_limit, check_result_count, data_directory,
-                                      image_path, iter_jsonl, require_keys, strip_suffix)
+                                      check_limit, data_directory, image_path, iter_jsonl,
+                                      require_keys, strip_suffix)
 
 
 # ----------------------------------------------------------------------------- POPE
@@ -56,28 +56,38 @@ class PopeTask(Task):
                     target=label, meta={"split": split}))
         return samples
 
-    def process_result(self, sample, response):
+    def process_result_official(self, sample, response):
         return {"pope": {"prediction": pope.parse_yes_no(response), "label": sample.target,
                          "split": sample.meta["split"]}}
 
-    def aggregate(self, processed, samples):
-        check_result_count(processed, samples)
+    def aggregate_official(self, processed, samples):
         recs = [p["pope"] for p in processed]
         keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
         names = {"f1": "f1_score"}
 
-        def named(metrics, prefix):
-            return {f"{prefix}_{names.get(k, k)}": float(metrics[k]) for k in keys}
+        def metrics(sub):
+            m = pope.pope_metrics([r["prediction"] for r in sub], [r["label"] for r in sub],
+                                  parse=False)
+            return {names.get(k, k): float(m[k]) for k in keys}
 
-        out = named(pope.pope_metrics([r["prediction"] for r in recs],
-                                      [r["label"] for r in recs], parse=False), "pope")
+        return self._by_split(recs, metrics)
+
+    def process_result_lmms_eval(self, sample, response):
+        return {"pope": {"question_id": sample.sample_id, "split": sample.meta["split"],
+                         **lmms_eval_scoring.pope_process(response, sample.target)}}
+
+    def aggregate_lmms_eval(self, processed, samples):
+        """lmms-eval's ``pope`` metrics over all questions, and per split its
+        ``pope_adv`` / ``pope_pop`` / ``pope_random`` tasks' (``pope_<split>_...``)."""
+        return self._by_split([p["pope"] for p in processed], lmms_eval_scoring.pope_aggregate)
+
+    @staticmethod
+    def _by_split(recs, metrics):
+        out = {f"pope_{k}": v for k, v in metrics(recs).items()}
         for split in sorted({r["split"] for r in recs}):
             sub = [r for r in recs if r["split"] == split]
-            out.update(named(pope.pope_metrics([r["prediction"] for r in sub],
-                                               [r["label"] for r in sub], parse=False),
-                             f"pope_{split}"))
+            out.update({f"pope_{split}_{k}": v for k, v in metrics(sub).items()})
         return out
-
 
 
 # ----------------------------------------------------------------------------- MME
@@ -153,15 +163,25 @@ class MMETask(Task):
                         raise ValueError(f"{where}: answer must be Yes/No, got {fields[-1]!r}")
                     yield f"{img_rel}/{image.strip()}", question, answer, where
 
-    def process_result(self, sample, response):
+    def process_result_official(self, sample, response):
         return {"mme": {"subtask": sample.meta["subtask"], "image_id": sample.meta["image_id"],
                         "prediction": mme.parse_pred_ans(response), "gt": sample.target}}
 
-    def aggregate(self, processed, samples):
-        check_result_count(processed, samples)
+    def aggregate_official(self, processed, samples):
         res = mme.mme_scores([p["mme"] for p in processed])
         out = {"mme_perception_score": res["perception"], "mme_cognition_score": res["cognition"]}
         for sub in self.SUBTASKS:
             if sub in res["subtasks"]:
                 out[f"mme_{sub}_score"] = res["subtasks"][sub]["score"]
+        return out
+
+    def process_result_lmms_eval(self, sample, response):
+        return {"mme": {"subtask": sample.meta["subtask"], "image_id": sample.meta["image_id"],
+                        **lmms_eval_scoring.mme_process(response, sample.target)}}
+
+    def aggregate_lmms_eval(self, processed, samples):
+        res = lmms_eval_scoring.mme_aggregate([p["mme"] for p in processed])
+        out = {f"mme_{side}_score": res[side] for side in ("perception", "cognition")
+               if side in res}
+        out.update({f"mme_{sub}_score": res[sub] for sub in self.SUBTASKS if sub in res})
         return out
