@@ -54,7 +54,8 @@ ending the caption (LLaVA's `preprocess_plain` ends it with its separator, "\n")
 and `chatml` (Qwen) are the HF chat templates; `mistral` is "[INST] q [/INST] a</s>" as
 mistral-common tokenizes it. BOS is a token id put before the text (so the text starts in
 START context), as LLaVA's tokenizer call does, not the string "<s>" some HF chat templates
-write. Message values are stripped of surrounding whitespace.
+write. Message values are stripped of surrounding whitespace (LLaVA's formats strip only
+the messages that hold an image).
 """
 from __future__ import annotations
 
