@@ -36,6 +36,9 @@ def build_parser():
                      help="store decoder/encoder layers stacked on a leading layer axis")
     h2o.add_argument("--dtype", choices=DTYPES, default=None,
                      help="parameter dtype (default: as stored in the checkpoint)")
+    h2o.add_argument("--vision-tower", default=None, metavar="DIR",
+                     help="the vision tower's checkpoint directory, for a LLaVA-repository "
+                          "checkpoint whose mm_vision_tower is not a local directory")
     h2o.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     h2o.set_defaults(func=_hf_to_orbax)
     o2h = csub.add_parser("orbax-to-hf", help="orbax checkpoint -> HF checkpoint directory")
@@ -45,6 +48,9 @@ def build_parser():
                      help="tensor dtype to write (default: as stored)")
     o2h.add_argument("--max-shard-size", type=parse_size, default="5GB",
                      help="largest safetensors file before sharding (default 5GB)")
+    o2h.add_argument("--layout", default=None, metavar="LAYOUT",
+                     help="hf (the transformers class's layout) or llava_repo (the LLaVA "
+                          "repository's); default: the layout the model was read from")
     o2h.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     o2h.set_defaults(func=_orbax_to_hf)
     convert.set_defaults(func=lambda args: _usage(convert))
@@ -308,7 +314,8 @@ def _check_destination(args):
 def _hf_to_orbax(args):
     from mllm_jax.convert import destination, load_hf, save_orbax
     _check_destination(args)
-    model, params = load_hf(args.src, dtype=args.dtype, scan_layers=args.scan_layers)
+    model, params = load_hf(args.src, dtype=args.dtype, scan_layers=args.scan_layers,
+                            vision_tower=args.vision_tower)
     from mllm_jax.infer.chat_template import copy_chat_template
     with destination.staged(args.dst, replace=True) as work:
         save_orbax(model, params, work)
@@ -323,7 +330,7 @@ def _orbax_to_hf(args):
     _check_destination(args)
     model, params = load_orbax(args.src)
     save_hf(model, params, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite)
+            overwrite=args.overwrite, layout=args.layout)
     from mllm_jax.infer.chat_template import copy_chat_template
     copy_chat_template(args.src, args.dst)
     print(f"wrote {args.dst} ({model.cfg.model_type}, {_count(params):,} parameters)")
