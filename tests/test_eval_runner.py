@@ -229,6 +229,35 @@ def test_cot_asks_for_reasoning_and_scores_the_answer_after_it(  # noqa: F811
     assert not runner.uses_cot(options, tasks.get_task("coco_caption"))
 
 
+def test_lmms_eval_scoring_reaches_the_results_samples_and_table(  # noqa: F811
+        ckpt, loaded, pope_file, tmp_path, monkeypatch, capsys):
+    d, _ = ckpt
+    answers = ["Yes", "No.", "no", "yes"]  # "No." is neither yes nor no for lmms-eval
+    monkeypatch.setattr(batching, "generate_all", lambda *a, **kw: answers[:len(a[4])])
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    options = runner.EvalOptions.from_args(parser.parse_args(
+        ["--ckpt", d, "--task", "pope", "--data", pope_file, "--output",
+         str(tmp_path / "out"), "--template", TEMPLATE, "--scoring", "lmms_eval"]))
+    _, results, records = _run(options, loaded, monkeypatch)
+    assert results["config"]["scoring"] == "lmms_eval"
+    assert results["configs"]["pope"]["scoring"] == "lmms_eval"
+    entry = results["results"]["pope"]
+    assert entry["pope_accuracy,none"] == 0.75  # labels yes, no, no, yes
+    assert entry["pope_recall,none"] == 1.0 and entry["pope_yes_ratio_of_labels,none"] == 0.5
+    assert "pope_yes_ratio,none" not in entry
+    assert [r["pope"]["score"] for r in records] == [1.0, 0.0, 1.0, 1.0]
+    assert records[1]["pope"]["prediction"] == "no."
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("|Tasks"))
+    assert "|Scoring" in header and "scoring: lmms_eval" in table
+    assert any("|lmms_eval|pope_yes_ratio_of_labels" in line for line in table.splitlines())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--task", "pope", "--data", "p.json", "--scoring", "lmms"])
+    err = capsys.readouterr().err
+    assert "--scoring" in err and "'official', 'lmms_eval'" in err
+
+
 def test_bad_inputs_name_the_task_sample_and_file(ckpt, loaded, pope_file, tmp_path,  # noqa: F811
                                                   monkeypatch):
     d, _ = ckpt

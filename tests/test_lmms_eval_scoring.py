@@ -176,7 +176,8 @@ def test_chair_without_nltk_says_what_to_install(monkeypatch):
         raise RuntimeError(lmms_eval_scoring._POS_MISSING)
 
     monkeypatch.setattr(lmms_eval_scoring, "nltk_pipeline", missing)
-    with pytest.raises(RuntimeError, match="pip install nltk.*wordnet"):
+    with pytest.raises(ValueError, match="--scoring lmms_eval on chair: .*pip install nltk"
+                                         ".*wordnet"):
         get_task("chair").require_scoring("lmms_eval")
     get_task("chair").require_scoring("official")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from mllm_jax.eval.tasks.base import SCORINGS
+
 # Longest chain-of-thought answer, unless --max-new-tokens says otherwise.
 COT_MAX_NEW_TOKENS = 512
 DTYPES = ("float32", "bfloat16", "float16")
@@ -73,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how --mesh lays out the parameters: serving (split over "
                              "tensor only, never gathered per token; default) or training "
                              "(also split over fsdp, as the trainer does)")
+    parser.add_argument("--scoring", choices=SCORINGS, default="official",
+                        help="score answers as each benchmark's official script does "
+                             "(default), or as lmms-eval 0.7.3 does (lmms_eval: the numbers "
+                             "of papers that report lmms-eval's); recorded in the results")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the few-shot draws and sampling")
     parser.add_argument("--no-log-samples", dest="log_samples", action="store_false",
@@ -136,6 +142,12 @@ class EvalOptions:
     """Ask for reasoning, then the answer after 'Answer:' (tasks read from the end)."""
     seed: int = 0
     """Seeds the few-shot draws and sampling."""
+
+    "How answers are scored."
+    scoring: str = "official"
+    """One of SCORINGS: "official" (each benchmark's own script, as LLaVA runs it) or
+    "lmms_eval" (lmms-eval 0.7.3's `process_results` and aggregations,
+    `mllm_jax.eval.lmms_eval_scoring`)."""
 
     "How answers are generated."
     max_new_tokens: int | None = None
@@ -202,6 +214,9 @@ class EvalOptions:
                "use serving unless you compare with the training layout")
         _check(all(self.stop or ()), "--stop", self.stop, "non-empty strings",
                "drop the empty stop string")
+        _check(self.scoring in SCORINGS, "--scoring", self.scoring,
+               f"one of {', '.join(SCORINGS)}", "official scores as the benchmarks' own "
+               "scripts do, lmms_eval as lmms-eval 0.7.3 does")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EvalOptions":

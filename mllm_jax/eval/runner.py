@@ -3,7 +3,9 @@
 For each task: its samples are read (`mllm_jax.eval.tasks`), turned into prompts (the
 question and the task's answer-format suffix; optionally K in-context demonstrations from
 the same data and a chain-of-thought instruction), answered in left-padded batches and
-scored with the task's own `process_result` / `aggregate`.
+scored with the task's own `process_result` / `aggregate`, as the benchmark's official script
+does or as lmms-eval does (`EvalOptions.scoring`, recorded in "config" and each task's
+"configs" entry, and shown in the table).
 
 Files, under `<output>/<model name>/` (the model name is the checkpoint path's last two
 parts, as lmms-eval sanitizes it):
@@ -313,8 +315,8 @@ def run_task(runtime, options: EvalOptions, name, data, image_root, prompting=No
         except ValueError as e:
             raise ValueError(f"task {name!r}: {e}") from e
     filtered = [task.extract_answer(r) if cot else r for r in responses]
-    processed = [task.process_result(s, f) for s, f in zip(samples, filtered)]
-    metrics = task.aggregate(processed, samples)
+    processed = [task.process_result(s, f, options.scoring) for s, f in zip(samples, filtered)]
+    metrics = task.aggregate(processed, samples, options.scoring)
     def shown(c):  # the prompt text as the model read it
         if encoder is not None:
             return encoder.render(c)
@@ -339,7 +341,8 @@ def task_config(name, data, image_root, info, options: EvalOptions) -> dict:
             "image_root": image_root, "num_fewshot": options.num_fewshot,
             "fewshot_seed": options.seed, "prompt_suffix": info["suffix"],
             "prompt_format": options.prompt_format, "cot": info["cot"],
-            "answer_from_end": task.answer_from_end, "template": info["template"],
+            "answer_from_end": task.answer_from_end, "scoring": options.scoring,
+            "template": info["template"],
             "system_prompt": info["system"],
             "generation_kwargs": info["gen"]}
 
@@ -370,6 +373,9 @@ def evaluate(options: EvalOptions, runtime=None) -> dict:
     import jax
     options = as_options(options)
     inputs = task_inputs(options)
+    from mllm_jax.eval import tasks
+    for name, _, _ in inputs:  # an unknown task, or a scoring it cannot run, before loading
+        tasks.get_task(name).require_scoring(options.scoring)
     start = time.perf_counter()
     prompting = prompting_for(options)
     runtime = runtime or load_runtime(options)
@@ -407,7 +413,7 @@ def evaluate(options: EvalOptions, runtime=None) -> dict:
                    "cot": options.cot, "random_seed": options.seed,
                    "fewshot_seed": options.seed, "dtype": options.dtype,
                    "param_dtype": options.param_dtype, "mesh": options.mesh,
-                   "rules": options.rules},
+                   "rules": options.rules, "scoring": options.scoring},
         "model_name": model_name,
         "model_name_sanitized": sanitize_model_name(options.ckpt),
         "start_time": start, "end_time": end,
@@ -449,16 +455,17 @@ def _fmt(v):
 
 
 def make_table(results: dict) -> str:
-    """A Markdown table of the results (lmms-eval's columns)."""
-    rows = [["Tasks", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"]]
+    """A Markdown table of the results (lmms-eval's columns, and the scoring)."""
+    rows = [["Tasks", "Filter", "n-shot", "Scoring", "Metric", "", "Value", "", "Stderr"]]
     symbols = {True: "↑", False: "↓"}
     for name, entry in results["results"].items():
         hib = results.get("higher_is_better", {}).get(name, {})
+        scoring = results.get("configs", {}).get(name, {}).get("scoring", "")
         for key in sorted(k for k in entry if k != "alias" and "_stderr," not in k):
             metric, _, filt = key.partition(",")
             rows.append([entry.get("alias", name), filt, str(results["n-shot"].get(name, "")),
-                         metric, symbols.get(hib.get(metric), ""), _fmt(entry[key]), "±",
-                         _fmt(entry.get(f"{metric}_stderr,{filt}"))])
+                         scoring, metric, symbols.get(hib.get(metric), ""), _fmt(entry[key]),
+                         "±", _fmt(entry.get(f"{metric}_stderr,{filt}"))])
     widths = [max(1, *(len(r[c]) for r in rows)) for c in range(len(rows[0]))]
     lines = ["|" + "|".join(c.ljust(w) for c, w in zip(r, widths)) + "|" for r in rows]
     lines.insert(1, "|" + "|".join("-" * w for w in widths) + "|")
@@ -514,7 +521,8 @@ def main(options: EvalOptions) -> int:
     written = write_outputs(results, options.output, date, options.log_samples)
     print(f"mllm_jax ({results['config']['model_args']}), gen_kwargs: "
           f"({results['config']['gen_kwargs']}), limit: {options.limit}, num_fewshot: "
-          f"{options.num_fewshot}, batch_size: {options.batch_size}")
+          f"{options.num_fewshot}, batch_size: {options.batch_size}, scoring: "
+          f"{options.scoring}")
     print(make_table(results))
     for path in written:
         print(f"wrote {path}")

@@ -174,7 +174,10 @@ class ChairTask(Task):
 
     def require_scoring(self, scoring):
         if check_scoring(scoring) == "lmms_eval":
-            lmms_eval_scoring.nltk_pipeline()  # RuntimeError naming what to install
+            try:
+                lmms_eval_scoring.nltk_pipeline()
+            except RuntimeError as e:  # what to install, as a usage error of the option
+                raise ValueError(f"--scoring lmms_eval on chair: {e}") from None
 
     def process_result_official(self, sample, response):
         return self._record(response.strip(), _chair_evaluator().mentioned_objects,
