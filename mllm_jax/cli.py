@@ -161,7 +161,8 @@ def build_parser():
 
     evaluate = sub.add_parser(
         "eval", help="score a checkpoint on benchmarks (POPE, VQAv2, GQA, MME, CHAIR, "
-                     "ScienceQA, COCO captions); results in lmms-eval's layout")
+                     "ScienceQA, COCO captions) as their official scripts or lmms-eval do; "
+                     "results in lmms-eval's layout")
     from mllm_jax.eval import runner as eval_runner
     eval_runner.add_arguments(evaluate)
     evaluate.set_defaults(

@@ -173,7 +173,8 @@ def test_chair_words_and_aggregates(monkeypatch):
 
 def test_chair_without_nltk_says_what_to_install(monkeypatch):
     def missing():
-        raise RuntimeError(lmms_eval_scoring._POS_MISSING)
+        raise RuntimeError("install it (pip install nltk) and its data (python -m "
+                           "nltk.downloader punkt_tab averaged_perceptron_tagger_eng wordnet)")
 
     monkeypatch.setattr(lmms_eval_scoring, "nltk_pipeline", missing)
     with pytest.raises(ValueError, match="--scoring lmms_eval on chair: .*pip install nltk"

@@ -199,8 +199,9 @@ def nltk_pipeline() -> Nlp:
     lemmatizer = WordNetLemmatizer()
     try:
         lemmatizer.lemmatize(nltk.pos_tag(nltk.word_tokenize("two dogs."))[1][0], pos="n")
-    except LookupError as e:
-        raise RuntimeError(f"{_POS_MISSING}: {str(e).strip().splitlines()[0]}") from None
+    except LookupError as e:  # nltk's message: a banner around "Resource ... not found."
+        lines = [x.strip() for x in str(e).splitlines() if "Resource" in x] or [str(e)]
+        raise RuntimeError(f"{_POS_MISSING} ({lines[0]})") from None
     return Nlp(nltk.word_tokenize, nltk.pos_tag, lemmatizer.lemmatize)
 
 

@@ -14,8 +14,9 @@ metrics to ``evaluate.py`` of RUCAIBox/POPE:
 * labels: ``"yes"``/``"no"`` in any case, or 1/0; anything else is an error
   (the official scripts count every label other than exactly ``"no"`` as yes).
 * lmms-eval's POPE task differs: it compares the lowercased, stripped reply
-  with the label verbatim (``"Yes."`` is neither yes nor no there); that
-  variant is not reproduced here.
+  with the label verbatim (``"Yes."`` is neither yes nor no there), and its
+  yes-ratio counts labels; that variant is
+  ``lmms_eval_scoring.pope_process`` / ``pope_aggregate``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Mirrors LLaVA's ``llava/eval/eval_science_qa.py``:
   contains ``<image>``) also ``img_accuracy`` over those problems.  The
   regex's ``.`` matches any character, so ``"The answer is B"`` without a
   following character fails while ``"The answer is B,"`` parses.
+* lmms-eval parses differently (``"a"`` and ``"A.dog"`` right, ``"The answer is
+  A."`` wrong): ``lmms_eval_scoring.scienceqa_exact_match``.
 """
 
 from __future__ import annotations

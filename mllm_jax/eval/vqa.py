@@ -24,6 +24,8 @@ Mirrors ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` of GT-Vision-Lab/VQA
 * ``vqa_score`` aggregates like ``VQAEval.setAccuracy`` (overall, per question
   type, per answer type) without the official rounding; fractions in [0, 1]
   unless ``percent=True``.
+* lmms-eval's VQAv2 scoring (always normalized, EvalAI's copy of the
+  normalizer) is ``lmms_eval_scoring.vqav2_accuracy``.
 """
 
 from __future__ import annotations
