@@ -390,6 +390,7 @@ def test_the_recorded_placement_prompts_the_model(tokenizers, tmp_path, monkeypa
     chat_template.write_chat_template(ckpt, "vicuna_v1", image_placement="llava")
     rec = chat_template.read_chat_template(ckpt)
     assert rec == chat_template.RecordedTemplate("vicuna_v1", None, {}, "llava")
+    assert rec.template() == T.get_template("vicuna_v1", "llava")
     assert chat_template.copy_chat_template(ckpt, tmp_path / "export") == rec
     assert chat_template.resolve_template(ckpt, "chatml").image_placement == "as_written"
     # transformers' apply_chat_template renders the exported Jinja with the same placement.
