@@ -331,6 +331,24 @@ def test_a_model_read_from_hf_is_not_written_in_the_repo_layout():
     cfg = presets.get("llava-1.5-7b")
     with pytest.raises(UnsupportedModelError, match="layout='hf'"):
         hf_config.to_hf(cfg, "llava_repo")
+    with pytest.raises(UnsupportedModelError,
+                       match="unknown checkpoint layout 'x'; known: hf, llava_repo"):
+        hf_config.to_hf(cfg, "x")
+
+
+def test_convert_cli_keeps_the_layout_through_orbax(checkpoints, tmp_path, capsys):
+    from mllm_jax.cli import main
+    ckpt, tower, _, tensors = checkpoints("mistral")
+    orbax_dir, out = str(tmp_path / "orbax"), str(tmp_path / "repo")
+    assert main(["convert", "hf-to-orbax", str(ckpt), orbax_dir, "--vision-tower",
+                 str(tower)]) == 0
+    assert main(["convert", "orbax-to-hf", orbax_dir, out]) == 0
+    assert sorted(read_tensors(out)) == sorted(tensors)
+    assert json.loads((ckpt / "config.json").read_text()).items() <= \
+        json.loads(open(os.path.join(out, "config.json")).read()).items()
+    assert main(["convert", "hf-to-orbax", str(ckpt), orbax_dir + "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"mm_vision_tower = {HUB_TOWER!r}" in err and "--vision-tower DIR" in err
 
 
 # ---- config.json: the tower, and what is refused ------------------------------------------

@@ -61,6 +61,10 @@ def checkpoint_layout(cfg, name=None) -> tuple[str, CheckpointLayout]:
     family's HF layout."""
     name = name or registry.recorded_layout(cfg)
     if name != registry.HF_LAYOUT:
+        if name not in registry.LAYOUTS:
+            raise UnsupportedModelError(
+                f"unknown checkpoint layout {name!r}; known: "
+                f"{', '.join([registry.HF_LAYOUT] + registry.LAYOUTS.names())}")
         layout = registry.LAYOUTS.get(name)
         if layout.family != cfg.model_type:
             raise UnsupportedModelError(

@@ -129,7 +129,8 @@ def _tower_directory(hf: dict, where: str, directory, vision_tower) -> str:
         f"{where}: mm_vision_tower = {name!r} is not a local directory (a hub id?), and "
         "config.json does not hold the tower's config. Download that tower (a CLIPVisionModel "
         "or CLIPModel checkpoint directory) and name it: load_hf("
-        f"{directory or 'CHECKPOINT'!r}, vision_tower='path/to/{os.path.basename(name)}')")
+        f"{directory or 'CHECKPOINT'!r}, vision_tower='path/to/{os.path.basename(name)}') "
+        "(mllm-jax convert hf-to-orbax: --vision-tower DIR)")
 
 
 def _vision_config(hf: dict, where: str, tower_dir: str):
