@@ -258,6 +258,30 @@ def test_lmms_eval_scoring_reaches_the_results_samples_and_table(  # noqa: F811
     assert "--scoring" in err and "'official', 'lmms_eval'" in err
 
 
+def test_the_recorded_image_placement_prompts_the_benchmark(  # noqa: F811
+        ckpt, loaded, pope_file, tmp_path, monkeypatch):
+    """A checkpoint trained with image_placement="llava" is prompted with it: generation and
+    the prompts shown in the samples file get the template with that placement."""
+    import shutil
+
+    from mllm_jax.infer.chat_template import write_chat_template
+    d = str(tmp_path / "ckpt")
+    shutil.copytree(ckpt[0], d)
+    write_chat_template(d, TEMPLATE, image_placement="llava")
+    seen = []
+
+    def fake_generate_all(model, params, tokenizer, image_cfg, conversations, template, **kw):
+        seen.append(template)
+        return ["yes"] * len(conversations)
+
+    monkeypatch.setattr(batching, "generate_all", fake_generate_all)
+    options = _options(d, pope_file, tmp_path / "out", template=None, limit=1)
+    _, _, records = _run(options, loaded, monkeypatch)
+    (template,) = seen
+    assert template.name == TEMPLATE and template.image_placement == "llava"
+    assert f"<|im_start|>user\n<image>\n{QUESTIONS[0]}" in records[0]["input"]
+
+
 def test_bad_inputs_name_the_task_sample_and_file(ckpt, loaded, pope_file, tmp_path,  # noqa: F811
                                                   monkeypatch):
     d, _ = ckpt

@@ -307,7 +307,7 @@ def run_task(runtime, options: EvalOptions, name, data, image_root, prompting=No
     with tqdm(total=n_eval, desc=name, file=sys.stderr) as bar:
         try:
             responses = batching.generate_all(model, params, tokenizer, image_cfg,
-                                              conversations, prompting.name,
+                                              conversations, prompting.template(),
                                               system=prompting.system,
                                               batch_size=options.batch_size,
                                               progress=bar.update,
@@ -320,8 +320,8 @@ def run_task(runtime, options: EvalOptions, name, data, image_root, prompting=No
     def shown(c):  # the prompt text as the model read it
         if encoder is not None:
             return encoder.render(c)
-        return render_text(c.messages, prompting.name, tokenizer, system=prompting.system,
-                           generation=True)
+        return render_text(c.messages, prompting.template(), tokenizer,
+                           system=prompting.system, generation=True)
     records = [sample_record(s, shown(c), c.images, gen, r, f, p)
                for s, c, r, f, p in zip(samples, conversations, responses, filtered, processed)]
     info = {"task": task, "original": len(pool), "effective": n_eval, "gen": gen,
