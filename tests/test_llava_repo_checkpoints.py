@@ -444,3 +444,13 @@ def test_prompt_and_image_settings(loaded, checkpoints):
     assert llava_repo_inputs.wrap_image_placeholders("<image>\nWhat?", started) == \
         "<im_start><image><im_end>\nWhat?"
     assert llava_repo_inputs.image_processor_config(started).mode == "crop"
+
+
+def test_chat_and_eval_pad_images_as_the_repository_does(checkpoints, loaded):
+    """No preprocessor_config.json beside a LLaVA-repository checkpoint (its processor is the
+    tower's): the CLIP preprocessing at the tower's resolution, padded to a square as
+    config.json's image_aspect_ratio "pad" says."""
+    from mllm_jax.infer.batching import image_config_for
+    ckpt, _, _, _ = checkpoints("llama")
+    model, _ = loaded("llama")
+    assert image_config_for(model, str(ckpt)).mode == "pad"

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from mllm_jax import jsonfile
 from mllm_jax.data import image as image_lib
 from mllm_jax.data.templates import IMAGE_PLACEHOLDER, build_prompt
 from mllm_jax.infer.generate import check_prompts, generate
@@ -27,12 +28,16 @@ from mllm_jax.models import registry
 
 def image_config_for(model, checkpoint_dir):
     """The checkpoint's preprocessor_config.json, else CLIP preprocessing at the model's
-    resolution."""
+    resolution, after padding to a square when config.json's `image_aspect_ratio` is "pad"
+    (LLaVA-repository checkpoints, whose processor is their tower's, in another directory)."""
     if os.path.exists(os.path.join(checkpoint_dir, "preprocessor_config.json")):
         return image_lib.load_image_processor_config(checkpoint_dir)
     size = model.cfg.vision.image_size
-    return image_lib.ImageProcessorConfig(mode="crop", size={"shortest_edge": size},
-                                          crop_size=size)
+    config_json = os.path.join(checkpoint_dir, "config.json")
+    aspect = (jsonfile.read_object(config_json, "restore the checkpoint's config.json")
+              .get("image_aspect_ratio") if os.path.exists(config_json) else None)
+    return image_lib.ImageProcessorConfig(mode="pad" if aspect == "pad" else "crop",
+                                          size={"shortest_edge": size}, crop_size=size)
 
 
 @dataclasses.dataclass

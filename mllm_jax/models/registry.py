@@ -10,7 +10,9 @@ tests its name; code asks the registry (`tokens_per_image(cfg)`, `is_multimodal(
     cfg.vision.type = "patch_mean"; model = registry.build_model(cfg)
 
 Fields that select a part: `model_type` (composed model), `vision.type` (encoder),
-`projector.type` (connector), `text.model_type` (decoder).
+`projector.type` (connector), `text.model_type` (decoder). Another program's checkpoint
+layout for a family (`CheckpointLayout`, `register_layout`) reads its checkpoints into the
+family's config and parameters and writes them back; `checkpoint_layout.name` records it.
 """
 from __future__ import annotations
 
