@@ -66,6 +66,26 @@ def test_fingerprint_ignores_sharding_and_sees_one_changed_element():
     assert [p for p, _ in bad] == ["x"]
 
 
+def test_host_and_device_fingerprints_agree(monkeypatch):
+    """Small addressable arrays are reduced with NumPy, the rest on device: the same value
+    for every element type, 64-bit ones included."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 7), jnp.float32)
+    tree = {"f32": x, "bf16": x.astype(jnp.bfloat16), "f16": x.astype(jnp.float16),
+            "i8": (x * 50).astype(jnp.int8), "u8": (x * 50).astype(jnp.uint8),
+            "bool": x > 0, "i32": (x * 1e6).astype(jnp.int32), "u32": jnp.arange(
+                70000, dtype=jnp.uint32) * 77777, "key": jax.random.key(3),
+            "raw_key": jax.random.PRNGKey(3), "scalar": jnp.float32(-0.0),
+            "nan": jnp.array([np.nan, -np.nan, np.inf], jnp.float32), "empty": jnp.zeros((0, 4))}
+    host = integrity.fingerprints(tree)
+    monkeypatch.setattr(integrity, "HOST_BYTES", -1)
+    assert integrity.fingerprints(tree) == host
+    with jax.enable_x64(True):
+        wide = {"f64": x.astype(jnp.float64) / 3, "i64": jnp.arange(40, dtype=jnp.int64) << 33}
+        device = integrity.fingerprints(wide)
+        monkeypatch.setattr(integrity, "HOST_BYTES", 1 << 24)
+        assert integrity.fingerprints(wide) == device
+
+
 # ---- convert exports -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ of a mix of the element's bits and its position in the array:
   lane b: sum(fmix32(bits + position * K))      (a non-linear mix: reorderings, multiple
                                                   changes)
 Integer addition mod 2^32 is associative and commutative, so the value does not depend on
-how the array is sharded or in which order XLA reduces it: it is computed where the array
-lives (jitted, on device, also for arrays spread over several hosts) and only the two
-scalars reach the host. Elements are read as their raw bits (floats are bitcast; 64-bit
-elements count as two 32-bit words; PRNG key arrays by their key data), so NaN payloads
-and -0.0 are distinguished.
+how the array is sharded or in which order it is reduced: a large array, or one spread over
+several hosts, is reduced where it lives (jitted, on device) and only the two scalars reach
+the host; an array of at most HOST_BYTES that this process holds whole is reduced on the
+host with NumPy (the same integer arithmetic, and no compilation per checkpoint layout).
+Elements are read as their raw bits (floats are bitcast; 64-bit elements count as two
+32-bit words; PRNG key arrays by their key data), so NaN payloads and -0.0 are distinguished.
 
 The record is JSON: {"format": FORMAT, "arrays": {path: {"shape", "dtype", "fingerprint"}}}
 with '/'-joined tree paths.
@@ -27,6 +28,7 @@ from mllm_jax import storage
 FORMAT = "mllm_jax.array_fingerprints/1"
 RECORD_FILE = "integrity.json"
 _K = np.uint32(0x9E3779B1)
+HOST_BYTES = 1 << 24  # arrays up to this size are fingerprinted with NumPy when addressable
 
 
 class IntegrityError(ValueError):
@@ -46,7 +48,7 @@ def path_str(keypath) -> str:
     return "/".join(parts)
 
 
-def _fmix32(h):
+def _fmix32(h):  # jax or NumPy uint32 arrays
     h = h ^ (h >> 16)
     h = h * np.uint32(0x85EBCA6B)
     h = h ^ (h >> 13)
@@ -90,12 +92,47 @@ def _lanes(x):
 _lanes_tree = jax.jit(lambda leaves: [_lanes(x) for x in leaves])
 
 
+def _host_u32(x):
+    """`_as_u32` in NumPy, or None for an array to reduce on device (too large, not all
+    here, or an element width NumPy cannot view)."""
+    if x.nbytes > HOST_BYTES or not getattr(x, "is_fully_addressable", True):
+        return None
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    a = np.asarray(x)
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8)
+    if a.dtype.itemsize not in (1, 2, 4, 8):
+        return None
+    a = np.ascontiguousarray(a)
+    if a.dtype.itemsize == 8:  # two 32-bit words per element, low word first
+        return a.view(np.uint32).reshape(*a.shape, 2)
+    return a.view(np.dtype(f"uint{a.dtype.itemsize * 8}")).astype(np.uint32)
+
+
+def _host_lanes(u):
+    pos = (np.arange(u.size, dtype=np.uint64) % np.uint64(2**32)).astype(np.uint32)
+    flat = u.reshape(-1)
+    a = np.sum(flat * (pos * np.uint32(2) + np.uint32(1)), dtype=np.uint32)
+    b = np.sum(_fmix32(flat + pos * _K), dtype=np.uint32)
+    return a, b
+
+
+def _all_lanes(leaves) -> list:
+    """(lane a, lane b) of every leaf: on the host where `_host_u32` allows, the rest in one
+    jitted call."""
+    host = [_host_u32(x) for x in leaves]
+    on_device = [x for x, u in zip(leaves, host) if u is None]
+    device = iter(jax.device_get(_lanes_tree(on_device)) if on_device else [])
+    return [_host_lanes(u) if u is not None else next(device) for u in host]
+
+
 def fingerprints(tree) -> dict:
     """{path: {"shape", "dtype", "fingerprint"}} of every array leaf of `tree`."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     paths = [path_str(p) for p, _ in flat]
     leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in flat]
-    lanes = jax.device_get(_lanes_tree(leaves)) if leaves else []
+    lanes = _all_lanes(leaves)
     out = {}
     for path, x, (a, b) in zip(paths, leaves, lanes):
         dtype = (f"key<{jax.random.key_impl(x)}>"
