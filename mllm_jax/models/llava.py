@@ -18,7 +18,7 @@ from mllm_jax.models.decoders.llama import ACT_AXES
 from mllm_jax.models.llm import CausalLM
 from mllm_jax.models.registry import (CONNECTORS, DECODERS, ENCODERS, ModelFamily,
                                       UnsupportedModelError, decoder_train_flops,
-                                      register_model)
+                                      encoder_for_hf, register_model)
 
 
 def merge_image_features(embeds, input_ids, image_features, image_token_index):
@@ -213,9 +213,12 @@ def llava_from_hf(hf: dict, where: str = "config.json"):
     text = DECODERS.get(text_hf.get("model_type", "llama")).from_hf(
         text_hf, where + " text_config")
     # LlavaConfig uses its ViT-L/14-336 defaults only when vision_config is absent; a
-    # given (even partial or empty) vision_config is completed with CLIPVisionConfig's.
+    # given (even partial or empty) vision_config is completed with the defaults of its
+    # model_type's config class (CLIPVisionConfig's when it names none).
     vision_hf = hf.get("vision_config")
-    vision = ENCODERS.get("clip").from_hf(
+    vision_type = (vision_hf.get("model_type", "clip_vision_model")
+                   if isinstance(vision_hf, dict) else "clip_vision_model")
+    vision = encoder_for_hf(vision_type, where + " vision_config")[1].from_hf(
         vision_hf or {}, where + " vision_config",
         defaults=LLAVA_VISION_DEFAULTS if vision_hf is None else None)
     layer = hf.get("vision_feature_layer", -2)

@@ -83,6 +83,9 @@ class EncoderSpec:
     # (vision cfg or a dict of its fields, where) -> None; raises InvalidConfigError naming
     # `where`, the field and the value (see `models.checks`).
     check: Optional[Callable[[Any, str], None]] = None
+    # () -> the HF `vision_config` model_type values `from_hf` reads in a composed model's
+    # config (`encoder_for_hf`); empty: none.
+    hf_model_types: Callable[[], tuple] = tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +294,17 @@ def family_for_hf(hf_model_type: str) -> tuple[str, ModelFamily]:
     listing = "; ".join(f"{', '.join(types)} (as {name})" for name, types in readable.items())
     raise UnsupportedModelError(
         f"HF model_type {hf_model_type!r} is not supported; supported: {listing}")
+
+
+def encoder_for_hf(vision_model_type: str, where: str = "vision_config") -> tuple:
+    """(name, spec) of the encoder that reads an HF `vision_config` of this model_type."""
+    for name, spec in ENCODERS.items():
+        if vision_model_type in spec.hf_model_types():
+            return name, spec
+    known = [t for _, spec in ENCODERS.items() for t in spec.hf_model_types()]
+    raise UnsupportedModelError(
+        f"{where}: vision model_type {vision_model_type!r} is not supported (supported: "
+        f"{', '.join(known)})")
 
 
 def check_config(cfg, where: str = "model config") -> None:

@@ -8,6 +8,9 @@ BLIP-2's EVA ViT (HF `Blip2VisionModel`) is the same tower with `fused_qkv` (one
 `self_attn/qkv` projection, its [3d] bias stored as HF stores it), `attn_out_name =
 "projection"`, `patch_bias`, `embeddings_as_parameters` (`class_embedding` [1, 1, d],
 `position_embedding` [1, n+1, d]), no pre LayerNorm and `post_layernorm_tokens`.
+
+SigLIP (HF `SiglipVisionModel`) has no class token, a patch bias, `post_layernorm_tokens`,
+and with `vision_use_head` the attention-pooling head under `head/` (`AttentionPoolingHead`).
 """
 from typing import Any
 
@@ -60,10 +63,15 @@ class VisionEmbeddings(nn.Module):
         c = self.cfg
         _, h, w, ch = pixel_values.shape
         p = c.patch_size
-        if ch != c.num_channels or h % p or w % p:
+        # SigLIP so400m/14 at 384 px: torch's "valid" conv leaves the last 384 % 14 rows and
+        # columns out, and so do we; other towers ask for sides that patches tile.
+        partial = c.get("drop_partial_patches", False)
+        if ch != c.num_channels or (not partial and (h % p or w % p)) or h < p or w < p:
             raise ValueError(
                 f"pixel_values must be NHWC with {c.num_channels} channels and sides divisible "
                 f"by patch_size={p}; got shape {pixel_values.shape}")
+        if partial:
+            pixel_values = pixel_values[:, :h - h % p, :w - w % p]
         x = PatchEmbedding(p, c.hidden_size, c.patch_bias, self.dtype, self.param_dtype,
                            name="patch_embedding")(pixel_values)
         b = x.shape[0]
@@ -130,6 +138,61 @@ class VisionAttention(nn.Module):
         return Dense(d, ("heads", "embed"), name=c.attn_out_name, **kw)(out.reshape(b, s, d))
 
 
+class AttentionPoolingHead(nn.Module):
+    """SigLIP's multihead attention pooling (HF `SiglipMultiheadAttentionPoolingHead`): a
+    learned `probe` query attends over the tokens through torch's `nn.MultiheadAttention`,
+    whose packed `in_proj_weight` [3d, d] (q|k|v rows, torch's [out, in] layout) and
+    `in_proj_bias` [3d] are kept as torch stores them; then a LayerNorm and MLP residual.
+    [n, tokens, d] -> [n, d]."""
+
+    cfg: Any
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        b, d = x.shape[0], x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        probe = self.param("probe", with_axes(nn.initializers.normal(1.0), (None, None, "embed")),
+                           (1, 1, d), self.param_dtype)
+        h = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
+        h = MultiheadAttention(c.num_attention_heads, name="attention", **kw)(h, x)
+        h = h + VisionMLP(c, name="mlp", **kw)(
+            LayerNorm(c.layer_norm_eps, name="layernorm", **kw)(h))
+        return h[:, 0]
+
+
+class MultiheadAttention(nn.Module):
+    """torch `nn.MultiheadAttention(batch_first=True)` with its parameter names: query
+    [n, q, d] attends over key_value [n, kv, d]."""
+
+    num_heads: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, query, key_value):
+        d = query.shape[-1]
+        hd = d // self.num_heads
+        w = self.param("in_proj_weight", with_axes(nn.initializers.normal(0.02),
+                                                   ("heads", "embed")), (3 * d, d),
+                       self.param_dtype).astype(self.dtype)
+        bias = self.param("in_proj_bias", with_axes(nn.initializers.zeros, ("heads",)),
+                          (3 * d,), self.param_dtype).astype(self.dtype)
+
+        def project(x, k):
+            y = jnp.einsum("bsd,ed->bse", x.astype(self.dtype),
+                           w[k * d:(k + 1) * d]) + bias[k * d:(k + 1) * d]
+            return y.reshape(*x.shape[:2], self.num_heads, hd)
+
+        q, k, v = project(query, 0), project(key_value, 1), project(key_value, 2)
+        mask = jnp.ones((1, 1, q.shape[1], k.shape[1]), bool)
+        out = attention.dot_product_attention(q, k, v, mask, scale=hd ** -0.5)
+        return Dense(d, ("heads", "embed"), name="out_proj", dtype=self.dtype,
+                     param_dtype=self.param_dtype)(out.reshape(*query.shape[:2], d))
+
+
 class VisionEncoderLayer(nn.Module):
     cfg: Any
     dtype: Any
@@ -167,7 +230,7 @@ class VisionEncoder(nn.Module):
 class VisionTransformer(nn.Module):
     """Returns a dict: `hidden_states` (embeddings output then every layer's output, as HF's
     `output_hidden_states`), `last_hidden_state`, `pooler_output` (post-LayerNorm on CLS or
-    mean of tokens)."""
+    mean of tokens; the attention-pooling head with `vision_use_head`)."""
 
     cfg: Any  # vision config
     dtype: Any = jnp.float32
@@ -192,8 +255,12 @@ class VisionTransformer(nn.Module):
         if c.post_layernorm_tokens:
             # BLIP: the last hidden state is normalised, and the pooled CLS of it again.
             last = post_ln(last)
-        pooled = last[:, 0] if c.use_class_token else last.mean(axis=1)
-        pooled = post_ln(pooled)
+        if c.get("vision_use_head", False):
+            pooled = AttentionPoolingHead(c, name="head", **kw)(last)
+        elif c.use_class_token or not c.post_layernorm_tokens:
+            pooled = post_ln(last[:, 0] if c.use_class_token else last.mean(axis=1))
+        else:
+            pooled = None  # SigLIP without its head: HF's pooler_output is None
         return {"hidden_states": [x] + list(layer_outputs), "last_hidden_state": last,
                 "pooler_output": pooled}
 

@@ -125,7 +125,7 @@ def vision_to_hf(v) -> dict:
 register_encoder("clip", EncoderSpec(
     module=ClipVisionTower, config=mc.vision_config, tokens_per_image=tokens_per_image,
     flops=forward_flops, feature_size=feature_size, from_hf=vision_from_hf, to_hf=vision_to_hf,
-    check=check_vision))
+    check=check_vision, hf_model_types=lambda: ("clip_vision_model", "clip")))
 
 
 # ---- the tower on its own: HF `CLIPVisionModel` (`model_type` clip_vision) ----------------
