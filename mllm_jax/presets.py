@@ -43,6 +43,19 @@ register("clip-vit-l-14")(lambda: mc.clip_vision_model_config(clip_l14(224)))
 register("clip-vit-l-14-336")(lambda: mc.clip_vision_model_config(clip_l14(336)))
 register("tiny-clip")(lambda: mc.clip_vision_model_config(tiny_clip()))
 
+
+def _siglip(**kw):
+    from mllm_jax.models.encoders.siglip import siglip_vision_config, siglip_vision_model_config
+    return siglip_vision_model_config(siglip_vision_config(**kw))
+
+
+# google/siglip-so400m-patch14-384 (the tower of PaliGemma, LLaVA-OneVision, Idefics3) and
+# google/siglip-base-patch16-224 (transformers' SiglipVisionConfig defaults).
+register("siglip-so400m-patch14-384")(lambda: _siglip(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+    image_size=384, patch_size=14))
+register("siglip-base-patch16-224")(_siglip)
+
 # ---- language models -----------------------------------------------------------------------
 
 
