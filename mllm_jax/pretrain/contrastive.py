@@ -5,7 +5,9 @@ The image tower is our CLIP vision model (`VisionModel`), so its trained paramet
 the caption tokens, pooled at the EOS token as CLIP pools its text. Both are projected
 (no bias) to a joint space and L2-normalised; logits are exp(logit_scale) * cosine, with
 logit_scale initialised to log(1 / 0.07) and kept <= log(100); the loss is the mean of the
-image->text and text->image cross-entropies over the batch.
+image->text and text->image cross-entropies over the batch. With `loss="sigmoid"` it is
+SigLIP's sigmoid loss instead (`pretrain.sigmoid_loss`): a learned `logit_bias` joins the
+logits, scale and bias start at log(10) and -10.
 
 Region-phrase pairs (`region_weight` > 0) add the same loss at the level of objects, as
 RegionCLIP does: a region's feature is the mean of the ViT's patch tokens under its box (the
@@ -40,6 +42,7 @@ from mllm_jax.data.image import CLIP_MEAN, CLIP_STD, preprocess_image
 from mllm_jax.models.layers import dtype_of
 from mllm_jax.models.llm import LlamaModel
 from mllm_jax.models.vit import VisionModel
+from mllm_jax.pretrain.sigmoid_loss import SIGMOID_BIAS_INIT, SIGMOID_SCALE_INIT, sigmoid_loss
 from mllm_jax.train.optimizer import make_optimizer
 from mllm_jax.train.optimizer import settings as optimizer_settings
 
@@ -89,6 +92,7 @@ class ContrastiveModel(nn.Module):
     embed_dim: int = 64
     regions: bool = False  # adds `region_projection` and `region_logit_scale`
     region_layer: int = -1  # hidden_states index whose patch tokens regions pool
+    loss: str = "softmax"  # a LOSSES name; "sigmoid" adds `logit_bias`
 
     def setup(self):
         self.vision_tower = VisionModel(self.vision_cfg)
@@ -98,6 +102,9 @@ class ContrastiveModel(nn.Module):
         self.text_projection = nn.Dense(self.embed_dim, use_bias=False)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT),
                                       ())
+        if self.loss == "sigmoid":
+            self.logit_bias = self.param("logit_bias",
+                                         nn.initializers.constant(SIGMOID_BIAS_INIT), ())
         if self.regions:
             self.region_projection = nn.Dense(self.embed_dim, use_bias=False)
             self.region_logit_scale = self.param(
@@ -124,10 +131,13 @@ class ContrastiveModel(nn.Module):
 
     def __call__(self, pixel_values, input_ids, eos_index):
         """Image-to-text logits [b_images, b_texts]."""
-        img = self.encode_image(pixel_values)
-        txt = self.encode_text(input_ids, eos_index)
+        return self.logits(self.encode_image(pixel_values), self.encode_text(input_ids,
+                                                                             eos_index))
+
+    def logits(self, img, txt):
         scale = jnp.exp(jnp.minimum(self.logit_scale, LOGIT_SCALE_MAX))
-        return scale * img @ txt.T
+        bias = self.logit_bias if self.loss == "sigmoid" else 0.0
+        return scale * img @ txt.T + bias
 
     def init_all(self, pixel_values, input_ids, eos_index):
         """Touches every parameter (what `init` runs): the logits, and the region logits
@@ -162,8 +172,7 @@ class ContrastiveModel(nn.Module):
         out = self.vision_tower(pixel_values)
         img = self.encode_image(pixel_values, out)
         txt = self.encode_text(input_ids, eos_index)
-        scale = jnp.exp(jnp.minimum(self.logit_scale, LOGIT_SCALE_MAX))
-        return scale * img @ txt.T, self.region_logits(pixel_values, region_weights,
+        return self.logits(img, txt), self.region_logits(pixel_values, region_weights,
                                                         phrase_ids, phrase_eos, phrase_index,
                                                         out)
 
@@ -178,6 +187,9 @@ def contrastive_loss(logits):
     i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
     return (i2t.mean() + t2i.mean()) / 2
+
+
+LOSSES = {"softmax": contrastive_loss, "sigmoid": sigmoid_loss}  # ContrastiveModel.loss
 
 
 def region_loss(logits, phrase, valid):
@@ -334,7 +346,8 @@ def init_params(model, seed: int, *args, overrides=None) -> dict:
     """Initial parameters drawn with numpy from the abstract tree: N(0, 0.02) for weights and
     embeddings, ones for norm scales, zeros for biases, `overrides` {leaf name: value}
     (compiling `model.init` costs more than a demo-sized training run can spare)."""
-    overrides = {"logit_scale": LOGIT_SCALE_INIT, **(overrides or {})}
+    scale = SIGMOID_SCALE_INIT if getattr(model, "loss", "") == "sigmoid" else LOGIT_SCALE_INIT
+    overrides = {"logit_scale": scale, "logit_bias": SIGMOID_BIAS_INIT, **(overrides or {})}
     rng = np.random.default_rng(seed)
     init = functools.partial(model.init, method="init_all") if hasattr(model, "init_all") \
         else model.init
@@ -374,7 +387,8 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
                          lr: float = 1e-3, weight_decay: float = 0.1,
                          warmup_ratio: float = 0.05, eval_batch: int = 64, seed: int = 0,
                          region_weight: float = 0.0, region_layer: int = -1,
-                         progress: Callable | None = None, log_every: int = 10
+                         loss: str = "softmax", progress: Callable | None = None,
+                         log_every: int = 10
                          ) -> ContrastiveResult:
     """Trains the image and text towers on `train` pairs (a pairs_{split}.json path or a list
     of (image, caption)); `tokenizer` is a Tokenizer or its directory. `vision_config`
@@ -383,8 +397,11 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
     is called as progress(step, loss) every `log_every` steps and at the last one.
     `region_weight` > 0 adds the region-phrase loss with that weight; the pairs must then
     carry regions (files from `shapes.write_dataset`, or (image, caption, [(box, phrase)])
-    triples) and `region_layer` picks the hidden states the regions pool.
+    triples) and `region_layer` picks the hidden states the regions pool. `loss`: "softmax"
+    (CLIP) or "sigmoid" (SigLIP) for the image-text pairs.
     Deterministic for a seed."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown contrastive loss {loss!r}; known: {', '.join(LOSSES)}")
     if steps < 1 or batch_size < 2:
         raise ValueError(f"need steps >= 1 and batch_size >= 2, got {steps} and {batch_size}")
     if region_weight < 0:
@@ -425,12 +442,12 @@ def pretrain_contrastive(train, tokenizer, *, val=None, vision_config=None, patc
         p_ids, p_eos = tokenize_captions(phrases, tok, _phrase_length(phrases, tok, max_length))
         region_data = tuple(map(jnp.asarray, (w, pid, p_ids, p_eos)))
 
-    model = ContrastiveModel(vision_config, text_cfg, embed_dim, regions, region_layer)
+    model = ContrastiveModel(vision_config, text_cfg, embed_dim, regions, region_layer, loss)
     params = init_params(model, seed, pixels[:1], ids[:1], eos[:1])
     opt = dict(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, grad_clip=1.0,
                b2=0.98, eps=1e-6)
     key = (vision_config.to_json(), text_cfg.to_json(), embed_dim, tuple(sorted(opt.items())),
-           steps, float(region_weight), region_layer)
+           steps, float(region_weight), region_layer, loss)
     if key not in _COMPILED:
         _COMPILED.clear()  # keeps one configuration's programs
         _COMPILED[key] = _programs(model, params, opt, steps, region_weight)
@@ -485,6 +502,7 @@ def _programs(model, params, opt: dict, steps: int, region_weight: float = 0.0):
     """The optimizer, the jitted train step, the encoders (image, text) and the region
     encoder (None without regions) of a configuration."""
     tx, _ = make_optimizer(optimizer_settings(**opt), params, steps)
+    pair_loss = LOSSES[model.loss]
 
     # The data are arguments, not constants: XLA would otherwise fold them into the program.
     @jax.jit
@@ -492,13 +510,13 @@ def _programs(model, params, opt: dict, steps: int, region_weight: float = 0.0):
         def loss_fn(p):
             x = pixels[idx]
             if region_data is None:
-                return contrastive_loss(model.apply({"params": p}, x, ids[idx], eos[idx]))
+                return pair_loss(model.apply({"params": p}, x, ids[idx], eos[idx]))
             w, pid, p_ids, p_eos = region_data
             phrase = pid[idx].reshape(-1)
             k = jnp.maximum(phrase, 0)
             logits, reg_logits = model.apply({"params": p}, x, ids[idx], eos[idx], w[idx],
                                              p_ids, p_eos, k, method="with_regions")
-            return contrastive_loss(logits) + region_weight * region_loss(
+            return pair_loss(logits) + region_weight * region_loss(
                 reg_logits, phrase, phrase >= 0)
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
