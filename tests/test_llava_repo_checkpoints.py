@@ -454,3 +454,51 @@ def test_chat_and_eval_pad_images_as_the_repository_does(checkpoints, loaded):
     ckpt, _, _, _ = checkpoints("llama")
     model, _ = loaded("llama")
     assert image_config_for(model, str(ckpt)).mode == "pad"
+
+
+def test_prompts_write_images_as_the_checkpoint_was_trained_to_see_them(loaded, tmp_path):
+    """`mm_use_im_start_end`: generation prompts (chat, eval) write each image as
+    `<im_start><image><im_end>`, after the template has placed it (LLaVA's
+    preprocess_multimodal moves the image first, then wraps it)."""
+    import types
+
+    from test_templates import _added, make_sentencepiece
+
+    from mllm_jax.data.templates import build_prompt, get_template
+    from mllm_jax.data.tokenizer import load_tokenizer
+    from mllm_jax.infer.batching import Conversation, encode_prompt
+    model, _ = loaded("llama")
+    started = mc.config_from_json(model.cfg.to_json())
+    record = json.loads(started.checkpoint_layout.config_json)
+    record["mm_use_im_start_end"] = True
+    started.checkpoint_layout.config_json = json.dumps(record)
+    d = make_sentencepiece(str(tmp_path / "tok"), legacy=True)
+    with open(os.path.join(d, "tokenizer_config.json")) as f:
+        tok_cfg = json.load(f)
+    # A LLaVA-repository tokenizer: no "<image>" entry; the two tokens the setting adds.
+    added = tok_cfg["added_tokens_decoder"]
+    image = next(i for i, e in added.items() if e["content"] == "<image>")
+    added.pop(image)
+    added.update(_added([("<im_start>", int(image)), ("<im_end>", int(image) + 2)]))
+    os.remove(os.path.join(d, "config.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_cfg, f)
+    tok = load_tokenizer(d)
+    n = started.image_seq_length
+    conversation = Conversation([{"from": "human", "value": " What is <image> here? "}],
+                                images=["picture.png"])
+
+    def expected(text):
+        return build_prompt([{"from": "human", "value": text}], "vicuna_v1", tok,
+                            image_tokens_per_image=n, image_token_id=V).tolist()
+
+    for placement, text in (("llava", "<im_start><image><im_end>\nWhat is  here?"),
+                            ("as_written", "What is <im_start><image><im_end> here?")):
+        ids = encode_prompt(types.SimpleNamespace(cfg=started), tok, conversation,
+                            get_template("vicuna_v1", placement)).tolist()
+        assert ids == expected(text), placement
+        start = tok.encode("<im_start>", add_bos=False)
+        assert len(start) == 1 and ids[ids.index(V) - 1] == start[0]
+    # Without the setting, the image is the placeholder alone.
+    ids = encode_prompt(model, tok, conversation, get_template("vicuna_v1", "llava")).tolist()
+    assert ids == expected("<image>\nWhat is  here?")

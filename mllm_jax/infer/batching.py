@@ -21,7 +21,8 @@ import numpy as np
 
 from mllm_jax import jsonfile
 from mllm_jax.data import image as image_lib
-from mllm_jax.data.templates import IMAGE_PLACEHOLDER, build_prompt
+from mllm_jax.data.templates import (AS_WRITTEN, IMAGE_PLACEHOLDER, build_prompt, get_template,
+                                     place_images)
 from mllm_jax.infer.generate import check_prompts, generate
 from mllm_jax.models import registry
 
@@ -124,7 +125,8 @@ def encode_prompts(model, tokenizer, conversations, template, *, system=None,
 
 def encode_prompt(model, tokenizer, conversation: Conversation, template, *,
                   system=None) -> np.ndarray:
-    """int32 prompt ids (image placeholders expanded to the model's image tokens)."""
+    """int32 prompt ids (image placeholders expanded to the model's image tokens, written as
+    the model's checkpoint layout writes an image, `registry.image_text`)."""
     count = sum(m["value"].count(IMAGE_PLACEHOLDER) for m in conversation.messages)
     if count != len(conversation.images):
         raise ValueError(f"sample {conversation.sample_id!r}: {count} {IMAGE_PLACEHOLDER} "
@@ -133,7 +135,17 @@ def encode_prompt(model, tokenizer, conversation: Conversation, template, *,
     if count and not multimodal:
         raise ValueError(f"sample {conversation.sample_id!r} has images, but the checkpoint "
                          f"has no vision tower")
-    return build_prompt(conversation.messages, template, tokenizer,
+    messages, placement = conversation.messages, None
+    written = registry.image_text(model.cfg, IMAGE_PLACEHOLDER) if count else IMAGE_PLACEHOLDER
+    if written != IMAGE_PLACEHOLDER:
+        # Images written as the checkpoint was trained to see them, after the template's
+        # placement has moved them (the wrapped text then stays as written).
+        placement = get_template(template).image_placement
+        messages = [{**m, "value": place_images(m["value"].strip(), placement).replace(
+                        IMAGE_PLACEHOLDER, written)} if m.get("from") in ("human", "user") else m
+                    for m in messages]
+        placement = AS_WRITTEN
+    return build_prompt(messages, template, tokenizer, image_placement=placement,
                         image_tokens_per_image=(registry.tokens_per_image(model.cfg)
                                                 if multimodal else 0),
                         image_token_id=registry.image_token_id(model.cfg),

@@ -328,4 +328,10 @@ register_layout(NAME, CheckpointLayout(
     family="llava", hf_model_types=lambda: ("llava_llama", "llava_mistral", "llava_qwen"),
     reads=reads, from_hf=from_hf, to_hf=to_hf, canonical_key=canonical_key,
     stored_key=stored_key, stored_shape=stored_shape, from_stored=from_stored,
-    to_stored=to_stored, open_reader=open_reader))
+    to_stored=to_stored, open_reader=open_reader,
+    image_text=lambda cfg: _inputs().image_text(cfg)))
+
+
+def _inputs():
+    from mllm_jax.models import llava_repo_inputs  # it imports this module
+    return llava_repo_inputs

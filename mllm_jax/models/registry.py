@@ -214,6 +214,9 @@ class CheckpointLayout:
     # (cfg, directory) -> the tensors to read (`keys`, `shape`, `dtype`, `get`, `file_of`,
     # `directory`, as `convert.safetensors_io.CheckpointReader`); None: that reader.
     open_reader: Optional[Callable[[Any, str], Any]] = None
+    # (cfg) -> the prompt text of one image, around the "<image>" placeholder (e.g.
+    # "<im_start><image><im_end>" for a model trained so); None: the placeholder alone.
+    image_text: Optional[Callable[[Any], str]] = None
 
 
 ENCODERS = Registry("encoder", "vision.type")
@@ -275,6 +278,14 @@ def recorded_layout(cfg) -> str:
     """The layout `cfg` was read from (`HF_LAYOUT` when it records none)."""
     record = cfg.get("checkpoint_layout")
     return record.name if record else HF_LAYOUT
+
+
+def image_text(cfg, placeholder: str = "<image>") -> str:
+    """How a prompt writes one image for this model: the placeholder, or what the layout the
+    model was read from wraps it in (`CheckpointLayout.image_text`)."""
+    name = recorded_layout(cfg)
+    hook = LAYOUTS.get(name).image_text if name != HF_LAYOUT else None
+    return hook(cfg) if hook is not None else placeholder
 
 
 def family(cfg) -> ModelFamily:
