@@ -2,7 +2,8 @@
 
 Our paths are HF's names with Flax leaf names: `a/b/layers_3/q_proj/kernel` is
 `a.b.layers.3.q_proj.weight` transposed (BERT-style `encoder/layer_3` is `encoder.layer.3`,
-T5's `encoder/block_3` is `encoder.block.3`).
+T5's `encoder/block_3` is `encoder.block.3`, Qwen2-VL's `visual/blocks_3` is
+`visual.blocks.3`).
 Scanned stacks (`layers/...` with a leading layer axis) are handled by unstacking to the
 `layers_{i}` view first.
 """
@@ -25,7 +26,7 @@ def canonical_key(key: str, model_type: str) -> str:
 def hf_name(path: tuple[str, ...]) -> str:
     """('language_model','model','layers_3','mlp','up_proj','kernel') ->
     'language_model.model.layers.3.mlp.up_proj.weight'."""
-    parts = [re.sub(r"^(layers?|block)_(\d+)$", r"\1.\2", p) for p in path[:-1]]
+    parts = [re.sub(r"^(layers?|blocks?)_(\d+)$", r"\1.\2", p) for p in path[:-1]]
     parts.append(LEAF_TO_HF.get(path[-1], path[-1]))
     return ".".join(parts)
 

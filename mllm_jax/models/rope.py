@@ -53,3 +53,19 @@ def apply_rope(x, cos, sin):
     cos = cos[:, :, None, :]
     sin = sin[:, :, None, :]
     return x * cos + rotate_half(x) * sin
+
+
+def mrope_cos_sin(position_ids, inv_freq, mrope_section, dtype):
+    """Multimodal RoPE (Qwen2-VL): positions [3, batch, seq] (temporal, height, width); the
+    rotary frequencies are split into `mrope_section` chunks (summing to head_dim // 2) and
+    chunk i takes its angles from position row i % 3. cos/sin: [batch, seq, head_dim]."""
+    freqs = (position_ids.astype(jnp.float32)[..., None]
+             * jnp.asarray(inv_freq)[None, None, None, :])  # [3, b, s, head_dim // 2]
+    bounds = np.cumsum([0] + list(mrope_section))
+    if bounds[-1] != freqs.shape[-1]:
+        raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim // 2 = "
+                         f"{freqs.shape[-1]}")
+    freqs = jnp.concatenate([freqs[i % 3, ..., int(bounds[i]):int(bounds[i + 1])]
+                             for i in range(len(mrope_section))], axis=-1)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)

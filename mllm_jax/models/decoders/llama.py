@@ -135,12 +135,17 @@ class LlamaModel(nn.Module):
         are written at slots index..index+s-1, `kv_mask` [b, max_len] is 1 where a slot holds
         (or will hold) a real token, and (hidden states, updated cache) is returned.
         Whole sequences (no cache, or `prefill`) go through the `attention` implementation;
-        decoding over a cache always through XLA."""
+        decoding over a cache always through XLA. `position_ids` [3, b, s] are M-RoPE
+        positions (temporal, height, width), for a text config with `mrope_section`."""
         c = self.cfg
         b, s, _ = inputs_embeds.shape
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
-        cos, sin = rope.rope_cos_sin(position_ids, self.inv_freq, self.dtype)
+        if position_ids.ndim == 3:  # M-RoPE positions [3, b, s] (text.mrope_section)
+            cos, sin = rope.mrope_cos_sin(position_ids, self.inv_freq, c.mrope_section,
+                                          self.dtype)
+        else:
+            cos, sin = rope.rope_cos_sin(position_ids, self.inv_freq, self.dtype)
         x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ACT_AXES)
         window = c.get("sliding_window")
         # Parameters do not depend on the attention implementation: init takes the XLA
