@@ -3,10 +3,10 @@
 Pure Python + numpy re-implementations mirroring the official COCO caption
 evaluation toolkit (``pycocoevalcap``):
 
-* :func:`ptb_tokenize` reimplements ``pycocoevalcap/tokenizer/ptbtokenizer.py``
-  (Stanford CoreNLP ``PTBTokenizer -preserveLines -lowerCase`` followed by
-  removal of the punctuation tokens in :data:`PTB_PUNCTUATIONS`) with regexes,
-  without Java (see its docstring for what is and is not reproduced).
+* :func:`ptb_tokenize` (from :mod:`mllm_jax.eval.ptb`) is
+  ``pycocoevalcap/tokenizer/ptbtokenizer.py`` without Java: Stanford CoreNLP
+  3.4.1's ``PTBTokenizer -preserveLines -lowerCase`` followed by removal of the
+  punctuation tokens in :data:`PTB_PUNCTUATIONS`.
 * :func:`cider_d` mirrors ``pycocoevalcap/cider/cider_scorer.py`` (checked
   line by line against salaniz/pycocoevalcap) (which,
   despite its name, implements CIDEr-D): n = 1..4, sigma = 6, tf-idf weights with
@@ -20,116 +20,30 @@ evaluation toolkit (``pycocoevalcap``):
   and the brevity penalty ``exp(1 - r/c)`` when ``c < r``.
 
 Like the official scorers, :func:`cider_d` and :func:`bleu` split their inputs
-on whitespace only; call :func:`ptb_tokenize` first (``tokenize=True`` does it
-for you) to reproduce the usual COCO pipeline.
+on whitespace only; ``tokenize=True`` tokenizes them first as pycocoevalcap's
+``COCOEvalCap`` does (references and candidates each as one text, in id order),
+which reproduces the usual COCO pipeline.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 from collections import Counter, defaultdict
-from typing import Dict, Hashable, List, Mapping, Sequence, Tuple
+from typing import Dict, Hashable, Mapping, Sequence, Tuple
 
 import numpy as np
+
+from mllm_jax.eval.ptb import PTB_PUNCTUATIONS, ptb_tokenize, ptb_tokenize_lines
 
 __all__ = [
     "PTB_PUNCTUATIONS",
     "ptb_tokenize",
+    "ptb_tokenize_lines",
     "ngram_counts",
     "cider_d",
     "bleu",
 ]
-
-# Exactly the list removed by pycocoevalcap's PTBTokenizer after tokenization.
-PTB_PUNCTUATIONS = frozenset([
-    "''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
-    ".", "?", "!", ",", ":", "-", "--", "...", ";",
-])
-
-# Stanford PTB splits these clitics off the preceding word ("don't" -> "do n't",
-# "man's" -> "man 's"); they are *not* in the punctuation list, so they survive.
-_CLITIC_RE = re.compile(r"(?i)(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
-_CLITICS = ("'s", "'re", "'ve", "'ll", "'d", "'m")
-# PTB splits these words in two ("cannot" -> "can not", "gonna" -> "gon na").
-_SPLIT_WORDS_RE = re.compile(r"\b(can)(not)\b|\b(gon|wan)(na)\b|\b(got)(ta)\b|\b(gim|lem)(me)\b")
-# Brackets become -LRB- -RRB- -LSB- -RSB- -LCB- -RCB-; -lowerCase lowercases them
-# *after* that, so they no longer match the (upper-case) removal list and stay.
-_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-",
-             "}": "-rcb-"}
-_BRACKET_RE = re.compile(r"[()\[\]{}]")
-# Characters PTB makes tokens of: ellipsis, double dash, runs of ?/!, , ; : quotes,
-# and the symbols & # $ % * (the symbols are kept, the rest removed).
-_SPLIT_PUNCT_RE = re.compile(r"(\.\.\.|--|[?!]+|[,;:\"`&#$%*]|'')")
-# Periods PTB leaves on a token: acronyms (u.s. a.m. e.g.), single-letter initials
-# and common abbreviations; "no." only before a number ("no. 5").
-_ACRONYM_RE = re.compile(r"^(?:[a-z]\.)+[a-z]?\.?$")
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st ave mt jr sr inc co corp ltd vs etc rev prof gov gen sen rep capt col "
-    "lt sgt fig jan feb mar apr jun jul aug sep sept oct nov dec".split())
-
-
-def _final_period(tok: str, next_tok: str) -> str:
-    core = tok.rstrip(".")
-    if not core or tok.endswith(".."):
-        return core
-    keep = (_ACRONYM_RE.match(tok) is not None or core in _ABBREVIATIONS
-            or (core == "no" and next_tok[:1].isdigit()))
-    return tok if keep else core
-
-
-def ptb_tokenize(text: str) -> str:
-    """Lowercase + PTB-tokenize + drop punctuation tokens; return a space-joined string.
-
-    Regex reimplementation of pycocoevalcap's ``PTBTokenizer`` (Stanford
-    CoreNLP 3.4.1 ``PTBTokenizer -preserveLines -lowerCase``, then removal of
-    :data:`PTB_PUNCTUATIONS`), checked against the real tokenizer's output:
-
-    * lowercase; newlines are spaces; ``…`` is ``...``, em/en dashes ``--``;
-    * clitics ``n't 's 're 've 'll 'd 'm`` split off and kept; ``cannot gonna
-      wanna gotta gimme lemme`` split in two (``can not``, ``gon na``);
-    * brackets become ``-lrb- -rrb- -lsb- -rsb- -lcb- -rcb-`` and are *kept*
-      (the removal list is upper case and ``-lowerCase`` applies after);
-    * ``& # $ % *`` become tokens and are kept (``$ 5``, ``50 %``);
-    * quotes, ``? ! , ; :``, ``...``, ``--`` and standalone ``-`` are
-      removed; runs such as ``?!`` or ``!!`` are one token and are kept;
-    * a sentence-final period is removed, but acronyms (``u.s.``, ``a.m.``),
-      initials (``b.``) and common abbreviations (``mr.``, ``st.``, ``etc.``)
-      keep theirs; periods inside tokens (``3.5``, ``dogs.three``) stay;
-    * commas/colons between digits (``1,000``, ``10:30``) and intra-word
-      hyphens / slashes (``hot-dog``, ``1/2``) stay attached.
-
-    Not reproduced: emoticons, ``y'all``-style splits, a number glued to a unit
-    (``12:30pm``), the abbreviation list's rarer entries.
-    """
-    s = text.replace("\n", " ").replace("\r", " ").replace("\u2026", "...")
-    s = re.sub("[\u2013\u2014\u2015]", " -- ", s).lower()
-    s = _CLITIC_RE.sub(r"\1 \2", s)
-    s = _SPLIT_WORDS_RE.sub(lambda m: " ".join(g for g in m.groups() if g), s)
-    s = _BRACKET_RE.sub(lambda m: " " + _BRACKETS[m.group(0)] + " ", s)
-    # Protect digit-internal , and : (1,000 / 10:30) from splitting.
-    s = re.sub(r"(?<=\d)([,:])(?=\d)", lambda m: {",": "\x00", ":": "\x01"}[m.group(1)], s)
-    s = _SPLIT_PUNCT_RE.sub(r" \1 ", s)
-    s = s.replace("\x00", ",").replace("\x01", ":")
-    toks = s.split()
-    out: List[str] = []
-    for i, tok in enumerate(toks):
-        if tok in _BRACKETS.values():
-            out.append(tok)
-            continue
-        if tok in PTB_PUNCTUATIONS or tok == '"':  # PTB turns " into `` / '' (removed)
-            continue
-        # Leading quote/apostrophe that is not a clitic ('hello -> hello).
-        if tok.startswith("'") and tok not in _CLITICS:
-            tok = tok.lstrip("'")
-        tok = tok.rstrip("'")  # plural possessive "dogs'" -> "dogs" + "'"
-        # Leading/trailing dashes ("-hello", "word-") are split off by PTB.
-        tok = tok.strip("-")
-        if tok.endswith("."):
-            tok = _final_period(tok, toks[i + 1] if i + 1 < len(toks) else "")
-        if tok and tok not in PTB_PUNCTUATIONS:
-            out.append(tok)
-    return " ".join(out)
 
 
 def ngram_counts(sentence: str, n: int = 4) -> Counter:
@@ -142,22 +56,31 @@ def ngram_counts(sentence: str, n: int = 4) -> Counter:
     return counts
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenized(captions: Tuple[str, ...]) -> Tuple[str, ...]:
+    # bleu() and cider_d() are usually called one after the other on the same captions.
+    return tuple(ptb_tokenize_lines(captions))
+
+
 def _prepare(candidates: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
              tokenize: bool):
     ids = list(candidates.keys())
     missing = [i for i in ids if i not in references]
     if missing:
         raise KeyError(f"no references for ids {missing[:5]}")
-    cands, refs = {}, {}
+    refs = {}
     for i in ids:
-        c = candidates[i]
         r = references[i]
-        if isinstance(r, str):
-            r = [r]
-        if len(r) == 0:
+        refs[i] = [r] if isinstance(r, str) else list(r)
+        if not refs[i]:
             raise ValueError(f"id {i!r} has an empty reference list")
-        cands[i] = ptb_tokenize(c) if tokenize else c
-        refs[i] = [ptb_tokenize(x) if tokenize else x for x in r]
+    cands = {i: candidates[i] for i in ids}
+    if tokenize:
+        # As COCOEvalCap: the references, then the candidates, each tokenized as one text
+        # (one caption per line, in id order), so a caption's last token sees the next line.
+        flat = iter(_tokenized(tuple(x for i in ids for x in refs[i])))
+        refs = {i: [next(flat) for _ in refs[i]] for i in ids}
+        cands = dict(zip(ids, _tokenized(tuple(cands[i] for i in ids))))
     return ids, cands, refs
 
 
@@ -172,7 +95,8 @@ def cider_d(candidates: Mapping[Hashable, str], references: Mapping[Hashable, Se
       references: id -> list of reference captions.
       n: maximum n-gram order (4 in COCO).
       sigma: std-dev of the Gaussian length penalty (6 in COCO).
-      tokenize: apply :func:`ptb_tokenize` to every string first.
+      tokenize: PTB-tokenize the references, then the candidates, each as one text in
+        id order (:func:`ptb_tokenize_lines`), as pycocoevalcap's ``COCOEvalCap`` does.
 
     Returns:
       ``(corpus_score, {id: score})`` where the corpus score is the mean of the
