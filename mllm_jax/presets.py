@@ -132,6 +132,25 @@ register("llava-1.5-7b")(lambda: _llava(clip_l14(336), llama2_7b(32064)))
 register("llava-1.5-13b")(lambda: _llava(clip_l14(336), llama2_13b(32064)))
 
 
+def _llava_next(text):
+    # llava-hf's LLaVA-NeXT checkpoints: CLIP ViT-L/14-336 tiles on LlavaNextConfig's default
+    # pinpoints, the vocabulary padded to 32064 (<image> 32000, <pad> 32001).
+    from mllm_jax.models.llava_next import llava_next_config
+    c = llava_next_config(vision=clip_l14(336), text=text, image_token_index=32000)
+    c.text.pad_token_id = 32001
+    return c
+
+
+def mistral_7b_instruct_v02(vocab_size=32064):
+    t = mistral_7b()
+    t.update(vocab_size=vocab_size, rope_theta=1000000.0, sliding_window=None)
+    return t
+
+
+register("llava-v1.6-mistral-7b")(lambda: _llava_next(mistral_7b_instruct_v02()))
+register("llava-v1.6-vicuna-7b")(lambda: _llava_next(llama2_7b(32064)))
+
+
 @register("tiny-llava")
 def _tiny_llava():
     v = tiny_clip()

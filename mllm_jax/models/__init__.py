@@ -4,7 +4,7 @@ of a model (`tokens_per_image`, `is_multimodal`, ...).
 
 Importing this package registers the built-in families: encoders `clip`, `eva`; connectors
 `linear`, `mlp2x_gelu`, `qformer`; decoders `llama`, `mistral`, `qwen2`, `opt`, `t5`
-(encoder-decoder); models `llava`, `causal_lm`, `seq2seq_lm`, `clip_vision`, `blip2`,
+(encoder-decoder); models `llava`, `llava_next`, `causal_lm`, `seq2seq_lm`, `clip_vision`, `blip2`,
 `instructblip`, `blip2_qformer` (BLIP-2's stage-1 Q-Former pre-training), `qwen2_vl`
 (with its encoder `qwen2_vl_vision`); checkpoint layout
 `llava_repo` (the LLaVA repository's checkpoints, read into `llava`). A new family is a
