@@ -218,3 +218,21 @@ register("blip2-flan-t5-xl")(lambda: _blip2("blip2", flan_t5_xl(), 32100))
 register("instructblip-vicuna-7b")(lambda: _blip2("instructblip", vicuna_7b_instructblip(),
                                                   32001))
 register("instructblip-flan-t5-xl")(lambda: _blip2("instructblip", flan_t5_xl(), 32100))
+
+# ---- Qwen2-VL ------------------------------------------------------------------------------
+# Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct: the same 675M-parameter ViT
+# (patch 14, 2x2 merge) before a Qwen2 decoder with M-RoPE (mrope_section 16/24/24).
+
+
+def _qwen2_vl(hidden, intermediate, heads, kv_heads, vocab, tied):
+    from mllm_jax.models.qwen2_vl import (qwen2_vl_config, qwen2_vl_text_config,
+                                          qwen2_vl_vision_config)
+    text = qwen2_vl_text_config(vocab_size=vocab, hidden_size=hidden,
+                                intermediate_size=intermediate, num_hidden_layers=28,
+                                num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                rms_norm_eps=1e-6, tie_word_embeddings=tied)
+    return qwen2_vl_config(vision=qwen2_vl_vision_config(hidden_size=hidden), text=text)
+
+
+register("qwen2-vl-2b")(lambda: _qwen2_vl(1536, 8960, 12, 2, 151936, True))
+register("qwen2-vl-7b")(lambda: _qwen2_vl(3584, 18944, 28, 4, 152064, False))

@@ -275,18 +275,22 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if not registry.generates(model.cfg):
         raise ValueError(f"model_type {model.cfg.model_type!r} does not generate text")
-    if pixel_values is not None:
-        if not registry.is_multimodal(model.cfg):
-            raise ValueError("this is a text-only model; pixel_values must be None")
+    if pixel_values is not None and not registry.is_multimodal(model.cfg):
+        raise ValueError("this is a text-only model; pixel_values must be None")
+    model_inputs = {k: v for k, v in model_inputs.items() if v is not None}
+    prepare = registry.family(model.cfg).prepare_image_inputs
+    if prepare is not None:
+        pixel_values, model_inputs = prepare(model.cfg, input_ids, pixel_values, model_inputs)
+    elif pixel_values is not None:
         pixel_values = jnp.asarray(pixel_values)
         per_image = registry.tokens_per_image(model.cfg, pixel_values.shape[-3:-1])
         check_image_tokens(np.asarray(input_ids), pixel_values.shape[0], per_image,
                            registry.image_token_id(model.cfg))
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.asarray(attention_mask, jnp.int32)
-    model_inputs = {k: jnp.asarray(v) for k, v in model_inputs.items() if v is not None}
+    model_inputs = {k: jnp.asarray(v) for k, v in model_inputs.items()}
     for name, value in model_inputs.items():
-        if value.shape[:1] != ids.shape[:1]:
+        if prepare is None and value.shape[:1] != ids.shape[:1]:
             raise ValueError(f"{name} has shape {value.shape}; its first axis must be the "
                              f"batch of {ids.shape[0]} prompts")
     if mesh is not None:

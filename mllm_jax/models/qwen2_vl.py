@@ -7,8 +7,9 @@ tokens of the prompt, and the Qwen2 decoder with multimodal RoPE (`models.mrope`
                          image_grid_thw=grid, attention_mask=mask)
 
 `pixel_values` are the HF processor's flattened patches [total_patches, C*T*P*P], taken as
-they are; concrete patches are padded to a bucket (`qwen2_vl_vision.pad_patches`) so that
-images of other sizes reuse the compiled tower. Without `image_grid_thw` the positions are
+they are; concrete patches (and grids) are padded to a bucket (`qwen2_vl_vision.pad_patches`;
+generation does it before compiling) so that images of other sizes reuse the compiled
+tower. Without `image_grid_thw` the positions are
 0..seq-1, as HF's forward gives a text-only batch.
 
 Paths mirror the published checkpoints (which transformers 5 still writes): `visual/...`,
@@ -59,7 +60,7 @@ def qwen2_vl_vision_config(**overrides) -> ml_collections.ConfigDict:
     c.image_size = 448
     c.min_pixels = 56 * 56
     c.max_pixels = 28 * 28 * 1280
-    c.patch_buckets = ml_collections.FieldReference([], field_type=list)
+    c.patch_buckets = []
     c.update(overrides)
     return c
 
@@ -107,8 +108,10 @@ class Qwen2VL(nn.Module):
 
     def image_features(self, pixel_values, image_grid_thw):
         """Merged image tokens [patches / merge**2, d], image after image (then padding)."""
-        if not isinstance(pixel_values, jax.core.Tracer):
-            pixel_values = pad_patches(pixel_values, image_grid_thw, self.cfg.vision)
+        if not isinstance(pixel_values, jax.core.Tracer) and not isinstance(
+                image_grid_thw, jax.core.Tracer):
+            pixel_values, image_grid_thw = pad_patches(pixel_values, image_grid_thw,
+                                                       self.cfg.vision)
         return self.visual(jnp.asarray(pixel_values), jnp.asarray(image_grid_thw))
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
@@ -218,7 +221,8 @@ def prepare_image_inputs(cfg, input_ids, pixel_values, model_inputs):
     if grid is None:
         raise ValueError("pixel_values come with image_grid_thw (HF's processor gives both)")
     check_image_tokens(input_ids, grid, cfg)
-    return jnp.asarray(pad_patches(pixel_values, grid, cfg.vision)), model_inputs
+    pixel_values, grid = pad_patches(pixel_values, grid, cfg.vision)
+    return jnp.asarray(pixel_values), {**model_inputs, "image_grid_thw": jnp.asarray(grid)}
 
 
 def tokens_per_image(cfg, image_size=None) -> int:
@@ -370,4 +374,5 @@ register_model("qwen2_vl", ModelFamily(
     init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
     tokens_per_image=tokens_per_image, image_token_id=lambda cfg: cfg.image_token_id,
     hf_model_types=lambda: ("qwen2_vl",), from_hf=qwen2_vl_from_hf, to_hf=qwen2_vl_to_hf,
-    key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops, check=check))
+    key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops, check=check,
+    prepare_image_inputs=prepare_image_inputs))

@@ -82,16 +82,22 @@ def patch_bucket(total: int, cfg_vision) -> int:
 
 
 def pad_patches(pixel_values, grid_thw, cfg_vision):
-    """Concrete HF patches [total, D] padded with zero rows to `patch_bucket(total)`; the
-    grid is unchanged (padding rows are those past its patches)."""
+    """Concrete HF patches [total, D] and grids [n, 3] padded to static sizes that depend
+    on the patch bucket alone: the patches with zero rows to `patch_bucket(total)` (rows
+    past the grids' patches are padding), the grids with (0, 0, 0) rows (images without
+    patches) to bucket / merge**2 rows, the most images a bucket can hold.
+    -> (patches, grids)."""
     pixel_values = np.asarray(pixel_values)
-    total = int(np.prod(np.asarray(grid_thw).reshape(-1, 3), axis=-1).sum())
+    grid = np.asarray(grid_thw).reshape(-1, 3)
+    total = int(np.prod(grid, axis=-1).sum())
     if total != pixel_values.shape[0]:
         raise ValueError(f"pixel_values hold {pixel_values.shape[0]} patches but image_grid_thw "
-                         f"{np.asarray(grid_thw).tolist()} gives {total}")
+                         f"{grid.tolist()} gives {total}")
     size = patch_bucket(total, cfg_vision)
     pad = np.zeros((size - total, pixel_values.shape[1]), pixel_values.dtype)
-    return np.concatenate([pixel_values, pad], axis=0)
+    images = max(size // cfg_vision.spatial_merge_size ** 2, len(grid))
+    grid = np.concatenate([grid, np.zeros((images - len(grid), 3), grid.dtype)])
+    return np.concatenate([pixel_values, pad], axis=0), grid
 
 
 class PatchEmbed(nn.Module):

@@ -183,6 +183,11 @@ class ModelFamily:
     # (cfg) -> the builder's `keys` without building it: what the training objectives pass
     # from a batch to the model, and require.
     sample_input_keys: Callable[[Any], tuple] = lambda cfg: ()
+    # (cfg, input ids, pixel_values, model inputs) -> (pixel_values, model inputs): checks
+    # concrete image inputs against the prompts and brings them to the shapes generation
+    # compiles for (Qwen2-VL: flattened patches padded to a bucket, `image_grid_thw` per
+    # image). None: NHWC images of `tokens_per_image` tokens each, model inputs batch-first.
+    prepare_image_inputs: Optional[Callable[..., tuple]] = None
 
 
 @dataclasses.dataclass(frozen=True)
