@@ -287,3 +287,34 @@ def select_features(hidden_states, layers, keep_cls: bool, has_cls: bool):
         feats = [f[:, 1:] for f in feats]
     return feats[0] if len(feats) == 1 else jnp.concatenate(feats, axis=-1)
 
+
+
+def selects_layers(cfg) -> bool:
+    """Whether a composed config asks for LLaVA's layer selection (`vision_feature_layer`)."""
+    return cfg.get("vision_feature_layer") is not None
+
+
+def vision_fields_from_hf(hf, where: str, defaults: dict, own_types: tuple, composite=None,
+                          overrides=None, tower: str = "vision tower") -> tuple:
+    """(fields, where) of a tower's HF vision config: `hf` is the tower's own config (its
+    model_type one of `own_types`) or the whole `composite` model's (its `vision_config`
+    read); absent fields take `defaults` (transformers'), then `overrides`. Raises naming
+    `where` when `hf` is not a JSON object or names another model than `tower`."""
+    from mllm_jax.models import checks
+    from mllm_jax.models.registry import UnsupportedModelError
+    if not isinstance(hf, dict):
+        raise checks.InvalidConfigError(f"{where}: a vision config must be a JSON object, "
+                                        f"not {hf!r}")
+    model_type = hf.get("model_type", own_types[0])
+    known = own_types + ((composite,) if composite else ())
+    if model_type not in known:
+        raise UnsupportedModelError(f"{where}: vision model_type {model_type!r} is not "
+                                    f"{tower} (supported: {', '.join(known)})")
+    if composite and model_type == composite:
+        hf, where = hf.get("vision_config") or {}, f"{where} vision_config"
+        if not isinstance(hf, dict):
+            raise checks.InvalidConfigError(f"{where} must be a JSON object, not {hf!r}")
+    d = dict(defaults)
+    d.update(overrides or {})
+    d.update({k: hf[k] for k in defaults if k in hf})
+    return d, where

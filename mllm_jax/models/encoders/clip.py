@@ -13,7 +13,8 @@ from mllm_jax.models import checks
 from mllm_jax.models.layers import dtype_of
 from mllm_jax.models.registry import (EncoderSpec, ModelFamily, UnsupportedModelError,
                                       register_encoder, register_model)
-from mllm_jax.models.vit import VisionModel, VisionTransformer, select_features
+from mllm_jax.models.vit import (VisionModel, VisionTransformer, select_features,
+                                 vision_fields_from_hf)
 
 # transformers' CLIPVisionConfig defaults: HF writes only the fields that differ from them.
 VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -92,21 +93,8 @@ def check_vision(v, where: str = "vision config") -> None:
 
 
 def vision_from_hf(hf: dict, where: str = "config.json", defaults=None):
-    if not isinstance(hf, dict):
-        raise checks.InvalidConfigError(f"{where}: a vision config must be a JSON object, "
-                                        f"not {hf!r}")
-    model_type = hf.get("model_type", "clip_vision_model")
-    if model_type not in ("clip_vision_model", "clip"):
-        raise UnsupportedModelError(
-            f"{where}: vision model_type {model_type!r} is not supported (supported: "
-            "clip_vision_model)")
-    if model_type == "clip":
-        hf, where = hf.get("vision_config") or {}, f"{where} vision_config"
-        if not isinstance(hf, dict):
-            raise checks.InvalidConfigError(f"{where} must be a JSON object, not {hf!r}")
-    d = dict(VISION_DEFAULTS)
-    d.update(defaults or {})
-    d.update({k: hf[k] for k in VISION_DEFAULTS if k in hf})
+    d, where = vision_fields_from_hf(hf, where, VISION_DEFAULTS, ("clip_vision_model",),
+                                     "clip", defaults, tower="a CLIP vision tower")
     check_vision(d, where)  # before anything is built from the values
     return mc.vision_config(**d)
 

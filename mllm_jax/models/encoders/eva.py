@@ -25,7 +25,8 @@ from mllm_jax.models.encoders.clip import check_vision as check_vit_sizes
 from mllm_jax.models.encoders.clip import feature_layers, keeps_cls
 from mllm_jax.models.layers import ACTIVATIONS, dtype_of
 from mllm_jax.models.registry import EncoderSpec, UnsupportedModelError, register_encoder
-from mllm_jax.models.vit import VisionTransformer, select_features
+from mllm_jax.models.vit import (VisionTransformer, select_features, selects_layers,
+                                 vision_fields_from_hf)
 
 # transformers' Blip2VisionConfig defaults (InstructBlipVisionConfig's are the same); HF
 # writes only the fields that differ from them. The patch conv always takes 3 channels.
@@ -45,11 +46,6 @@ def eva_vision_config(**overrides):
     c = mc.vision_config(type="eva", **VISION_DEFAULTS, **EVA_LAYOUT)
     c.update(overrides)
     return c
-
-
-def selects_layers(cfg) -> bool:
-    """Whether the composed config asks for LLaVA's layer selection."""
-    return cfg.get("vision_feature_layer") is not None
 
 
 class EvaVisionTower(nn.Module):
@@ -115,17 +111,8 @@ def check_vision(v, where: str = "vision config") -> None:
 def vision_from_hf(hf: dict, where: str = "config.json", defaults=None):
     """Our vision config from HF's `Blip2VisionConfig` / `InstructBlipVisionConfig` dict
     (a composed config's `vision_config`); absent fields take transformers' defaults."""
-    if not isinstance(hf, dict):
-        raise checks.InvalidConfigError(f"{where}: a vision config must be a JSON object, "
-                                        f"not {hf!r}")
-    model_type = hf.get("model_type", HF_MODEL_TYPES[0])
-    if model_type not in HF_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"{where}: vision model_type {model_type!r} is not an EVA ViT (supported: "
-            f"{', '.join(HF_MODEL_TYPES)})")
-    d = dict(VISION_DEFAULTS)
-    d.update(defaults or {})
-    d.update({k: hf[k] for k in VISION_DEFAULTS if k in hf})
+    d, where = vision_fields_from_hf(hf, where, VISION_DEFAULTS, HF_MODEL_TYPES,
+                                     overrides=defaults, tower="an EVA ViT")
     check_vision({**d, "num_channels": 3}, where)  # before anything is built from them
     return eva_vision_config(**d)
 

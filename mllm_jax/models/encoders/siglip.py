@@ -30,7 +30,8 @@ from mllm_jax.models.encoders.clip import feature_layers, keeps_cls
 from mllm_jax.models.layers import ACTIVATIONS, dtype_of
 from mllm_jax.models.registry import (EncoderSpec, ModelFamily, UnsupportedModelError,
                                       register_encoder, register_model)
-from mllm_jax.models.vit import VisionModel, VisionTransformer, select_features
+from mllm_jax.models.vit import (VisionModel, VisionTransformer, select_features, selects_layers,
+                                 vision_fields_from_hf)
 
 # transformers' SiglipVisionConfig defaults (google/siglip-base-patch16-224); HF writes only
 # the fields that differ from them.
@@ -52,11 +53,6 @@ def siglip_vision_config(**overrides):
     c = mc.vision_config(type="siglip", **VISION_DEFAULTS, **SIGLIP_LAYOUT)
     c.update(overrides)
     return c
-
-
-def selects_layers(cfg) -> bool:
-    """Whether the composed config asks for LLaVA's layer selection."""
-    return cfg.get("vision_feature_layer") is not None
 
 
 class SiglipVisionTower(nn.Module):
@@ -130,21 +126,8 @@ def vision_from_hf(hf: dict, where: str = "config.json", defaults=None):
     """Our vision config from HF's `SiglipVisionConfig` dict (a composed config's
     `vision_config`, or a whole `SiglipConfig`'s); absent fields take transformers'
     defaults."""
-    if not isinstance(hf, dict):
-        raise checks.InvalidConfigError(f"{where}: a vision config must be a JSON object, "
-                                        f"not {hf!r}")
-    model_type = hf.get("model_type", HF_MODEL_TYPES[0])
-    if model_type not in HF_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"{where}: vision model_type {model_type!r} is not SigLIP (supported: "
-            f"{', '.join(HF_MODEL_TYPES)})")
-    if model_type == "siglip":
-        hf, where = hf.get("vision_config") or {}, f"{where} vision_config"
-        if not isinstance(hf, dict):
-            raise checks.InvalidConfigError(f"{where} must be a JSON object, not {hf!r}")
-    d = dict(VISION_DEFAULTS)
-    d.update(defaults or {})
-    d.update({k: hf[k] for k in VISION_DEFAULTS if k in hf})
+    d, where = vision_fields_from_hf(hf, where, VISION_DEFAULTS, HF_MODEL_TYPES[:1],
+                                     HF_MODEL_TYPES[1], defaults, tower="SigLIP")
     check_vision(d, where)  # before anything is built from the values
     return siglip_vision_config(**d)
 
