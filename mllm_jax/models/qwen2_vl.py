@@ -1,6 +1,8 @@
-"""Qwen2-VL (`model_type` qwen2_vl, HF `Qwen2VLForConditionalGeneration`): the
-native-resolution ViT (`models.qwen2_vl_vision`) whose merged tokens replace the image
-tokens of the prompt, and the Qwen2 decoder with multimodal RoPE (`models.mrope`).
+"""Qwen2-VL (`model_type` qwen2_vl, HF `Qwen2VLForConditionalGeneration`) and Qwen2.5-VL
+(`qwen2_5_vl`, `Qwen2_5_VLForConditionalGeneration`: window attention and RMSNorms in the
+tower, the same LLM side): the native-resolution ViT (`models.qwen2_vl_vision`) whose
+merged tokens replace the image tokens of the prompt, and the Qwen2 decoder with
+multimodal RoPE (`models.mrope`).
 
     model, params = mllm_jax.load_hf(path)
     logits = model.apply({"params": params}, input_ids, pixel_values=patches,
@@ -61,8 +63,25 @@ def qwen2_vl_vision_config(**overrides) -> ml_collections.ConfigDict:
     c.min_pixels = 56 * 56
     c.max_pixels = 28 * 28 * 1280
     c.patch_buckets = []
+    # Qwen2.5-VL's settings of the same tower (see `qwen2_5_vl_vision_config`).
+    c.norm = "layernorm"  # layernorm | rmsnorm
+    c.mlp = "fc"  # fc: fc1/fc2 of embed_dim * mlp_ratio | gated: gate/up/down_proj
+    c.intermediate_size = 0  # the gated MLP's width
+    c.window_size = 0  # 0: every block attends over whole frames
+    c.fullatt_block_indexes = []
+    c.tokens_per_second = 4  # video positions (videos are not supported here)
     c.update(overrides)
     return c
+
+
+def qwen2_5_vl_vision_config(**overrides) -> ml_collections.ConfigDict:
+    """Qwen2.5-VL's ViT; defaults are transformers' `Qwen2_5_VLVisionConfig`'s (whose
+    `hidden_size` is our `embed_dim` and `out_hidden_size` our `hidden_size`)."""
+    d = dict(type="qwen2_5_vl_vision", embed_dim=3584, hidden_size=3584, hidden_act="silu",
+             norm="rmsnorm", mlp="gated", intermediate_size=3420, window_size=112,
+             fullatt_block_indexes=[7, 15, 23, 31])
+    d.update(overrides)
+    return qwen2_vl_vision_config(**d)
 
 
 def qwen2_vl_config(vision=None, text=None, **overrides) -> ml_collections.ConfigDict:
@@ -250,8 +269,20 @@ def train_flops(cfg, batch, seq, images_per_sample, trainable) -> float:
 
 # ---- HF Qwen2VLConfig ----------------------------------------------------------------------
 
-VISION_FIELDS = ("depth", "embed_dim", "hidden_size", "hidden_act", "mlp_ratio", "num_heads",
-                 "in_channels", "patch_size", "spatial_merge_size", "temporal_patch_size")
+_COMMON_VISION = ("depth", "hidden_act", "num_heads", "in_channels", "patch_size",
+                  "spatial_merge_size", "temporal_patch_size")
+# Per model_type: {HF vision_config field: our vision field}.
+VISION_FIELDS = {
+    "qwen2_vl": {**{k: k for k in _COMMON_VISION}, "embed_dim": "embed_dim",
+                 "hidden_size": "hidden_size", "mlp_ratio": "mlp_ratio"},
+    "qwen2_5_vl": {**{k: k for k in _COMMON_VISION}, "hidden_size": "embed_dim",
+                   "out_hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                   "window_size": "window_size", "fullatt_block_indexes": "fullatt_block_indexes",
+                   "tokens_per_second": "tokens_per_second"},
+}
+VISION_CONFIGS = {"qwen2_vl": qwen2_vl_vision_config, "qwen2_5_vl": qwen2_5_vl_vision_config}
+ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 def _mrope(text_hf: dict, where: str):
@@ -292,14 +323,18 @@ def qwen2_vl_from_hf(hf: dict, where: str = "config.json"):
     text.tie_word_embeddings = bool(hf.get("tie_word_embeddings", False)
                                     or text_hf.get("tie_word_embeddings", False))
     check_text(text, where + " text_config")
+    model_type = hf.get("model_type", "qwen2_vl")
     vision_hf = dict(hf.get("vision_config") or {})
-    vd = qwen2_vl_vision_config()
-    vision = qwen2_vl_vision_config(**{k: vision_hf.get(k, vd[k]) for k in VISION_FIELDS})
+    make_vision = VISION_CONFIGS[model_type]
+    vd = make_vision()
+    vision = make_vision(**{ours: vision_hf.get(theirs, vd[ours])
+                            for theirs, ours in VISION_FIELDS[model_type].items()})
+    vision.fullatt_block_indexes = list(vision.fullatt_block_indexes)
     vision.in_channels = vision_hf.get("in_chans", vision.in_channels)
     vision.num_channels = vision.in_channels
     vrope = vision_hf.get("rope_parameters") or {}
     vision.rope_theta = float(vrope.get("rope_theta", vision_hf.get("rope_theta", 10000.0)))
-    cfg = qwen2_vl_config(vision=vision, text=text)
+    cfg = qwen2_vl_config(vision=vision, text=text, model_type=model_type)
     for k in ("image_token_id", "video_token_id", "vision_start_token_id",
               "vision_end_token_id"):
         cfg[k] = hf.get(k, cfg[k])
@@ -324,9 +359,14 @@ def qwen2_vl_to_hf(cfg) -> dict:
         "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
         "tie_word_embeddings": t.tie_word_embeddings,
     }
-    vision = {"model_type": "qwen2_vl_vision", **{k: v[k] for k in VISION_FIELDS},
+    model_type = cfg.model_type
+    text["model_type"] = f"{model_type}_text"
+    vision = {"model_type": f"{model_type}_vision",
+              **{theirs: v[ours] for theirs, ours in VISION_FIELDS[model_type].items()},
               "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}}
-    return {"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"],
+    if "fullatt_block_indexes" in vision:
+        vision["fullatt_block_indexes"] = list(vision["fullatt_block_indexes"])
+    return {"model_type": model_type, "architectures": [ARCHITECTURES[model_type]],
             "text_config": text, "vision_config": vision,
             "image_token_id": cfg.image_token_id, "video_token_id": cfg.video_token_id,
             "vision_start_token_id": cfg.vision_start_token_id,
@@ -340,6 +380,14 @@ def check(cfg, where: str = "model config") -> None:
                  "patch_size", "spatial_merge_size", "temporal_patch_size"):
         checks.positive_int(v, name, where + " vision")
     checks.divides(v, "num_heads", "embed_dim", where + " vision")
+    checks.one_of(v, "norm", where + " vision", ("layernorm", "rmsnorm"))
+    checks.one_of(v, "mlp", where + " vision", ("fc", "gated"))
+    if v.mlp == "gated":
+        checks.positive_int(v, "intermediate_size", where + " vision")
+    if v.window_size and v.window_size // v.spatial_merge_size // v.patch_size < 1:
+        raise checks.InvalidConfigError(
+            f"{where} vision: window_size = {v.window_size} must span at least one merged "
+            f"token (spatial_merge_size * patch_size = {v.spatial_merge_size * v.patch_size})")
     if v.hidden_size != cfg.text.hidden_size:
         raise checks.InvalidConfigError(
             f"{where}: vision.hidden_size = {v.hidden_size} must equal the text width "
@@ -369,10 +417,27 @@ register_encoder("qwen2_vl_vision", EncoderSpec(
         cfg.vision, tokens_per_image(cfg) * cfg.vision.spatial_merge_size ** 2),
     feature_size=lambda cfg: cfg.vision.hidden_size))
 
-register_model("qwen2_vl", ModelFamily(
-    module=Qwen2VL, config=qwen2_vl_config,
-    init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
-    tokens_per_image=tokens_per_image, image_token_id=lambda cfg: cfg.image_token_id,
-    hf_model_types=lambda: ("qwen2_vl",), from_hf=qwen2_vl_from_hf, to_hf=qwen2_vl_to_hf,
-    key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops, check=check,
-    prepare_image_inputs=prepare_image_inputs))
+register_encoder("qwen2_5_vl_vision", EncoderSpec(
+    module=lambda cfg: Qwen2VisionTransformer(cfg.vision, dtype_of(cfg.dtype),
+                                              dtype_of(cfg.param_dtype)),
+    config=qwen2_5_vl_vision_config, tokens_per_image=tokens_per_image,
+    flops=lambda cfg: vision_forward_flops(
+        cfg.vision, tokens_per_image(cfg) * cfg.vision.spatial_merge_size ** 2),
+    feature_size=lambda cfg: cfg.vision.hidden_size))
+
+
+def qwen2_5_vl_config(vision=None, text=None, **overrides) -> ml_collections.ConfigDict:
+    """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): Qwen2-VL with window attention
+    and RMSNorms in the tower."""
+    return qwen2_vl_config(vision=vision if vision is not None else qwen2_5_vl_vision_config(),
+                           text=text, **{"model_type": "qwen2_5_vl", **overrides})
+
+
+for _name, _config in (("qwen2_vl", qwen2_vl_config), ("qwen2_5_vl", qwen2_5_vl_config)):
+    register_model(_name, ModelFamily(
+        module=Qwen2VL, config=_config,
+        init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
+        tokens_per_image=tokens_per_image, image_token_id=lambda cfg: cfg.image_token_id,
+        hf_model_types=lambda _n=_name: (_n,), from_hf=qwen2_vl_from_hf, to_hf=qwen2_vl_to_hf,
+        key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops,
+        check=check, prepare_image_inputs=prepare_image_inputs))

@@ -12,9 +12,18 @@ positions, the per-frame attention segments HF builds from `cu_seqlens`) is comp
 `grid_thw` inside the program, so one compiled program serves every image size whose
 patches fit its bucket.
 
+Qwen2.5-VL's tower (`Qwen2_5_VisionTransformerPretrainedModel`) is a configuration of the
+same one: RMSNorms (`norm = "rmsnorm"`), a gated MLP with biases (`mlp = "gated"`:
+gate_proj, up_proj, down_proj) and window attention: blocks outside
+`fullatt_block_indexes` attend within windows of window_size / patch_size / merge merged
+tokens a side. HF reorders the patches window by window and back; attention, per-token
+layers and the merge (whose 2x2 units the reordering keeps whole) do not depend on the
+order, so here the windows are an attention mask over the original order.
+
 Paths mirror HF's on-disk names: `visual/patch_embed/proj/weight` (the Conv3d weight as
 torch stores it, [embed, C, T, P, P]), `visual/blocks_{i}/{norm1, norm2, attn/qkv,
-attn/proj, mlp/fc1, mlp/fc2}`, `visual/merger/{ln_q, mlp/0, mlp/2}`.
+attn/proj, mlp/fc1, mlp/fc2}` (Qwen2.5: `mlp/{gate_proj, up_proj, down_proj}`),
+`visual/merger/{ln_q, mlp/0, mlp/2}`.
 """
 import math
 from typing import Any
@@ -25,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mllm_jax.models import attention
-from mllm_jax.models.layers import Dense, LayerNorm, activation, with_axes
+from mllm_jax.models.layers import Dense, LayerNorm, RMSNorm, activation, with_axes
 from mllm_jax.models.rope import rotate_half
 
 ACT_AXES = ("activation_length", "activation_embed")
@@ -157,6 +166,10 @@ class VisionAttention(nn.Module):
         return Dense(d, ("heads", "embed"), True, name="proj", **kw)(out.reshape(n, d))
 
 
+def _norm(c):
+    return RMSNorm if c.get("norm", "layernorm") == "rmsnorm" else LayerNorm
+
+
 class VisionBlock(nn.Module):
     cfg: Any
     dtype: Any
@@ -166,10 +179,29 @@ class VisionBlock(nn.Module):
     def __call__(self, x, mask, cos, sin):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = x + VisionAttention(c, name="attn", **kw)(
-            LayerNorm(1e-6, name="norm1", **kw)(x), mask, cos, sin)
-        x = x + VisionMlp(c, name="mlp", **kw)(LayerNorm(1e-6, name="norm2", **kw)(x))
+        norm = _norm(c)
+        mlp = GatedVisionMlp if c.get("mlp", "fc") == "gated" else VisionMlp
+        x = x + VisionAttention(c, name="attn", **kw)(norm(1e-6, name="norm1", **kw)(x), mask,
+                                                      cos, sin)
+        x = x + mlp(c, name="mlp", **kw)(norm(1e-6, name="norm2", **kw)(x))
         return nn.with_logical_constraint(x, ACT_AXES)
+
+
+class GatedVisionMlp(nn.Module):
+    """Qwen2.5-VL's: down(act(gate(x)) * up(x)), with biases."""
+
+    cfg: Any
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = Dense(c.intermediate_size, ("embed", "mlp"), True, name="gate_proj", **kw)(x)
+        up = Dense(c.intermediate_size, ("embed", "mlp"), True, name="up_proj", **kw)(x)
+        h = activation(c.hidden_act)(gate) * up
+        return Dense(c.embed_dim, ("mlp", "embed"), True, name="down_proj", **kw)(h)
 
 
 class VisionMlp(nn.Module):
@@ -200,7 +232,7 @@ class PatchMerger(nn.Module):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         width = c.embed_dim * c.spatial_merge_size ** 2
-        x = LayerNorm(1e-6, name="ln_q", **kw)(x).reshape(-1, width)
+        x = _norm(c)(1e-6, name="ln_q", **kw)(x).reshape(-1, width)
         mlp = _Sequential(name="mlp")
         return mlp(x, width, c.hidden_size, kw)
 
@@ -237,8 +269,17 @@ class Qwen2VisionTransformer(nn.Module):
         # Block-diagonal attention: a patch sees the patches of its own frame; padding rows
         # (segment -1) see each other only.
         mask = (segment[:, None] == segment[None, :])[None, None]
+        window_mask = mask
+        if c.get("window_size"):
+            side = c.spatial_merge_size * max(c.window_size // c.spatial_merge_size
+                                              // c.patch_size, 1)
+            wh, ww = positions[:, 0] // side, positions[:, 1] // side
+            window_mask = mask & ((wh[:, None] == wh[None, :])
+                                  & (ww[:, None] == ww[None, :]))[None, None]
+        full = set(c.get("fullatt_block_indexes") or ())
         for i in range(c.depth):
-            x = VisionBlock(c, name=f"blocks_{i}", **kw)(x, mask, cos, sin)
+            x = VisionBlock(c, name=f"blocks_{i}", **kw)(
+                x, mask if i in full or not c.get("window_size") else window_mask, cos, sin)
         return PatchMerger(c, name="merger", **kw)(x)
 
 
@@ -247,8 +288,9 @@ def vision_forward_flops(v, num_patches: int) -> float:
     upper bound for several images)."""
     d = v.embed_dim
     patch_in = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-    per_block = (2 * num_patches * d * 4 * d + 2 * num_patches * 2 * d * d * v.mlp_ratio
-                 + 2 * 2 * num_patches * num_patches * d)
+    mlp = (2 * num_patches * 3 * d * v.intermediate_size if v.get("mlp", "fc") == "gated"
+           else 2 * num_patches * 2 * d * d * v.mlp_ratio)
+    per_block = 2 * num_patches * d * 4 * d + mlp + 2 * 2 * num_patches * num_patches * d
     width = d * v.spatial_merge_size ** 2
     merged = num_patches // v.spatial_merge_size ** 2
     merger = 2 * merged * width * (width + v.hidden_size)
