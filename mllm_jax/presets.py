@@ -236,3 +236,14 @@ def _qwen2_vl(hidden, intermediate, heads, kv_heads, vocab, tied):
 
 register("qwen2-vl-2b")(lambda: _qwen2_vl(1536, 8960, 12, 2, 151936, True))
 register("qwen2-vl-7b")(lambda: _qwen2_vl(3584, 18944, 28, 4, 152064, False))
+
+
+@register("qwen2.5-vl-7b")
+def _qwen2_5_vl_7b():
+    """Qwen/Qwen2.5-VL-7B-Instruct: window attention (112 px) in a 1280-wide tower."""
+    from mllm_jax.models.qwen2_vl import qwen2_5_vl_config, qwen2_5_vl_vision_config
+    c = _qwen2_vl(3584, 18944, 28, 4, 152064, False)
+    c.text.max_position_embeddings = 128000
+    return qwen2_5_vl_config(vision=qwen2_5_vl_vision_config(embed_dim=1280, hidden_size=3584,
+                                                             tokens_per_second=2),
+                             text=c.text)
