@@ -279,7 +279,7 @@ KEY_ALIASES = (
 )
 
 
-def _unused_keys(cfg) -> list:
+def unused_keys(cfg) -> list:
     return [r"(^|\.)lm_head\.weight$"] if cfg.text.tie_word_embeddings else []
 
 
@@ -312,7 +312,7 @@ register_model("llava", ModelFamily(
     init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
     tokens_per_image=tokens_per_image,
     hf_model_types=lambda: ("llava",), from_hf=llava_from_hf, to_hf=llava_to_hf,
-    key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops,
+    key_aliases=KEY_ALIASES, unused_keys=unused_keys, train_flops=train_flops,
     check=check,
     sample_inputs=lambda cfg, data_cfg: _connector_sample_inputs(cfg, data_cfg),
     sample_input_keys=lambda cfg: CONNECTORS.get(cfg.projector.type).sample_input_keys(cfg)))

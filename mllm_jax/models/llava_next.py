@@ -250,6 +250,6 @@ register_model("llava_next", ModelFamily(
     init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
     tokens_per_image=tokens_per_image,
     hf_model_types=lambda: ("llava_next",), from_hf=llava_next_from_hf,
-    to_hf=llava_next_to_hf, key_aliases=KEY_ALIASES, unused_keys=llava._unused_keys,
+    to_hf=llava_next_to_hf, key_aliases=KEY_ALIASES, unused_keys=llava.unused_keys,
     train_flops=train_flops, check=check, prepare_image_inputs=prepare_image_inputs))
 
