@@ -39,7 +39,8 @@ LONGEST_FIRST = ("test_demo_qformer.py", "test_resume_multiprocess.py", "test_de
                  "test_registry.py", "test_resume.py", "test_blip2_stage1.py",
                  "test_instructblip_train.py", "test_train.py", "test_plan.py",
                  "test_splash_attention.py", "test_packing.py", "test_blip2_train.py",
-                 "test_export_all.py")
+                 "test_export_all.py", "test_siglip.py", "test_qwen2_vl.py",
+                 "test_llava_repo_checkpoints.py", "test_llava_next.py")
 
 
 def pytest_collection_modifyitems(config, items):
