@@ -296,3 +296,33 @@ def test_qwen2_5_vl_window_attention_logits_and_round_trip(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     for k, v in ref_model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
+
+
+# Qwen/Qwen2-VL-2B-Instruct's config.json as transformers 4 wrote it: text fields at the top
+# level, RoPE as rope_theta and rope_scaling {"type": "mrope"}, the tower's `in_chans`.
+QWEN2_VL_2B_V4 = {
+    "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+    "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "hidden_size": 1536, "initializer_range": 0.02, "intermediate_size": 8960,
+    "max_position_embeddings": 32768, "max_window_layers": 28, "num_attention_heads": 12,
+    "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16,
+                      "in_chans": 3, "hidden_size": 1536, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14,
+                      "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vocab_size": 151936,
+}
+
+
+def test_transformers4_flat_config_reads_as_the_preset():
+    cfg = hf_config.from_hf(json.loads(json.dumps(QWEN2_VL_2B_V4)))
+    preset = presets.get("qwen2-vl-2b")
+    for c in (cfg, preset):
+        c.text.pad_token_id = None
+    assert cfg.to_dict() == preset.to_dict()
