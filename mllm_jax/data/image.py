@@ -270,6 +270,40 @@ def read_image(path) -> Image.Image:
     file's bytes; see `is_in_memory`), decoded exactly as the file would be. An image with
     more pixels than PIL.Image.MAX_IMAGE_PIXELS is refused before decoding
     (`ImageRejected`, reason IMAGE_TOO_LARGE)."""
+    name, source = _source(path)
+    try:
+        with _open(source, name) as image:
+            image.load()
+    except ImageRejected:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"cannot read image {name!r}: {e}") from e
+    return image
+
+
+# EXIF orientations that turn the image a quarter (exif_transpose swaps its sides).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def read_image_size(path, *, exif_transpose: bool = True) -> tuple[int, int]:
+    """(height, width) of an image file as `preprocess` sees it: upright by its EXIF
+    orientation when `exif_transpose`. Read from the header where the format allows (a
+    PNG is decoded when its EXIF is not before its pixels: PIL looks for it there), with
+    `read_image`'s refusals and errors naming the file."""
+    name, source = _source(path)
+    try:
+        with _open(source, name) as image:
+            width, height = image.size
+            turned = exif_transpose and image.getexif().get(0x0112) in _QUARTER_TURNS
+    except ImageRejected:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"cannot read image {name!r}: {e}") from e
+    return (width, height) if turned else (height, width)
+
+
+def _source(path):
+    """(name for messages, what PIL opens) of a path or an in-memory image file."""
     if is_in_memory(path):
         name, data = image_name(path), path.data
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -288,14 +322,7 @@ def read_image(path) -> Image.Image:
             raise ImageReadError(f"cannot read image {name!r}: {e}") from cause
     else:
         name, source = os.fspath(path), path
-    try:
-        with _open(source, name) as image:
-            image.load()
-    except ImageRejected:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"cannot read image {name!r}: {e}") from e
-    return image
+    return name, source
 
 
 def apply_exif_orientation(image: Image.Image) -> Image.Image:

@@ -6,6 +6,12 @@ A conversation's last message is the user's; its "<image>" placeholders (any num
 any turn) take the conversation's images in order, so a multimodal few-shot prompt is one
 user message "<image>\\nQ1\\nA1\\n\\n<image>\\nQ2\\nA2\\n\\n<image>\\nQ" with three images.
 
+Images become model inputs as the model family says (`registry.image_inputs`): a fixed
+token count and one [H, W, 3] array each (LLaVA-1.5, BLIP-2), or a count that depends on
+the image's size (LLaVA-NeXT's anyres views and `image_sizes`). For the latter, prompts are
+tokenized from the images' sizes, read from the files' headers, before any image is
+decoded; pixels are decoded one batch at a time.
+
 Padded lengths are rounded up to a multiple of `pad_to_multiple` and short batches are
 filled up to `batch_rows` rows (copies of their last row, answers discarded), so a run
 compiles one program per length bucket instead of one per batch.
@@ -18,9 +24,11 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from PIL import Image
 
 from mllm_jax import jsonfile
 from mllm_jax.data import image as image_lib
+from mllm_jax.data.image_inputs import FixedImages
 from mllm_jax.data.templates import (AS_WRITTEN, IMAGE_PLACEHOLDER, build_prompt, get_template,
                                      place_images)
 from mllm_jax.infer.generate import check_prompts, generate
@@ -75,6 +83,41 @@ def read_image(image):
     return image_lib.read_image(image)
 
 
+def read_image_size(image, exif_transpose: bool = True) -> tuple:
+    """(height, width) of an image as preprocessing sees it (upright by its EXIF orientation
+    when `exif_transpose`), from its header where the format allows."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = _ImageBytes(image_label(image), bytes(image))
+    if isinstance(image, Image.Image):
+        turned = exif_transpose and image.getexif().get(0x0112) in (5, 6, 7, 8)
+        return (image.width, image.height) if turned else (image.height, image.width)
+    return image_lib.read_image_size(image, exif_transpose=exif_transpose)
+
+
+def image_inputs_for(model, image_cfg=None):
+    """The model family's image inputs (`registry.image_inputs`) with this image config."""
+    return registry.image_inputs(model.cfg, image_cfg) if registry.is_multimodal(model.cfg) \
+        else None
+
+
+def image_token_counts(model, conversation: Conversation, image_inputs=None):
+    """Image tokens of each of the conversation's images, or one count for all of them when
+    the family's count does not depend on the image (an ImageLoadError naming the sample
+    when an image's size cannot be read)."""
+    image_inputs = image_inputs or image_inputs_for(model)
+    if not image_inputs.sized:
+        return image_inputs.tokens(None)
+    exif = getattr(getattr(image_inputs, "image_cfg", None), "exif_transpose", True)
+    counts = []
+    for image in conversation.images:
+        try:
+            counts.append(image_inputs.tokens(read_image_size(image, exif)))
+        except (OSError, ValueError) as e:
+            raise ImageLoadError(f"sample {conversation.sample_id!r}: cannot read image "
+                                 f"{image_label(image)}: {e}") from e
+    return counts
+
+
 def prompt_encoder_for(model, checkpoint_dir):
     """The model family's own prompt encoder (`ModelFamily.prompt_encoder`: models whose HF
     processor builds the inputs), or None: the conversation templates."""
@@ -112,21 +155,25 @@ def template_prompt_encoder(model, tokenizer, template, system=None, prompt_enco
 
 
 def encode_prompts(model, tokenizer, conversations, template, *, system=None,
-                   prompt_encoder=None):
+                   prompt_encoder=None, image_inputs=None):
     """(prompt ids, extras): `encode_prompt` of each conversation, or the family's
     `prompt_encoder` (whose extras, e.g. InstructBLIP's Q-Former tokens, become model
     inputs in `generate_encoded`; None without one)."""
     if prompt_encoder is None:
-        return ([encode_prompt(model, tokenizer, c, template, system=system)
+        return ([encode_prompt(model, tokenizer, c, template, system=system,
+                               image_inputs=image_inputs)
                  for c in conversations], None)
     encoded = [prompt_encoder.encode(c) for c in conversations]
     return [ids for ids, _ in encoded], [extra for _, extra in encoded]
 
 
 def encode_prompt(model, tokenizer, conversation: Conversation, template, *,
-                  system=None) -> np.ndarray:
+                  system=None, image_inputs=None) -> np.ndarray:
     """int32 prompt ids (image placeholders expanded to the model's image tokens, written as
-    the model's checkpoint layout writes an image, `registry.image_text`)."""
+    the model's checkpoint layout writes an image, `registry.image_text`). `image_inputs`
+    (`image_inputs_for`; default: the family's with its default image config) counts each
+    image's tokens; a family whose count depends on the image's size reads the sizes from
+    the images' headers."""
     count = sum(m["value"].count(IMAGE_PLACEHOLDER) for m in conversation.messages)
     if count != len(conversation.images):
         raise ValueError(f"sample {conversation.sample_id!r}: {count} {IMAGE_PLACEHOLDER} "
@@ -146,7 +193,8 @@ def encode_prompt(model, tokenizer, conversation: Conversation, template, *,
                     for m in messages]
         placement = AS_WRITTEN
     return build_prompt(messages, template, tokenizer, image_placement=placement,
-                        image_tokens_per_image=(registry.tokens_per_image(model.cfg)
+                        image_tokens_per_image=(image_token_counts(model, conversation,
+                                                                   image_inputs)
                                                 if multimodal else 0),
                         image_token_id=registry.image_token_id(model.cfg),
                         system=system, sample_id=conversation.sample_id)
@@ -164,12 +212,15 @@ def check_encoded(model, conversations, prompts):
             raise ValueError(f"sample {conversation.sample_id!r}: {e}") from e
 
 
-def load_pixels(conversation: Conversation, image_cfg) -> list:
-    """Preprocessed [H, W, 3] float32 arrays of the conversation's images, in order."""
+def load_pixels(conversation: Conversation, image_cfg, image_inputs=None) -> list:
+    """The conversation's images encoded by `image_inputs.encode`, in order; default
+    (`FixedImages`): preprocessed [H, W, 3] float32 arrays."""
+    if image_inputs is None:
+        image_inputs = FixedImages(None, image_cfg) if image_cfg is not None else None
     out = []
     for image in conversation.images:
         try:
-            out.append(image_lib.preprocess(read_image(image), image_cfg))
+            out.append(image_inputs.encode(read_image(image)))
         except (OSError, ValueError) as e:
             raise ImageLoadError(f"sample {conversation.sample_id!r}: cannot read image "
                                  f"{image_label(image)}: {e}") from e
@@ -220,9 +271,10 @@ def stop_sequences(tokenizer, stop_strings) -> list:
 
 def generate_encoded(model, params, tokenizer, prompts, pixels, *, pad_to_multiple=32,
                      batch_rows=None, stop_strings=(), extras=None, prompt_encoder=None,
-                     **gen) -> list[str]:
-    """Answers for already encoded prompts (list of id arrays) and their preprocessed
-    images (one list of arrays per prompt). `gen` goes to `generate` as keywords;
+                     image_inputs=None, **gen) -> list[str]:
+    """Answers for already encoded prompts (list of id arrays) and their encoded images (one
+    list per prompt, as `load_pixels` gives them; batched into model inputs by
+    `image_inputs.batch`, default the family's). `gen` goes to `generate` as keywords;
     `stop_strings` end an answer like EOS and are cut from it. `extras`: the prompts'
     extras from `prompt_encoder.encode`, batched by `prompt_encoder.batch` into model
     inputs."""
@@ -239,7 +291,9 @@ def generate_encoded(model, params, tokenizer, prompts, pixels, *, pad_to_multip
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     ids, mask = left_pad(prompts, pad, pad_to_multiple)
     flat = [p for per_prompt in pixels for p in per_prompt]
-    pixel_values = np.stack(flat) if flat else None
+    if flat:
+        gen.update((image_inputs or image_inputs_for(model)).batch(flat))
+    pixel_values = gen.pop("pixel_values", None)
     gen.setdefault("eos_token_id", tokenizer.eos_id)
     if stop_strings:
         gen["stop_sequences"] = stop_sequences(tokenizer, stop_strings)
@@ -256,13 +310,15 @@ def generate_batch(model, params, tokenizer, image_cfg, conversations, template=
     ...); eos_token_id defaults to the tokenizer's EOS. `prompt_encoder`
     (`prompt_encoder_for`) replaces the template when the model family has one."""
     prompt_encoder = template_prompt_encoder(model, tokenizer, template, system, prompt_encoder)
+    image_inputs = image_inputs_for(model, image_cfg)
     prompts, extras = encode_prompts(model, tokenizer, conversations, template, system=system,
-                                     prompt_encoder=prompt_encoder)
+                                     prompt_encoder=prompt_encoder, image_inputs=image_inputs)
     check_encoded(model, conversations, prompts)
-    pixels = [load_pixels(c, image_cfg) for c in conversations]
+    pixels = [load_pixels(c, image_cfg, image_inputs) for c in conversations]
     return generate_encoded(model, params, tokenizer, prompts, pixels,
                             pad_to_multiple=pad_to_multiple, batch_rows=batch_rows,
-                            extras=extras, prompt_encoder=prompt_encoder, **gen)
+                            extras=extras, prompt_encoder=prompt_encoder,
+                            image_inputs=image_inputs, **gen)
 
 
 def generate_all(model, params, tokenizer, image_cfg, conversations, template="vicuna_v1",
@@ -275,8 +331,9 @@ def generate_all(model, params, tokenizer, image_cfg, conversations, template="v
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompt_encoder = template_prompt_encoder(model, tokenizer, template, system, prompt_encoder)
+    image_inputs = image_inputs_for(model, image_cfg)
     prompts, extras = encode_prompts(model, tokenizer, conversations, template, system=system,
-                                     prompt_encoder=prompt_encoder)
+                                     prompt_encoder=prompt_encoder, image_inputs=image_inputs)
     check_encoded(model, conversations, prompts)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     answers = [None] * len(prompts)
@@ -284,8 +341,9 @@ def generate_all(model, params, tokenizer, image_cfg, conversations, template="v
         chunk = order[start:start + batch_size]
         extra = {} if rng is None else {"rng": jax.random.fold_in(rng, k)}
         out = generate_encoded(model, params, tokenizer, [prompts[i] for i in chunk],
-                               [load_pixels(conversations[i], image_cfg) for i in chunk],
-                               pad_to_multiple=pad_to_multiple,
+                               [load_pixels(conversations[i], image_cfg, image_inputs)
+                                for i in chunk],
+                               pad_to_multiple=pad_to_multiple, image_inputs=image_inputs,
                                batch_rows=batch_size if len(order) > batch_size else None,
                                extras=None if extras is None else [extras[i] for i in chunk],
                                prompt_encoder=prompt_encoder, **extra, **gen)

@@ -14,6 +14,7 @@ the image tokens in order. The number of image tokens depends on the image's siz
 Paths mirror HF's on-disk layout: `image_newline`, `vision_tower/...`,
 `multi_modal_projector/...`, `language_model/...`.
 """
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -245,11 +246,69 @@ def prepare_image_inputs(cfg, input_ids, pixel_values, model_inputs):
                                        "image_sizes": jnp.asarray(image_sizes, jnp.int32)}
 
 
+class AnyresImages:
+    """LLaVA-NeXT's images outside the model (`ModelFamily.image_inputs`): each image its
+    anyres views ([1 + tiles, h, w, 3], `data.image`'s "anyres" mode) and its upright
+    (height, width), which also give its token count; a batch's views zero-padded to
+    `max_views(cfg)`, so generation compiles once whatever the images' sizes.
+
+    The image processor config must tile with the model's pinpoints and tower resolution
+    (HF's processor and model read them from different files); a config in another mode (a
+    checkpoint with no LlavaNextImageProcessor config) becomes anyres with the model's
+    pinpoints, as LlavaNextImageProcessor's defaults would."""
+
+    sized = True
+
+    def __init__(self, cfg, image_cfg=None):
+        from mllm_jax.data import image as image_lib
+        from mllm_jax.data.image_inputs import default_image_config
+        self.cfg, self._image_lib = cfg, image_lib
+        image_cfg = (default_image_config(cfg) if image_cfg is None
+                     else image_lib.as_image_config(image_cfg))
+        if image_cfg.mode != "anyres":
+            image_cfg = dataclasses.replace(image_cfg, mode="anyres",
+                                            image_grid_pinpoints=_pinpoints(cfg))
+        tile = cfg.vision.image_size
+        if (tuple(image_cfg.image_grid_pinpoints) != _pinpoints(cfg)
+                or image_cfg.crop_size != {"height": tile, "width": tile}):
+            raise ValueError(
+                f"the image processor's image_grid_pinpoints "
+                f"{[list(p) for p in image_cfg.image_grid_pinpoints]} and crop_size "
+                f"{image_cfg.crop_size} must be the model's image_grid_pinpoints "
+                f"{cfg.image_grid_pinpoints} and {tile} px tiles, or the image tokens will not "
+                "match the views")
+        self.image_cfg = image_cfg
+
+    def tokens(self, size) -> int:
+        return tokens_per_image(self.cfg, size)
+
+    def encode(self, image) -> dict:
+        """{"pixel_values": [1 + tiles, h, w, 3], "image_sizes": (height, width)} of a PIL
+        image, sized as HF's processor reports it (after EXIF orientation, when the config
+        applies it)."""
+        cfg = self.image_cfg
+        if cfg.exif_transpose:
+            image = self._image_lib.apply_exif_orientation(image)
+            cfg = dataclasses.replace(cfg, exif_transpose=False)
+        return {"pixel_values": self._image_lib.preprocess(image, cfg),
+                "image_sizes": np.asarray([image.height, image.width], np.int64)}
+
+    def batch(self, encodings) -> dict:
+        if not len(encodings):
+            return {}
+        most = max_views(self.cfg)
+        views = [np.pad(e["pixel_values"], ((0, most - e["pixel_values"].shape[0]),)
+                        + ((0, 0),) * 3) for e in encodings]
+        return {"pixel_values": np.stack(views),
+                "image_sizes": np.stack([e["image_sizes"] for e in encodings])}
+
+
 register_model("llava_next", ModelFamily(
     module=LlavaNext, config=llava_next_config,
     init_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
     tokens_per_image=tokens_per_image,
     hf_model_types=lambda: ("llava_next",), from_hf=llava_next_from_hf,
     to_hf=llava_next_to_hf, key_aliases=KEY_ALIASES, unused_keys=llava.unused_keys,
-    train_flops=train_flops, check=check, prepare_image_inputs=prepare_image_inputs))
+    train_flops=train_flops, check=check, prepare_image_inputs=prepare_image_inputs,
+    image_inputs=AnyresImages))
 

@@ -188,6 +188,24 @@ class ModelFamily:
     # compiles for (Qwen2-VL: flattened patches padded to a bucket, `image_grid_thw` per
     # image). None: NHWC images of `tokens_per_image` tokens each, model inputs batch-first.
     prepare_image_inputs: Optional[Callable[..., tuple]] = None
+    # (cfg, image processor config or None) -> how the family's images become model inputs
+    # outside the model, when not one fixed-shape NHWC array of `tokens_per_image(cfg)`
+    # tokens each (`data.image_inputs.FixedImages`, the default). The object has
+    #   sized: bool -- whether an image's token count depends on its size; prompts are then
+    #     tokenized from the images' (height, width) (upright, read from their headers),
+    #     before any image is decoded;
+    #   tokens(size) -> int -- image tokens of an image of `size` (height, width) as the
+    #     processor sees it (None when not `sized`): the count `build_prompt` expands its
+    #     placeholder to (`image_tokens_per_image` takes one count per image);
+    #   encode(image) -> the image's encoding: from a decoded PIL image, any value `batch`
+    #     reads (LLaVA-NeXT: its anyres views and its `image_sizes`; Qwen2-VL could give its
+    #     flattened patches and `image_grid_thw` row);
+    #   batch(encodings) -> {model keyword: array}: a batch's images, in the order of their
+    #     tokens in the flattened batch, stacked with static shapes (LLaVA-NeXT: views
+    #     padded to the most the pinpoints give), e.g. {"pixel_values", "image_sizes"};
+    #     {} for no images.
+    # Generation, chat and eval (`infer.batching`) ask it; None: `FixedImages`.
+    image_inputs: Optional[Callable[[Any, Any], Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,6 +377,17 @@ def tokens_per_image(cfg, image_size=None) -> int:
     if fn is None:
         raise UnsupportedModelError(f"model_type {cfg.model_type!r} takes no images")
     return int(fn(cfg, image_size))
+
+
+def image_inputs(cfg, image_cfg=None):
+    """How this model's images become model inputs (see `ModelFamily.image_inputs`);
+    `image_cfg`: the image processor config (`data.image.ImageProcessorConfig` or a dict of
+    HF's fields; None: the family's default for the model)."""
+    make = family(cfg).image_inputs
+    if make is None:
+        from mllm_jax.data.image_inputs import FixedImages
+        return FixedImages(cfg, image_cfg)
+    return make(cfg, image_cfg)
 
 
 def image_token_id(cfg):
