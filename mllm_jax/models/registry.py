@@ -148,7 +148,10 @@ class ModelFamily:
     config: Callable[..., ml_collections.ConfigDict]
     init_inputs: Callable[[Any], tuple]  # (cfg) -> positional arguments for module.init
     # (cfg, image_size (h, w) or None) -> image tokens per image; None: the model takes no
-    # images with its text.
+    # images with its text. `image_size` is what the family's input for one image follows:
+    # the pixels given to a fixed-resolution tower (LLaVA: its processor sets them), or the
+    # original image for families whose inputs keep its size (LLaVA-NeXT's `image_sizes`,
+    # Qwen2-VL's grid after smart_resize). None: the configured resolution.
     tokens_per_image: Optional[Callable[[Any], int]] = None
     # (cfg) -> the token id whose positions receive image features.
     image_token_id: Callable[[Any], Optional[int]] = lambda cfg: cfg.get("image_token_index")
