@@ -158,12 +158,13 @@ def test_cli_generate_and_chat_answer_as_hf(ckpt, loaded, capsys, monkeypatch):
                  "--prompt", QUESTIONS[0], "--max-new-tokens", str(MAX_NEW)]) == 0
     answer = capsys.readouterr().out.strip()
     assert answer == hf_answer(ckpt, prompt_text(tok, QUESTIONS[0]), [pictures[1]])[1]
+    # The same prompt in a chat (its compiled loop is the one above).
     monkeypatch.setattr(sys, "stdin", io.StringIO(
-        f"/image {pictures[0]}\n{QUESTIONS[1]}\n\n"))
+        f"/image {pictures[1]}\n{QUESTIONS[0]}\n\n"))
     assert main(["chat", "--ckpt", d, "--template", TEMPLATE, "--max-new-tokens",
                  str(MAX_NEW)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[1] == hf_answer(ckpt, prompt_text(tok, QUESTIONS[1]), [pictures[0]])[1]
+    assert lines[1] == answer
 
 
 def test_cli_eval_answers_as_hf(ckpt, tmp_path):
@@ -176,7 +177,7 @@ def test_cli_eval_answers_as_hf(ckpt, tmp_path):
                                 "text": QUESTIONS[1], "label": "no"}) + "\n")
     out = tmp_path / "out"
     assert main(["eval", "--ckpt", d, "--task", "pope", "--data", str(data), "--output",
-                 str(out), "--template", TEMPLATE, "--max-new-tokens", "3",
+                 str(out), "--template", TEMPLATE, "--max-new-tokens", str(MAX_NEW),
                  "--batch-size", "2"]) == 0
     (model_dir,) = os.listdir(out)
     (samples,) = [f for f in os.listdir(out / model_dir) if "_samples_" in f]
@@ -184,7 +185,7 @@ def test_cli_eval_answers_as_hf(ckpt, tmp_path):
         records = [json.loads(line) for line in f]
     assert len(records) == 2
     for record, picture in zip(records, pictures):
-        assert record["resps"] == [hf_answer(ckpt, record["input"], [picture], 3)[1]]
+        assert record["resps"] == [hf_answer(ckpt, record["input"], [picture])[1]]
 
 
 def test_image_sizes_are_read_upright_from_the_header(tmp_path):
