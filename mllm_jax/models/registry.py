@@ -207,8 +207,17 @@ class ModelFamily:
     #     tokens in the flattened batch, stacked with static shapes (LLaVA-NeXT: views
     #     padded to the most the pinpoints give), e.g. {"pixel_values", "image_sizes"};
     #     {} for no images.
+    # and, for training batches (`data.pipeline`, a `sized` family):
+    #   tokens_of(encoding) -> int -- the image tokens of an encoded image;
+    #   collate(rows, batch_size, max_images) -> {batch key: array}: each row's encodings in
+    #     the training layout [batch, max_images, ...], a row's images first; the slots after
+    #     them hold inputs the model reads past (its image tokens come first).
     # Generation, chat and eval (`infer.batching`) ask it; None: `FixedImages`.
     image_inputs: Optional[Callable[[Any, Any], Any]] = None
+    # (cfg) -> the model keywords besides `pixel_values` that a training batch's images come
+    # with (LLaVA-NeXT: `image_sizes`; Qwen2-VL: `image_grid_thw`); the training objectives
+    # pass them from the batch when it has them.
+    image_input_keys: Callable[[Any], tuple] = lambda cfg: ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,6 +417,11 @@ def sample_inputs(cfg, data_cfg):
 def sample_input_keys(cfg) -> tuple:
     """The batch keys of the model's per-sample inputs (`ModelFamily.sample_input_keys`)."""
     return tuple(family(cfg).sample_input_keys(cfg))
+
+
+def image_input_keys(cfg) -> tuple:
+    """Batch keys that come with a training batch's images (`ModelFamily.image_input_keys`)."""
+    return tuple(family(cfg).image_input_keys(cfg))
 
 
 def generates(cfg) -> bool:

@@ -48,12 +48,19 @@ def sample_inputs(model, batch) -> dict:
     return {k: batch[k] for k in keys}
 
 
+def image_inputs(model, batch) -> dict:
+    """The batch's keywords that come with its images (`registry.image_input_keys`, e.g.
+    LLaVA-NeXT's `image_sizes`), those it has."""
+    return {k: batch[k] for k in registry.image_input_keys(model.cfg) if k in batch}
+
+
 def lm_objective(model, params, batch, frozen_extra, *, chunk_size=2048):
     """Masked next-token cross-entropy: (sum of NLL, label tokens, metrics)."""
     del frozen_extra
     h = _apply(model, params, "hidden_states", batch["input_ids"], batch.get("pixel_values"),
                batch.get("attention_mask"), segment_ids=batch.get("segment_ids"),
-               position_ids=batch.get("position_ids"), **sample_inputs(model, batch))
+               position_ids=batch.get("position_ids"), **sample_inputs(model, batch),
+               **image_inputs(model, batch))
     head = _apply(model, params, "output_head")
     loss_sum, n = losses.masked_lm_loss(h, batch["labels"], head, chunk_size)
     return loss_sum, n, {}
