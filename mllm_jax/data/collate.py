@@ -7,12 +7,13 @@ from mllm_jax.train.losses import IGNORE_INDEX
 
 
 def collate(rows, mode, *, batch_size, max_length, max_images, image_shape, pad_id,
-            sample_ids=None, sample_inputs=None) -> dict:
+            sample_ids=None, sample_inputs=None, image_inputs=None) -> dict:
     """Examples (`LlavaPipeline._example`) -> a batch of fixed shapes (see the module
     docstring; mode "dpo" gives chosen_* and rejected_* for input_ids, attention_mask and
     labels). A row's images come first in pixel_values, zeros after (none: all zeros).
     `sample_inputs` (the model's per-sample inputs builder) collates each row's
-    "model_inputs" into its own keys."""
+    "model_inputs" into its own keys. `image_inputs` (a sized family's, see
+    `registry.image_inputs`) lays out the rows' image encodings instead (`collate`)."""
     b, s = batch_size, max_length
     out = {}
 
@@ -33,11 +34,14 @@ def collate(rows, mode, *, batch_size, max_length, max_images, image_shape, pad_
             text(f"{side}_", [ex[side] for ex in rows])
     else:
         text("", rows)
-    pixels = np.zeros((b, max_images) + tuple(image_shape), np.float32)
-    for r, ex in enumerate(rows):
-        for k, p in enumerate(ex["pixels"]):
-            pixels[r, k] = p
-    out["pixel_values"] = pixels
+    if image_inputs is not None:
+        out.update(image_inputs.collate([ex["pixels"] for ex in rows], b, max_images))
+    else:
+        pixels = np.zeros((b, max_images) + tuple(image_shape), np.float32)
+        for r, ex in enumerate(rows):
+            for k, p in enumerate(ex["pixels"]):
+                pixels[r, k] = p
+        out["pixel_values"] = pixels
     if sample_inputs is not None:
         out.update(sample_inputs.collate([ex["model_inputs"] for ex in rows], b))
     if sample_ids is not None:

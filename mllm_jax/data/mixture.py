@@ -70,6 +70,7 @@ class MixturePipeline:
         self.max_images = max(s.max_images for s in self.sources)
         self.image_shape, self.pad_id = first.image_shape, first.pad_id
         self.sample_inputs = first.sample_inputs  # the same builder in every source
+        self.image_inputs = getattr(first, "image_inputs", None)  # likewise
         self.seq_len = self.max_length
         self.seed = int(seed)
         self.return_sample_ids = return_sample_ids
@@ -96,7 +97,7 @@ class MixturePipeline:
                        max_length=self.max_length, max_images=self.max_images,
                        image_shape=self.image_shape, pad_id=self.pad_id,
                        sample_ids=ids if self.return_sample_ids else None,
-                       sample_inputs=self.sample_inputs)
+                       sample_inputs=self.sample_inputs, image_inputs=self.image_inputs)
 
     def get_state(self) -> dict:
         return {"position": self._position, "seed": self.seed, "weights": self.weights,

@@ -31,6 +31,12 @@ Images are paths, or in-memory image files (objects with `.path` and `.data` byt
 `ImageBytes` of `tfds_builders.records_from_tfds`), so TFDS records feed the pipeline as they
 are.
 
+Images whose token count depends on their size (a `sized` family's `image_inputs`, e.g.
+LLaVA-NeXT's anyres views): each image is encoded by `image_inputs.encode`, its token count
+(`tokens_of`) expands its placeholder, and `image_inputs.collate` lays out the batch's images
+(LLaVA-NeXT: pixel_values [B, max_images, max_views, H, W, 3] and image_sizes
+[B, max_images, 2]); mode "lm" only, not packed.
+
 Preference pairs. `mode="dpo"` reads records {id, images, prompt, chosen, rejected} (the
 prompt is the user turn, chosen and rejected the assistant's answers, labels on the answers
 only) and yields chosen_{input_ids, attention_mask, labels}, rejected_{...} and pixel_values
@@ -119,8 +125,9 @@ def _image_shape(cfg: image_lib.ImageProcessorConfig) -> tuple:
     raise ValueError("fixed batch shapes need do_center_crop or a (height, width) size")
 
 
-def decode_images(paths, cfg) -> list:
-    """Each image -> float32 pixels, or a `Bad` saying why it cannot be read. An image is a
+def decode_images(paths, cfg, image_inputs=None) -> list:
+    """Each image -> float32 pixels (`image_inputs.encode`'s encoding when given), or a
+    `Bad` saying why it cannot be read. An image is a
     path, or an in-memory image file: an object with `.path` (named in messages) and `.data`
     (the file's bytes), e.g. `tfds_builders.ImageBytes`, decoded as the file would be."""
     out = []
@@ -140,7 +147,9 @@ def decode_images(paths, cfg) -> list:
         else:
             name = os.fspath(path)
         try:
-            out.append(image_lib.preprocess(image_lib.read_image(path), cfg))
+            image = image_lib.read_image(path)
+            out.append(image_lib.preprocess(image, cfg) if image_inputs is None
+                       else image_inputs.encode(image))
         except image_lib.ImageRejected as e:  # too large, or too elongated
             detail = str(e) if name in str(e) else f"image {name!r}: {e}"
             out.append(Bad(e.reason, detail))
@@ -192,9 +201,16 @@ class LlavaPipeline:
                  workdir=None, system: str | None = None, return_sample_ids: bool = False,
                  mode: str = "lm", report_name: str = "data_report", sample_inputs=None,
                  packing: bool = False, packing_images: int = 0,
-                 image_placement: str | None = None):
+                 image_placement: str | None = None, image_inputs=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        # A sized family's image inputs (`registry.image_inputs`), or None: fixed-shape images.
+        self.image_inputs = image_inputs if image_inputs is not None and image_inputs.sized \
+            else None
+        if self.image_inputs is not None and (mode != "lm" or packing):
+            raise ValueError(f"images whose token count depends on their size (this model's "
+                             f"anyres views) are batched for the lm objective, not packed; "
+                             f"got mode {mode!r}, packing={bool(packing)}")
         _check_packing(packing, mode, sample_inputs)
         self.packing = bool(packing)
         if sample_inputs is not None and mode != "lm":
@@ -217,7 +233,7 @@ class LlavaPipeline:
                              f"processes")
         self.tokenizer = tokenizer
         self.image_cfg = image_lib.as_image_config(image_cfg)
-        self.image_shape = _image_shape(self.image_cfg)
+        self.image_shape = _image_shape(self.image_cfg) if self.image_inputs is None else None
         # image_placement None: the template's own (templates.IMAGE_PLACEMENTS)
         self.template = T.get_template(template, image_placement)
         if mode == "image_text":  # captions alone, in the Q-Former's tokenizer; no template
@@ -310,7 +326,8 @@ class LlavaPipeline:
     def _rebuild(self, index: int) -> dict:
         """The example of record `index` (a carried example of a saved state), read again."""
         record = self.records[index]
-        images = _Done(decode_images(record.images, self.image_cfg)) if record.images else None
+        images = _Done(decode_images(record.images, self.image_cfg, self.image_inputs)) \
+            if record.images else None
         ex = self._example(record, images)
         if isinstance(ex, Bad):
             raise ValueError(f"data state carries sample {record.id!r} (record {index}) into "
@@ -339,14 +356,16 @@ class LlavaPipeline:
             future = None
             if paths and index not in self._bad and len(paths) <= self.max_images:
                 if self._executor is None:
-                    future = _Done(decode_images(paths, self.image_cfg))
+                    future = _Done(decode_images(paths, self.image_cfg, self.image_inputs))
                 else:
-                    future = self._executor.submit(decode_images, paths, self.image_cfg)
+                    future = self._executor.submit(decode_images, paths, self.image_cfg,
+                                                   self.image_inputs)
             self._pending.append(_Pending(epoch, position, index, future))
             self._cursor = self._advance(epoch, position)
 
-    def _build(self, conversations, n_images, sample_id):
-        """`build_example` of one conversation, or a `Bad`."""
+    def _build(self, conversations, n_images, sample_id, image_tokens=None):
+        """`build_example` of one conversation, or a `Bad`; `image_tokens`: each image's
+        token count (default: `image_tokens_per_image` each)."""
         bad = check_conversation(conversations, n_images, sample_id)
         if bad:
             return bad
@@ -354,7 +373,9 @@ class LlavaPipeline:
             return Bad(TOO_MANY_IMAGES, f"{n_images} images, max_images {self.max_images}")
         try:
             ex = T.build_example(conversations, self.template, self.tokenizer,
-                                 image_tokens_per_image=self.image_tokens_per_image,
+                                 image_tokens_per_image=(self.image_tokens_per_image
+                                                         if image_tokens is None
+                                                         else image_tokens),
                                  max_length=self.max_length, sample_id=sample_id,
                                  image_token_id=self.image_token_id, system=self.system)
         except T.TokenizationMismatch as e:
@@ -395,7 +416,17 @@ class LlavaPipeline:
                 if isinstance(pair, Bad):
                     return pair
                 conversations = pair[0]
-            ex = self._build(conversations, n_images, record.id)
+            image_tokens = None
+            if self.image_inputs is not None and n_images:
+                # The token counts come from the decoded images.
+                if n_images > self.max_images:
+                    return Bad(TOO_MANY_IMAGES, f"{n_images} images, max_images "
+                                                f"{self.max_images}")
+                for p in image_future.result():
+                    if isinstance(p, Bad):
+                        return p
+                image_tokens = [self.image_inputs.tokens_of(p) for p in image_future.result()]
+            ex = self._build(conversations, n_images, record.id, image_tokens)
             if isinstance(ex, Bad):
                 return ex
             n_kept = ex["num_images"]
@@ -499,7 +530,7 @@ class LlavaPipeline:
                        max_length=self.max_length, max_images=self.max_images,
                        image_shape=self.image_shape, pad_id=self.pad_id,
                        sample_ids=ids if self.return_sample_ids else None,
-                       sample_inputs=self.sample_inputs)
+                       sample_inputs=self.sample_inputs, image_inputs=self.image_inputs)
 
     # ---- report files ---------------------------------------------------------------------
     def _write_counts(self):

@@ -97,6 +97,8 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
     else:
         image_cfg = None
     tokens = registry.tokens_per_image(m) if d.images else 0
+    # A family whose image token counts depend on the image (LLaVA-NeXT) encodes its own.
+    image_inputs = registry.image_inputs(m, image_cfg) if d.images else None
     tokenizer = load_tokenizer(d.tokenizer)
     # InstructBLIP: each sample's instruction for the Q-Former (registry.sample_inputs).
     inputs = registry.sample_inputs(m, d) if mode != "image_text" else None
@@ -112,7 +114,8 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
             num_workers=d.workers, workdir=workdir, mode=mode, sample_inputs=inputs,
             packing=bool(d.get("packing", False)),
             packing_images=int(d.get("packing_images", 0)),
-            image_placement=d.get("image_placement") or None, **kw)
+            image_placement=d.get("image_placement") or None,
+            image_inputs=image_inputs, **kw)
 
     seed = d.seed
     if mixture and d.get("packing", False):

@@ -114,7 +114,8 @@ class LlavaNext(llava.Llava):
 
     def embed(self, input_ids, pixel_values=None, image_sizes=None):
         """Text embeddings with each image's features at its image tokens, in order over
-        the flattened batch (HF's masked_scatter)."""
+        the flattened batch (HF's masked_scatter); or, for pixel_values [b, max_images,
+        views, h, w, c] (training batches), in order within each row."""
         embeds = nn.with_logical_constraint(self.language_model.embed(input_ids), ACT_AXES)
         if pixel_values is None:
             if self.is_initializing():
@@ -126,6 +127,8 @@ class LlavaNext(llava.Llava):
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes [images, 2] (height, width) with "
                              "pixel_values")
+        if pixel_values.ndim == 6:
+            return self._embed_per_sample(embeds, input_ids, pixel_values, image_sizes)
         if _is_concrete(input_ids, image_sizes):
             check_image_tokens(self.cfg, input_ids, image_sizes)
         feats, lengths = self.packed_image_features(pixel_values, image_sizes)
@@ -138,6 +141,27 @@ class LlavaNext(llava.Llava):
         gathered = feats[image, pos].astype(embeds.dtype)
         merged = jnp.where(is_image[:, None], gathered, embeds.reshape(-1, d))
         return nn.with_logical_constraint(merged.reshape(b, s, d), ACT_AXES)
+
+    def _embed_per_sample(self, embeds, input_ids, pixel_values, image_sizes):
+        """The training layout: pixel_values [b, max_images, views, h, w, c] and image_sizes
+        [b, max_images, 2]; row i's k-th image token takes the k-th feature of its own
+        images, in order (slots past a row's images are never reached), so batches shard
+        along their first axis."""
+        b, m = pixel_values.shape[:2]
+        feats, lengths = self.packed_image_features(
+            pixel_values.reshape(b * m, *pixel_values.shape[2:]),
+            jnp.asarray(image_sizes).reshape(b * m, 2))
+        feats = feats.reshape(b, m, *feats.shape[1:])
+        lengths = lengths.reshape(b, m)
+        is_image = input_ids == self.cfg.image_token_index
+        t = jnp.cumsum(is_image, axis=1) - 1
+        ends = jnp.cumsum(lengths, axis=1)
+        image = jnp.clip(jnp.sum(ends[:, None, :] <= t[:, :, None], axis=-1), 0, m - 1)
+        start = jnp.take_along_axis(ends - lengths, image, axis=1)
+        pos = jnp.clip(t - start, 0, feats.shape[2] - 1)
+        gathered = feats[jnp.arange(b)[:, None], image, pos].astype(embeds.dtype)
+        merged = jnp.where(is_image[..., None], gathered, embeds)
+        return nn.with_logical_constraint(merged, ACT_AXES)
 
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *,
                       image_sizes=None, segment_ids=None, position_ids=None):
@@ -302,6 +326,22 @@ class AnyresImages:
         return {"pixel_values": np.stack(views),
                 "image_sizes": np.stack([e["image_sizes"] for e in encodings])}
 
+    def tokens_of(self, encoding) -> int:
+        return self.tokens(tuple(int(x) for x in encoding["image_sizes"]))
+
+    def collate(self, rows, batch_size, max_images) -> dict:
+        """pixel_values [batch, max_images, max_views, h, w, 3] (zeros past a row's images and
+        an image's views) and image_sizes [batch, max_images, 2] (a tile's size in the empty
+        slots: the model lays out their features after the row's image tokens)."""
+        h, w = self.image_cfg.crop_size["height"], self.image_cfg.crop_size["width"]
+        pixels = np.zeros((batch_size, max_images, max_views(self.cfg), h, w, 3), np.float32)
+        sizes = np.full((batch_size, max_images, 2), self.cfg.vision.image_size, np.int32)
+        for r, row in enumerate(rows):
+            for k, e in enumerate(row):
+                pixels[r, k, :e["pixel_values"].shape[0]] = e["pixel_values"]
+                sizes[r, k] = e["image_sizes"]
+        return {"pixel_values": pixels, "image_sizes": sizes}
+
 
 register_model("llava_next", ModelFamily(
     module=LlavaNext, config=llava_next_config,
@@ -310,5 +350,5 @@ register_model("llava_next", ModelFamily(
     hf_model_types=lambda: ("llava_next",), from_hf=llava_next_from_hf,
     to_hf=llava_next_to_hf, key_aliases=KEY_ALIASES, unused_keys=llava.unused_keys,
     train_flops=train_flops, check=check, prepare_image_inputs=prepare_image_inputs,
-    image_inputs=AnyresImages))
+    image_inputs=AnyresImages, image_input_keys=lambda cfg: ("image_sizes",)))
 
