@@ -65,7 +65,8 @@ def batch(ckpt, data_file):  # noqa: F811
     return out, list(data.last_sample_ids)
 
 
-def test_batches_hold_anyres_views_sizes_and_per_image_tokens(ckpt, batch):  # noqa: F811
+def test_batches_hold_anyres_views_sizes_and_per_image_tokens(ckpt, data_file,  # noqa: F811
+                                                              batch):
     model, _ = mllm_jax.load_hf(ckpt[0])
     b, ids = batch
     views = llava_next.max_views(model.cfg)
@@ -78,6 +79,14 @@ def test_batches_hold_anyres_views_sizes_and_per_image_tokens(ckpt, batch):  # n
         want = sum(registry.tokens_per_image(model.cfg, s) for s in sizes)
         assert int(np.sum(b["input_ids"][row] == model.cfg.image_token_index)) == want
         assert not b["pixel_values"][row, len(sizes):].any()
+    # DPO pairs and packed rows do not carry such images: refused when built.
+    for change in ({"stage.objective": "dpo"}, {"data.packing": True}):
+        bad = _config(ckpt, data_file)
+        for key, value in change.items():
+            section, field = key.split(".")
+            bad[section][field] = value
+        with pytest.raises(ValueError, match="anyres"):
+            make_data(bad, 0, 1)
 
 
 def _hf_loss(ckpt, b, ids):  # noqa: F811
