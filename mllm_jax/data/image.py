@@ -289,7 +289,10 @@ def read_image_size(path, *, exif_transpose: bool = True) -> tuple[int, int]:
     """(height, width) of an image file as `preprocess` sees it: upright by its EXIF
     orientation when `exif_transpose`. Read from the header where the format allows (a
     PNG is decoded when its EXIF is not before its pixels: PIL looks for it there), with
-    `read_image`'s refusals and errors naming the file."""
+    `read_image`'s refusals and errors naming the file. `path` may also be a PIL image."""
+    if isinstance(path, Image.Image):
+        turned = exif_transpose and path.getexif().get(0x0112) in _QUARTER_TURNS
+        return (path.width, path.height) if turned else (path.height, path.width)
     name, source = _source(path)
     try:
         with _open(source, name) as image:

@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from PIL import Image
 
 from mllm_jax import jsonfile
 from mllm_jax.data import image as image_lib
@@ -88,9 +87,6 @@ def read_image_size(image, exif_transpose: bool = True) -> tuple:
     when `exif_transpose`), from its header where the format allows."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         image = _ImageBytes(image_label(image), bytes(image))
-    if isinstance(image, Image.Image):
-        turned = exif_transpose and image.getexif().get(0x0112) in (5, 6, 7, 8)
-        return (image.width, image.height) if turned else (image.height, image.width)
     return image_lib.read_image_size(image, exif_transpose=exif_transpose)
 
 
