@@ -11,8 +11,11 @@ multimodal RoPE (`models.mrope`).
 `pixel_values` are the HF processor's flattened patches [total_patches, C*T*P*P], taken as
 they are; concrete patches (and grids) are padded to a bucket (`qwen2_vl_vision.pad_patches`;
 generation does it before compiling) so that images of other sizes reuse the compiled
-tower. Without `image_grid_thw` the positions are
-0..seq-1, as HF's forward gives a text-only batch.
+tower. Training batches may carry the images row by row instead (`pixel_values` [batch,
+bucket, C*T*P*P] and `image_grid_thw` [batch, bucket / merge**2, 3], zero-padded,
+`qwen2_vl_vision.pad_rows`), which shard over data-parallel devices with their rows.
+Without `image_grid_thw` the positions are 0..seq-1, as HF's forward gives a text-only
+batch.
 
 Paths mirror the published checkpoints (which transformers 5 still writes): `visual/...`,
 `model/{embed_tokens, layers_{i}, norm}`, `lm_head` (absent when tied); transformers 5's
@@ -33,7 +36,7 @@ from mllm_jax.models.layers import Dense, dtype_of
 from mllm_jax.models.llava import merge_image_features
 from mllm_jax.models.llm import cache_kv_mask
 from mllm_jax.models.mrope import rope_index
-from mllm_jax.models.qwen2_vl_vision import (Qwen2VisionTransformer, pad_patches,
+from mllm_jax.models.qwen2_vl_vision import (Qwen2VisionTransformer, flatten_rows, pad_patches,
                                              smart_resize, vision_forward_flops)
 from mllm_jax.models.registry import (DECODERS, EncoderSpec, ModelFamily,
                                       UnsupportedModelError, decoder_train_flops,
@@ -125,15 +128,16 @@ class Qwen2VL(nn.Module):
             self.lm_head = Dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False,
                                  dtype=dtype, param_dtype=param_dtype)
 
-    def image_features(self, pixel_values, image_grid_thw):
-        """Merged image tokens [patches / merge**2, d], image after image (then padding)."""
-        if not isinstance(pixel_values, jax.core.Tracer) and not isinstance(
+    def image_features(self, pixel_values, image_grid_thw, *, bucketed=False):
+        """Merged image tokens [patches / merge**2, d], image after image (then padding).
+        `bucketed`: the patches are already padded (`flatten_rows`' output)."""
+        if not bucketed and not isinstance(pixel_values, jax.core.Tracer) and not isinstance(
                 image_grid_thw, jax.core.Tracer):
             pixel_values, image_grid_thw = pad_patches(pixel_values, image_grid_thw,
                                                        self.cfg.vision)
         return self.visual(jnp.asarray(pixel_values), jnp.asarray(image_grid_thw))
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, *, bucketed=False):
         embeds = nn.with_logical_constraint(self.model.embed(input_ids), ACT_AXES)
         if pixel_values is None:
             if self.is_initializing():
@@ -142,7 +146,7 @@ class Qwen2VL(nn.Module):
         if image_grid_thw is None:
             raise ValueError("pixel_values come with image_grid_thw (HF's processor gives both)")
         check_image_tokens(input_ids, image_grid_thw, self.cfg)
-        feats = self.image_features(pixel_values, image_grid_thw)
+        feats = self.image_features(pixel_values, image_grid_thw, bucketed=bucketed)
         merged = merge_image_features(embeds, input_ids, feats[None], self.cfg.image_token_id)
         return nn.with_logical_constraint(merged, ACT_AXES)
 
@@ -153,7 +157,8 @@ class Qwen2VL(nn.Module):
 
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *,
                       image_grid_thw=None, segment_ids=None, position_ids=None):
-        embeds = self.embed(input_ids, pixel_values, image_grid_thw)
+        pixel_values, image_grid_thw, bucketed = _flat_images(pixel_values, image_grid_thw)
+        embeds = self.embed(input_ids, pixel_values, image_grid_thw, bucketed=bucketed)
         if position_ids is None and image_grid_thw is not None:
             position_ids = self.positions(input_ids, image_grid_thw, attention_mask)[0]
         return self.model(embeds, attention_mask, segment_ids, position_ids)
@@ -195,7 +200,8 @@ class Qwen2VL(nn.Module):
         positions. The returned position of the last prompt token is its real-token index
         plus the sample's rope delta: decoding continues from it in all three rows (HF's
         `rope_deltas`), which is plain RoPE at that position."""
-        embeds = self.embed(input_ids, pixel_values, image_grid_thw)
+        pixel_values, image_grid_thw, bucketed = _flat_images(pixel_values, image_grid_thw)
+        embeds = self.embed(input_ids, pixel_values, image_grid_thw, bucketed=bucketed)
         positions, deltas = self.positions(input_ids, image_grid_thw, attention_mask)
         max_len = cache["k"][0].shape[-2]
         h, cache = self.model(embeds, position_ids=positions, cache=cache,
@@ -207,6 +213,19 @@ class Qwen2VL(nn.Module):
         h, cache = self.model(self.model.embed(tokens[:, None]),
                               position_ids=positions[:, None], cache=cache, kv_mask=kv_mask)
         return self.logits_from_hidden(h[:, 0]).astype(jnp.float32), cache
+
+
+def _flat_images(pixel_values, image_grid_thw):
+    """(patches, grids, bucketed): images given row by row (3-D `pixel_values`) in HF's
+    flattened layout, already padded to their bucket; HF's layout as it is."""
+    if pixel_values is None or jnp.ndim(pixel_values) != 3:
+        return pixel_values, image_grid_thw, False
+    if image_grid_thw is None:
+        raise ValueError("pixel_values come with image_grid_thw (HF's processor gives both)")
+    if jnp.ndim(image_grid_thw) != 3 or np.shape(image_grid_thw)[0] != np.shape(pixel_values)[0]:
+        raise ValueError(f"row-by-row pixel_values {np.shape(pixel_values)} take "
+                         f"image_grid_thw [batch, images, 3], got {np.shape(image_grid_thw)}")
+    return (*flatten_rows(pixel_values, image_grid_thw), True)
 
 
 def _blank_image(c):
@@ -440,4 +459,5 @@ for _name, _config in (("qwen2_vl", qwen2_vl_config), ("qwen2_5_vl", qwen2_5_vl_
         tokens_per_image=tokens_per_image, image_token_id=lambda cfg: cfg.image_token_id,
         hf_model_types=lambda _n=_name: (_n,), from_hf=qwen2_vl_from_hf, to_hf=qwen2_vl_to_hf,
         key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops,
-        check=check, prepare_image_inputs=prepare_image_inputs))
+        check=check, prepare_image_inputs=prepare_image_inputs,
+        image_input_keys=lambda cfg: ("image_grid_thw",)))

@@ -6,11 +6,12 @@ processor's output, images concatenated, each image's patches in merge-window or
 tokens [total_patches / merge**2, LLM width], image after image.
 
 Shapes are static: the patch axis may be longer than the images' patches (a bucket, see
-`pad_patches`); rows past sum(t * h * w) are padding, kept out of every image's attention
-and out of the merged tokens the images own. Everything that depends on the grid (2D RoPE
-positions, the per-frame attention segments HF builds from `cu_seqlens`) is computed from
-`grid_thw` inside the program, so one compiled program serves every image size whose
-patches fit its bucket.
+`pad_patches`; training batches carry each row's images in their own row, `pad_rows`,
+which `flatten_rows` turns into this layout inside the program); rows past sum(t * h * w)
+are padding, kept out of every image's attention and out of the merged tokens the images
+own. Everything that depends on the grid (2D RoPE positions, the per-frame attention
+segments HF builds from `cu_seqlens`) is computed from `grid_thw` inside the program, so
+one compiled program serves every image size whose patches fit its bucket.
 
 Qwen2.5-VL's tower (`Qwen2_5_VisionTransformerPretrainedModel`) is a configuration of the
 same one: RMSNorms (`norm = "rmsnorm"`), a gated MLP with biases (`mlp = "gated"`:
@@ -107,6 +108,61 @@ def pad_patches(pixel_values, grid_thw, cfg_vision):
     images = max(size // cfg_vision.spatial_merge_size ** 2, len(grid))
     grid = np.concatenate([grid, np.zeros((images - len(grid), 3), grid.dtype)])
     return np.concatenate([pixel_values, pad], axis=0), grid
+
+
+def pad_rows(rows, cfg_vision):
+    """A batch's images row by row, the layout training batches carry (its leading axis is
+    the batch's, so rows shard over data-parallel devices with their images): `rows` holds
+    per batch row a list of (patches [n, D], grid (t, h, w)) -> (pixel_values [B, P, D]:
+    each row's patches, image after image, then zero rows; image_grid_thw [B, P / merge**2,
+    3]: each row's grids, then (0, 0, 0) rows). P is the patch bucket of the fullest row,
+    so batches whose rows fit one bucket have one shape."""
+    grids = [np.asarray([g for _, g in row], np.int64).reshape(-1, 3) for row in rows]
+    totals = [int(np.prod(g, axis=-1).sum()) for g in grids]
+    dim = cfg_vision.in_channels * cfg_vision.temporal_patch_size * cfg_vision.patch_size ** 2
+    size = patch_bucket(max(totals, default=0), cfg_vision)
+    images = max([size // cfg_vision.spatial_merge_size ** 2] + [len(g) for g in grids])
+    pixel_values = np.zeros((len(rows), size, dim), np.float32)
+    image_grid_thw = np.zeros((len(rows), images, 3), np.int64)
+    for r, row in enumerate(rows):
+        patches = [np.asarray(p, np.float32) for p, _ in row]
+        for p, g in zip(patches, grids[r]):
+            if p.shape != (int(np.prod(g)), dim):
+                raise ValueError(f"patches of shape {p.shape} for grid {g.tolist()}; the "
+                                 f"tower takes [t * h * w, {dim}]")
+        if patches:
+            pixel_values[r, :totals[r]] = np.concatenate(patches)
+        image_grid_thw[r, :len(grids[r])] = grids[r]
+    return pixel_values, image_grid_thw
+
+
+def _compact(keep, order_index):
+    """Destinations that move the kept entries first and the others after, each group in
+    its original order: a permutation of 0..n-1."""
+    keep = keep.reshape(-1)
+    kept_before = jnp.cumsum(keep, dtype=jnp.int32) - keep
+    others_before = order_index - kept_before
+    return jnp.where(keep, kept_before, jnp.sum(keep, dtype=jnp.int32) + others_before)
+
+
+def flatten_rows(pixel_values, image_grid_thw):
+    """`pad_rows`' layout (pixel_values [B, P, D], image_grid_thw [B, K, 3]; traced or not)
+    -> HF's flattened layout padded to a bucket, as `pad_patches` gives it: the real patches
+    row after row [B * P, D] (padding rows last) and the real grids in the same order
+    [B * K, 3] ((0, 0, 0) rows last). A permutation of the rows, inside the program."""
+    b, p, d = pixel_values.shape
+    grid = jnp.asarray(image_grid_thw, jnp.int32).reshape(b, -1, 3)
+    sizes = jnp.prod(grid, axis=-1)
+    counts = jnp.sum(sizes, axis=-1)
+    real = jnp.arange(p, dtype=jnp.int32)[None, :] < counts[:, None]
+    dest = _compact(real, jnp.arange(b * p, dtype=jnp.int32))
+    flat = jnp.zeros((b * p, d), pixel_values.dtype).at[dest].set(
+        jnp.asarray(pixel_values).reshape(b * p, d), unique_indices=True)
+    n = sizes.size
+    grid_dest = _compact(sizes > 0, jnp.arange(n, dtype=jnp.int32))
+    grids = jnp.zeros((n, 3), jnp.int32).at[grid_dest].set(grid.reshape(n, 3),
+                                                            unique_indices=True)
+    return flat, grids
 
 
 class PatchEmbed(nn.Module):
