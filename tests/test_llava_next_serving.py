@@ -199,3 +199,15 @@ def test_image_sizes_are_read_upright_from_the_header(tmp_path):
     assert image_lib.read_image_size(str(path)) == (upright.height, upright.width) == (50, 20)
     assert image_lib.read_image_size(str(path), exif_transpose=False) == (20, 50)
     assert batching.read_image_size(path.read_bytes()) == (50, 20)
+
+
+def test_a_bad_prompt_fails_before_any_image_is_decoded(ckpt, loaded, monkeypatch):
+    """Token counts come from the images' headers; decoding waits for the batch."""
+    _, pictures, _, _ = ckpt
+    model, params, tok, image_cfg = loaded
+    monkeypatch.setattr(batching, "read_image", lambda image: pytest.fail("decoded"))
+    long = conversation("why? " * model.cfg.text.max_position_embeddings, pictures[0], 1)
+    with pytest.raises(ValueError, match="sample 1: .*longer than the model's context"):
+        batching.generate_all(model, params, tok, image_cfg, [conversation("hi", pictures[1]),
+                                                              long], TEMPLATE,
+                              max_new_tokens=2)
