@@ -37,7 +37,7 @@ from mllm_jax.models.llava import merge_image_features
 from mllm_jax.models.llm import cache_kv_mask
 from mllm_jax.models.mrope import rope_index
 from mllm_jax.models.qwen2_vl_vision import (Qwen2VisionTransformer, flatten_rows, pad_patches,
-                                             smart_resize, vision_forward_flops)
+                                             pad_rows, smart_resize, vision_forward_flops)
 from mllm_jax.models.registry import (DECODERS, EncoderSpec, ModelFamily,
                                       UnsupportedModelError, decoder_train_flops,
                                       register_encoder, register_model)
@@ -263,6 +263,77 @@ def prepare_image_inputs(cfg, input_ids, pixel_values, model_inputs):
     return jnp.asarray(pixel_values), {**model_inputs, "image_grid_thw": jnp.asarray(grid)}
 
 
+class Qwen2VLImages:
+    """Qwen2-VL's images outside the model (`ModelFamily.image_inputs`): each image HF's
+    flattened patches and grid (`data.qwen2_vl_image`), its token count from its size after
+    smart_resize. `image_cfg`: a `Qwen2VLImageConfig`, a dict of HF's processor fields, or
+    None (the model's: `Qwen2VLImageConfig.for_model`); a `data.image.ImageProcessorConfig`
+    (which has no pixel bounds) gives its rescale, normalize and colour settings with the
+    model's bounds. The processor's patch, temporal and merge sizes must be the tower's."""
+
+    sized = True
+
+    def __init__(self, cfg, image_cfg=None):
+        from mllm_jax.data import image as image_lib
+        from mllm_jax.data import qwen2_vl_image as qimg
+        self.cfg, self._qimg = cfg, qimg
+        if image_cfg is None:
+            image_cfg = qimg.Qwen2VLImageConfig.for_model(cfg)
+        elif isinstance(image_cfg, image_lib.ImageProcessorConfig):
+            image_cfg = qimg.Qwen2VLImageConfig.for_model(cfg, **{
+                k: getattr(image_cfg, k) for k in (
+                    "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize",
+                    "image_mean", "image_std", "do_convert_rgb", "exif_transpose")})
+        else:
+            image_cfg = qimg.as_qwen2_vl_config(image_cfg)
+        v = cfg.vision
+        ours = (v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
+        theirs = (image_cfg.patch_size, image_cfg.temporal_patch_size, image_cfg.merge_size)
+        if ours != theirs:
+            raise ValueError(f"the image processor's (patch_size, temporal_patch_size, "
+                             f"merge_size) {theirs} must be the tower's {ours}")
+        self.image_cfg = image_cfg
+
+    def tokens(self, size) -> int:
+        return self._qimg.merged_tokens(size[0], size[1], self.image_cfg)
+
+    def encode(self, image) -> dict:
+        """{"patches": [grid_h * grid_w, C*T*P*P], "grid": (1, grid_h, grid_w)} of a PIL
+        image; an image beyond 200:1 is refused (`ImageRejected`), as HF's processor
+        refuses it."""
+        from mllm_jax.data import image as image_lib
+        size = self._qimg.image_size(image, self.image_cfg)
+        ratio = max(size) / max(min(size), 1)
+        if ratio > 200:
+            raise image_lib.ImageRejected(
+                image_lib.IMAGE_ASPECT_RATIO,
+                f"image of {size[1]}x{size[0]} px has aspect ratio {ratio:.4g}:1; Qwen2-VL's "
+                "processor takes at most 200:1")
+        patches, grid = self._qimg.preprocess(image, self.image_cfg)
+        return {"patches": patches, "grid": grid}
+
+    def tokens_of(self, encoding) -> int:
+        _, h, w = (int(x) for x in encoding["grid"])
+        return h * w // self.image_cfg.merge_size ** 2
+
+    def batch(self, encodings) -> dict:
+        """HF's layout: the images' patches concatenated and their grids stacked (generation
+        pads them to a bucket, `prepare_image_inputs`)."""
+        if not encodings:
+            return {}
+        return {"pixel_values": np.concatenate([e["patches"] for e in encodings]),
+                "image_grid_thw": np.stack([e["grid"] for e in encodings])}
+
+    def collate(self, rows, batch_size, max_images) -> dict:
+        """The training layout (`qwen2_vl_vision.pad_rows`): pixel_values [batch, bucket,
+        C*T*P*P] and image_grid_thw [batch, bucket / merge**2, 3], each row's images first."""
+        del max_images  # a row's grids fill the rows its bucket gives
+        rows = [[(e["patches"], e["grid"]) for e in row] for row in rows]
+        rows += [[] for _ in range(batch_size - len(rows))]
+        pixel_values, grids = pad_rows(rows, self.cfg.vision)
+        return {"pixel_values": pixel_values, "image_grid_thw": grids}
+
+
 def tokens_per_image(cfg, image_size=None) -> int:
     """Merged tokens of an image of `image_size` (h, w) (default: `vision.image_size`
     square) after the processor's smart_resize."""
@@ -460,4 +531,4 @@ for _name, _config in (("qwen2_vl", qwen2_vl_config), ("qwen2_5_vl", qwen2_5_vl_
         hf_model_types=lambda _n=_name: (_n,), from_hf=qwen2_vl_from_hf, to_hf=qwen2_vl_to_hf,
         key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops,
         check=check, prepare_image_inputs=prepare_image_inputs,
-        image_input_keys=lambda cfg: ("image_grid_thw",)))
+        image_inputs=Qwen2VLImages, image_input_keys=lambda cfg: ("image_grid_thw",)))
