@@ -146,3 +146,26 @@ def test_training_batches_row_by_row_with_the_hf_layout_loss(ckpt, data_file):
                                            if k != "sample_ids"})]
     assert ours[1] == ref[1] > 0
     assert abs(ours[0] / ours[1] - ref[0] / ref[1]) <= 1e-5
+
+
+def test_checkpoint_processor_config_sets_the_pixel_bounds(ckpt, tmp_path):
+    """A checkpoint's preprocessor_config.json as transformers 5 saves it (size.shortest_edge
+    / longest_edge) read through the family's `image_config`: token counts and patches
+    follow its bounds, as HF's processor's do."""
+    from transformers import Qwen2VLImageProcessorPil
+    d, pictures, model, _ = ckpt
+    assert registry.image_config(model.cfg, str(tmp_path)) is None
+    hf = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                  min_pixels=8 * 8 * 4, max_pixels=8 * 8 * 40)
+    hf.save_pretrained(str(tmp_path))
+    image_cfg = registry.image_config(model.cfg, str(tmp_path))
+    assert (image_cfg.min_pixels, image_cfg.max_pixels) == (256, 2560)
+    inputs = registry.image_inputs(model.cfg, image_cfg)
+    for picture, (h, w) in zip(pictures, SIZES):
+        image = Image.open(picture)
+        want = hf(images=image, return_tensors="np")
+        encoded = inputs.encode(image)
+        np.testing.assert_array_equal(encoded["grid"], want["image_grid_thw"][0])
+        np.testing.assert_allclose(encoded["patches"], want["pixel_values"], atol=1e-5)
+        assert inputs.tokens((h, w)) == inputs.tokens_of(encoded) == \
+            int(np.prod(want["image_grid_thw"][0])) // 4

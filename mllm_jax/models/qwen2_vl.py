@@ -334,6 +334,16 @@ class Qwen2VLImages:
         return {"pixel_values": pixel_values, "image_grid_thw": grids}
 
 
+def image_config(cfg, checkpoint_dir):
+    """The checkpoint's Qwen2-VL image processor config (`data.qwen2_vl_image`, its pixel
+    bounds included), or None when the directory has no processor config."""
+    from mllm_jax.data import qwen2_vl_image as qimg
+    try:
+        return qimg.load_qwen2_vl_image_config(checkpoint_dir)
+    except FileNotFoundError:
+        return None
+
+
 def tokens_per_image(cfg, image_size=None) -> int:
     """Merged tokens of an image of `image_size` (h, w) (default: `vision.image_size`
     square) after the processor's smart_resize."""
@@ -531,4 +541,5 @@ for _name, _config in (("qwen2_vl", qwen2_vl_config), ("qwen2_5_vl", qwen2_5_vl_
         hf_model_types=lambda _n=_name: (_n,), from_hf=qwen2_vl_from_hf, to_hf=qwen2_vl_to_hf,
         key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops,
         check=check, prepare_image_inputs=prepare_image_inputs,
-        image_inputs=Qwen2VLImages, image_input_keys=lambda cfg: ("image_grid_thw",)))
+        image_inputs=Qwen2VLImages, image_input_keys=lambda cfg: ("image_grid_thw",),
+        image_config=image_config))

@@ -218,6 +218,11 @@ class ModelFamily:
     # with (LLaVA-NeXT: `image_sizes`; Qwen2-VL: `image_grid_thw`); the training objectives
     # pass them from the batch when it has them.
     image_input_keys: Callable[[Any], tuple] = lambda cfg: ()
+    # (cfg, checkpoint directory) -> the image processor config the checkpoint holds, in
+    # the form the family's `image_inputs` takes, when the family reads its own (Qwen2-VL:
+    # pixel bounds, which `data.image.ImageProcessorConfig` has no field for); None: the
+    # directory holds none. Without the hook: `data.image.load_image_processor_config`.
+    image_config: Optional[Callable[[Any, str], Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,6 +405,14 @@ def image_inputs(cfg, image_cfg=None):
         from mllm_jax.data.image_inputs import FixedImages
         return FixedImages(cfg, image_cfg)
     return make(cfg, image_cfg)
+
+
+def image_config(cfg, checkpoint_dir):
+    """The family's own reading of a checkpoint's image processor config
+    (`ModelFamily.image_config`), or None when the family has no reader of its own or the
+    directory holds no config for it."""
+    read = family(cfg).image_config
+    return None if read is None else read(cfg, checkpoint_dir)
 
 
 def image_token_id(cfg):
