@@ -169,3 +169,25 @@ def test_checkpoint_processor_config_sets_the_pixel_bounds(ckpt, tmp_path):
         np.testing.assert_allclose(encoded["patches"], want["pixel_values"], atol=1e-5)
         assert inputs.tokens((h, w)) == inputs.tokens_of(encoded) == \
             int(np.prod(want["image_grid_thw"][0])) // 4
+
+
+def test_train_from_llava_json_on_two_data_devices(ckpt, data_file, tmp_path):
+    """`train` on LLaVA-format JSON: a Qwen2-VL stage-2 step over a batch sharded on two
+    data-parallel devices (rows with their images) starts from the HF-layout loss."""
+    from mllm_jax.train.loop import train
+    d, _, model, params = ckpt
+    c = recipe.base("tiny-llava")
+    c.model = model.cfg
+    c.init.hf_checkpoint = d
+    c.stage.update(name="stage2", trainable=[r"^visual/merger/", r"^model/"])
+    c.train.update(global_batch_size=4, num_steps=1, lr=1e-3, warmup_ratio=0.0, log_every=1,
+                   checkpoint_every=10, async_checkpointing=False, export_final=False)
+    c.data.update(source="llava_json", json=data_file, image_root=os.path.dirname(data_file),
+                  tokenizer=d, template=TEMPLATE, max_length=160, images=2, workers=0)
+    c.mesh.update(data=2, fsdp=1, tensor=1)
+    b = next(make_data(c, 0, 1))
+    total, n, _ = jax.jit(lambda p, x: step_lib.lm_objective(model, p, x, None))(
+        params, {k: v for k, v in b.items() if k != "sample_ids"})
+    summary = train(c, str(tmp_path / "run"), log=lambda *_: None, devices=jax.devices()[:2])
+    assert summary["step"] == 1
+    assert summary["losses"][0] == pytest.approx(float(total) / float(n), rel=1e-5, abs=1e-6)
