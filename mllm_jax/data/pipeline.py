@@ -116,8 +116,10 @@ class _Pending(NamedTuple):
 
 def _image_shape(cfg: image_lib.ImageProcessorConfig) -> tuple:
     if cfg.mode == "anyres":
-        raise NotImplementedError("LlavaPipeline batches one view per image; 'anyres' (tiles) "
-                                  "needs a views axis and is not supported yet")
+        raise ValueError("the image processor config's mode is 'anyres' (tiles of the image), "
+                         "but this model takes one fixed-size view per image; train a model "
+                         "that reads anyres views (LLaVA-NeXT), or give data.processor a "
+                         "'crop' or 'pad' preprocessor_config.json")
     if cfg.do_center_crop:
         return cfg.crop_size["height"], cfg.crop_size["width"], 3
     if cfg.do_resize and "height" in cfg.size:
