@@ -36,12 +36,12 @@ def _report_errors():
 
 
 def tiny_config():
-    vision = qwen2_vl_vision_config(depth=2, embed_dim=32, hidden_size=64, num_heads=4,
+    vision = qwen2_vl_vision_config(depth=1, embed_dim=32, hidden_size=64, num_heads=4,
                                     mlp_ratio=2, patch_size=4, spatial_merge_size=2,
                                     temporal_patch_size=2, min_pixels=8 * 8 * 2,
                                     max_pixels=8 * 8 * 24)
     text = qwen2_vl_text_config(vocab_size=128, hidden_size=64, intermediate_size=96,
-                                num_hidden_layers=2, num_attention_heads=4,
+                                num_hidden_layers=1, num_attention_heads=4,
                                 num_key_value_heads=2, max_position_embeddings=256,
                                 mrope_section=[2, 3, 3], bos_token_id=BOS, eos_token_id=2)
     return qwen2_vl_config(vision=vision, text=text, image_token_id=IMAGE,
