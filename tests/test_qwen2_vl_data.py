@@ -129,3 +129,17 @@ def test_for_model_counts_as_tokens_per_image():
         (4, 2, 300, 5000)
     for h, w in [(10, 10), (100, 300), (500, 7), (64, 64)]:
         assert qimg.merged_tokens(h, w, proc) == registry.tokens_per_image(cfg, (h, w))
+
+
+def test_family_image_inputs_refuse_beyond_200_to_1_as_a_bad_image():
+    """The pipeline reports a refused image as a bad record (`ImageRejected`), not an
+    error that stops training."""
+    from mllm_jax.data.image import IMAGE_ASPECT_RATIO, ImageRejected
+    inputs = registry.image_inputs(tiny_model_config())
+    assert inputs.sized
+    with pytest.raises(ImageRejected) as e:
+        inputs.encode(make_image("RGB", 402, 2))
+    assert e.value.reason == IMAGE_ASPECT_RATIO
+    encoded = inputs.encode(make_image("RGB", 37, 23))
+    assert inputs.tokens_of(encoded) == inputs.tokens((23, 37)) == \
+        registry.tokens_per_image(tiny_model_config(), (23, 37))
