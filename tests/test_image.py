@@ -157,6 +157,22 @@ def test_config_from_saved_hf_processor(tmp_path, processors, kind):
     np.testing.assert_allclose(preprocess(image, cfg), hf_pixels(hf, image), atol=1e-5)
 
 
+def test_siglip_processor_resizes_straight_to_its_size(tmp_path):
+    """SiglipImageProcessor has no center crop (its saved config has no do_center_crop): a
+    saved one reads as a plain resize to `size`, pixel for pixel HF's."""
+    from transformers import SiglipImageProcessorPil
+    hf = SiglipImageProcessorPil(size={"height": 28, "width": 36})
+    hf.save_pretrained(tmp_path)
+    cfg = load_image_processor_config(tmp_path)
+    assert cfg.mode == "crop" and not cfg.do_center_crop
+    for mode in ("RGB", "RGBA", "L"):
+        for w, h in SIZES:
+            image = make_image(mode, w, h)
+            got, want = preprocess(image, cfg), hf_pixels(hf, image)
+            assert got.shape == want.shape == (28, 36, 3), (mode, w, h)
+            assert float(np.max(np.abs(got - want))) <= 1e-5, (mode, w, h)
+
+
 def test_config_legacy_fields_and_llava_repo_aspect(tmp_path):
     legacy = {"image_processor_type": "CLIPImageProcessor", "size": 28, "crop_size": 28,
               "resample": 3, "rescale_factor": 0.00392156862745098, "image_mean": list(MEAN),

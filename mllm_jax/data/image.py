@@ -57,6 +57,9 @@ from mllm_jax import storage
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MODES = ("crop", "pad", "anyres")
+# HF image processors that resize straight to `size` and have no center crop (their saved
+# configs omit do_center_crop, which would otherwise default to CLIP's True).
+NO_CENTER_CROP = ("SiglipImageProcessor",)
 MAX_ASPECT_RATIO = 50.0
 # Reasons an image is refused (ImageRejected.reason).
 IMAGE_ASPECT_RATIO = "image_aspect_ratio"
@@ -147,7 +150,10 @@ class ImageProcessorConfig:
                                   "LlavaNextImageProcessor; preprocessing as plain 'crop'",
                                   stacklevel=2)
         fields = {f.name for f in dataclasses.fields(cls)} - {"mode", "exif_transpose"}
-        return cls(mode=mode, **{k: v for k, v in d.items() if k in fields and v is not None})
+        given = {k: v for k, v in d.items() if k in fields and v is not None}
+        if kind in NO_CENTER_CROP:
+            given.setdefault("do_center_crop", False)
+        return cls(mode=mode, **given)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
