@@ -169,6 +169,9 @@ def test_checkpoint_processor_config_sets_the_pixel_bounds(ckpt, tmp_path):
         np.testing.assert_allclose(encoded["patches"], want["pixel_values"], atol=1e-5)
         assert inputs.tokens((h, w)) == inputs.tokens_of(encoded) == \
             int(np.prod(want["image_grid_thw"][0])) // 4
+    # chat / generate / eval read the checkpoint's processor config the same way.
+    from mllm_jax.infer.batching import image_config_for
+    assert image_config_for(model, str(tmp_path)) == image_cfg
 
 
 def test_train_from_llava_json_on_two_data_devices(ckpt, data_file, tmp_path):

@@ -87,7 +87,10 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
                          "images; set data.images=0")
     if not d.get("tokenizer"):
         raise ValueError(f"data.source={d.source} needs data.tokenizer (a path)")
-    if d.get("processor"):
+    own = registry.image_config(m, d.processor) if d.get("processor") and d.images else None
+    if own is not None:  # the family reads its processor's config itself (Qwen2-VL)
+        image_cfg = own
+    elif d.get("processor"):
         image_cfg = image_lib.load_image_processor_config(d.processor,
                                                           mode=d.get("image_mode") or None)
     elif d.images:  # the model's own resolution with CLIP's mean/std

@@ -35,9 +35,14 @@ from mllm_jax.models import registry
 
 
 def image_config_for(model, checkpoint_dir):
-    """The checkpoint's preprocessor_config.json, else CLIP preprocessing at the model's
-    resolution, after padding to a square when config.json's `image_aspect_ratio` is "pad"
-    (LLaVA-repository checkpoints, whose processor is their tower's, in another directory)."""
+    """The family's own reading of the checkpoint's image processor config
+    (`registry.image_config`), else the checkpoint's preprocessor_config.json, else CLIP
+    preprocessing at the model's resolution, after padding to a square when config.json's
+    `image_aspect_ratio` is "pad" (LLaVA-repository checkpoints, whose processor is their
+    tower's, in another directory)."""
+    own = registry.image_config(model.cfg, checkpoint_dir)
+    if own is not None:  # the family reads its processor's config itself (Qwen2-VL)
+        return own
     if os.path.exists(os.path.join(checkpoint_dir, "preprocessor_config.json")):
         return image_lib.load_image_processor_config(checkpoint_dir)
     size = model.cfg.vision.image_size
