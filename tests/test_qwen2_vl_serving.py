@@ -87,6 +87,48 @@ def test_prompts_and_patches_follow_the_image(ckpt):
         registry.tokens_per_image(model.cfg, SIZES[1])
 
 
+def _image_runs(ids, image_id):
+    """[(start, end)] of the runs of image tokens in `ids`."""
+    runs, k, ids = [], 0, list(ids)
+    while k < len(ids):
+        if ids[k] == image_id:
+            end = k
+            while end < len(ids) and ids[end] == image_id:
+                end += 1
+            runs.append((k, end))
+            k = end
+        else:
+            k += 1
+    return runs
+
+
+def wrapped(ids, tok, image_id):
+    """How many images `ids` hold, each checked to sit between <|vision_start|> and
+    <|vision_end|>, as Qwen2-VL's chat template writes an image."""
+    start = tok.encode("<|vision_start|>", add_bos=False)
+    end = tok.encode("<|vision_end|>", add_bos=False)
+    ids = list(ids)
+    runs = _image_runs(ids, image_id)
+    for a, b in runs:
+        assert ids[a - len(start):a] == start and ids[b:b + len(end)] == end, (a, b)
+    return len(runs)
+
+
+def test_prompts_write_images_between_vision_start_and_end(ckpt):
+    """After the template's placement (training examples: the training test below)."""
+    from mllm_jax.data.templates import get_template
+    d, pictures, model, _ = ckpt
+    tok = load_tokenizer(d)
+    assert registry.image_text(model.cfg) == "<|vision_start|><image><|vision_end|>"
+
+    conv = batching.Conversation([{"from": "human", "value": "What is <image> here?"}],
+                                 [pictures[0]])
+    ids = batching.encode_prompt(model, tok, conv, get_template(TEMPLATE, "llava"))
+    assert wrapped(ids, tok, model.cfg.image_token_id) == 1
+    text = tok.decode([i for i in ids if i != model.cfg.image_token_id])
+    assert "<|vision_start|><|vision_end|>\nWhat is  here?" in text
+
+
 def test_batched_answers_equal_single(ckpt):
     d, pictures, model, params = ckpt
     tok = load_tokenizer(d)
@@ -133,6 +175,8 @@ def test_training_batches_row_by_row_with_the_hf_layout_loss(ckpt, data_file):
         sizes = [SIZES[i] for i in SAMPLES[int(sample[1:])][0]]
         want = sum(registry.tokens_per_image(model.cfg, s) for s in sizes)
         assert int(np.sum(b["input_ids"][row] == model.cfg.image_token_id)) == want
+        assert wrapped(b["input_ids"][row], load_tokenizer(d), model.cfg.image_token_id) == \
+            len(sizes)
         g = b["image_grid_thw"][row, :len(sizes)]
         assert not b["image_grid_thw"][row, len(sizes):].any()
         n = int(np.prod(g, axis=-1).sum())

@@ -203,7 +203,8 @@ class LlavaPipeline:
                  workdir=None, system: str | None = None, return_sample_ids: bool = False,
                  mode: str = "lm", report_name: str = "data_report", sample_inputs=None,
                  packing: bool = False, packing_images: int = 0,
-                 image_placement: str | None = None, image_inputs=None):
+                 image_placement: str | None = None, image_inputs=None,
+                 image_text: str = T.IMAGE_PLACEHOLDER):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         # A sized family's image inputs (`registry.image_inputs`), or None: fixed-shape images.
@@ -238,6 +239,8 @@ class LlavaPipeline:
         self.image_shape = _image_shape(self.image_cfg) if self.image_inputs is None else None
         # image_placement None: the template's own (templates.IMAGE_PLACEMENTS)
         self.template = T.get_template(template, image_placement)
+        # How the model's prompts write one image (`registry.image_text`).
+        self.image_text = image_text
         if mode == "image_text":  # captions alone, in the Q-Former's tokenizer; no template
             self._specials = pairs.special_ids(tokenizer)
             self._image_ids = pairs.image_index(self.records)
@@ -374,7 +377,10 @@ class LlavaPipeline:
         if n_images > self.max_images:
             return Bad(TOO_MANY_IMAGES, f"{n_images} images, max_images {self.max_images}")
         try:
+            conversations, placement = T.write_images(conversations, self.template,
+                                                      self.image_text)
             ex = T.build_example(conversations, self.template, self.tokenizer,
+                                 image_placement=placement,
                                  image_tokens_per_image=(self.image_tokens_per_image
                                                          if image_tokens is None
                                                          else image_tokens),

@@ -118,7 +118,7 @@ def _llava_json_pipeline(cfg, process_index, process_count, workdir, mode):
             packing=bool(d.get("packing", False)),
             packing_images=int(d.get("packing_images", 0)),
             image_placement=d.get("image_placement") or None,
-            image_inputs=image_inputs, **kw)
+            image_inputs=image_inputs, image_text=registry.image_text(m), **kw)
 
     seed = d.seed
     if mixture and d.get("packing", False):

@@ -162,6 +162,28 @@ def place_images(text: str, placement: str) -> str:
     return (images + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
 
 
+def write_images(conversation, template, image_text: str = IMAGE_PLACEHOLDER,
+                 image_placement: str | None = None) -> tuple:
+    """(conversation, image_placement) to build with: each user message's images placed as
+    the template says and then written as `image_text` (the model's text around one image,
+    e.g. "<im_start><image><im_end>"; `registry.image_text`), with "as_written" to keep them
+    there. Unchanged when `image_text` is the bare placeholder."""
+    if image_text == IMAGE_PLACEHOLDER:
+        return conversation, image_placement
+    if IMAGE_PLACEHOLDER not in image_text:
+        raise ValueError(f"image_text {image_text!r} must hold the placeholder "
+                         f"{IMAGE_PLACEHOLDER!r}")
+    placement = get_template(template, image_placement).image_placement
+    out = []
+    for m in conversation:
+        role = m.get("from", m.get("role")) if isinstance(m, dict) else None
+        if role in ("human", "user") and isinstance(m.get("value"), str):
+            text = place_images(m["value"].strip(), placement)
+            m = {**m, "value": text.replace(IMAGE_PLACEHOLDER, image_text)}
+        out.append(m)
+    return out, AS_WRITTEN
+
+
 def _prompt(text: str) -> list:
     """Prompt text, with its image placeholders as image segments."""
     segs = []

@@ -28,8 +28,7 @@ import numpy as np
 from mllm_jax import jsonfile
 from mllm_jax.data import image as image_lib
 from mllm_jax.data.image_inputs import FixedImages
-from mllm_jax.data.templates import (AS_WRITTEN, IMAGE_PLACEHOLDER, build_prompt, get_template,
-                                     place_images)
+from mllm_jax.data.templates import IMAGE_PLACEHOLDER, build_prompt, write_images
 from mllm_jax.infer.generate import check_prompts, generate
 from mllm_jax.models import registry
 
@@ -183,16 +182,8 @@ def encode_prompt(model, tokenizer, conversation: Conversation, template, *,
     if count and not multimodal:
         raise ValueError(f"sample {conversation.sample_id!r} has images, but the checkpoint "
                          f"has no vision tower")
-    messages, placement = conversation.messages, None
     written = registry.image_text(model.cfg, IMAGE_PLACEHOLDER) if count else IMAGE_PLACEHOLDER
-    if written != IMAGE_PLACEHOLDER:
-        # Images written as the checkpoint was trained to see them, after the template's
-        # placement has moved them (the wrapped text then stays as written).
-        placement = get_template(template).image_placement
-        messages = [{**m, "value": place_images(m["value"].strip(), placement).replace(
-                        IMAGE_PLACEHOLDER, written)} if m.get("from") in ("human", "user") else m
-                    for m in messages]
-        placement = AS_WRITTEN
+    messages, placement = write_images(conversation.messages, template, written)
     return build_prompt(messages, template, tokenizer, image_placement=placement,
                         image_tokens_per_image=(image_token_counts(model, conversation,
                                                                    image_inputs)

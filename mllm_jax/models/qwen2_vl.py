@@ -502,6 +502,9 @@ def check(cfg, where: str = "model config") -> None:
 
 # transformers 5's in-memory names, as some tools save them.
 KEY_ALIASES = ((r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "model."))
+# One image in a prompt, as Qwen2-VL's chat template writes it (the placeholder becomes the
+# image's merged tokens).
+IMAGE_TEXT = "<|vision_start|><image><|vision_end|>"
 
 
 def _unused_keys(cfg) -> list:
@@ -542,4 +545,4 @@ for _name, _config in (("qwen2_vl", qwen2_vl_config), ("qwen2_5_vl", qwen2_5_vl_
         key_aliases=KEY_ALIASES, unused_keys=_unused_keys, train_flops=train_flops,
         check=check, prepare_image_inputs=prepare_image_inputs,
         image_inputs=Qwen2VLImages, image_input_keys=lambda cfg: ("image_grid_thw",),
-        image_config=image_config))
+        image_config=image_config, image_text=lambda cfg: IMAGE_TEXT))

@@ -223,6 +223,10 @@ class ModelFamily:
     # pixel bounds, which `data.image.ImageProcessorConfig` has no field for); None: the
     # directory holds none. Without the hook: `data.image.load_image_processor_config`.
     image_config: Optional[Callable[[Any, str], Any]] = None
+    # (cfg) -> the text a prompt writes for one image around the "<image>" placeholder
+    # (Qwen2-VL: "<|vision_start|><image><|vision_end|>", as its processor's chat template
+    # writes it); None: the placeholder alone. Prompts and training examples both use it.
+    image_text: Optional[Callable[[Any], str]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,10 +326,13 @@ def recorded_layout(cfg) -> str:
 
 def image_text(cfg, placeholder: str = "<image>") -> str:
     """How a prompt writes one image for this model: the placeholder, or what the layout the
-    model was read from wraps it in (`CheckpointLayout.image_text`)."""
+    model was read from (`CheckpointLayout.image_text`), else its family
+    (`ModelFamily.image_text`), wraps it in."""
     name = recorded_layout(cfg)
     hook = LAYOUTS.get(name).image_text if name != HF_LAYOUT else None
-    return hook(cfg) if hook is not None else placeholder
+    if hook is None and is_multimodal(cfg):
+        hook = family(cfg).image_text
+    return hook(cfg).replace("<image>", placeholder) if hook is not None else placeholder
 
 
 def family(cfg) -> ModelFamily:
