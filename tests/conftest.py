@@ -41,7 +41,8 @@ LONGEST_FIRST = ("test_demo_qformer.py", "test_resume_multiprocess.py", "test_de
                  "test_splash_attention.py", "test_packing.py", "test_blip2_train.py",
                  "test_export_all.py", "test_siglip.py", "test_qwen2_vl.py",
                  "test_llava_repo_checkpoints.py", "test_llava_next.py",
-                 "test_llava_next_train.py", "test_llava_next_serving.py")
+                 "test_llava_next_train.py", "test_llava_next_serving.py",
+                 "test_qwen2_vl_serving.py", "test_qwen2_vl_train.py")
 
 
 def pytest_collection_modifyitems(config, items):
