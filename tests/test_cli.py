@@ -327,7 +327,7 @@ def _substitute(code, replacements):
 def test_readme_usage_example_runs(llava_dir, tmp_path, monkeypatch):
     """The README's Python example, pointed at a tiny local LLaVA instead of a 7B one."""
     from mllm_jax.demo import IMAGE_PATH
-    (code,) = [b for b in _readme_blocks("python") if "load_hf(" in b]
+    code = next(b for b in _readme_blocks("python") if "load_hf(" in b)  # Usage's
     code = _substitute(code, {'"llava-1.5-7b-hf"': repr(llava_dir),
                               '"photo.png"': repr(IMAGE_PATH),
                               "1724, 338, 297": "5, 9, 33"})

@@ -359,7 +359,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _to_pil(image) -> Image.Image:
+def to_pil(image) -> Image.Image:
+    """A PIL image of `image`: a PIL image as is, a path or in-memory file read (EXIF-oriented,
+    `read_image`), an array converted."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)) or is_in_memory(image):
@@ -374,7 +376,8 @@ def _to_pil(image) -> Image.Image:
 # ---------------------------------------------------------------- geometry (uint8 HWC arrays)
 
 
-def _resize(x: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+def resize_array(x: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """A uint8 [H, W, C] array resized by PIL to (height, width) with `resample`."""
     return np.asarray(Image.fromarray(x).resize((width, height), resample=resample))
 
 
@@ -391,7 +394,7 @@ def _resize_to(x: np.ndarray, size: dict, resample: int) -> np.ndarray:
         new_h, new_w = _shortest_edge_size(h, w, size["shortest_edge"])
     else:
         new_h, new_w = size["height"], size["width"]
-    return _resize(x, new_h, new_w, resample)
+    return resize_array(x, new_h, new_w, resample)
 
 
 def _resize_and_crop(x: np.ndarray, s: int, crop_h: int, crop_w: int,
@@ -401,7 +404,7 @@ def _resize_and_crop(x: np.ndarray, s: int, crop_h: int, crop_w: int,
     h, w = x.shape[:2]
     new_h, new_w = _shortest_edge_size(h, w, s)
     if new_h * new_w <= TARGET_SQUARES * max(s, crop_h, crop_w) ** 2:
-        return _center_crop(_resize(x, new_h, new_w, resample), crop_h, crop_w)
+        return _center_crop(resize_array(x, new_h, new_w, resample), crop_h, crop_w)
     # Resample only the crop's span of the long side (PIL's box, in source coordinates).
     if new_w > new_h:
         left, scale = (new_w - crop_w) // 2, w / new_w
@@ -496,7 +499,7 @@ def _resize_and_pad(x: np.ndarray, target_h: int, target_w: int, resample: int) 
         new_h, new_w = min(math.ceil(h * scale_w), target_h), target_w
     else:
         new_h, new_w = target_h, min(math.ceil(w * scale_h), target_w)
-    x = _resize(x, new_h, new_w, resample)
+    x = resize_array(x, new_h, new_w, resample)
     out = np.zeros((target_h, target_w, 3), np.uint8)
     top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
     out[top:top + new_h, left:left + new_w] = x
@@ -514,7 +517,7 @@ def _anyres_views(x: np.ndarray, cfg: ImageProcessorConfig) -> list[np.ndarray]:
              for j in range(0, best_w, tile)]
     base_h, base_w = (cfg.size["height"], cfg.size["width"]) if "height" in cfg.size \
         else (cfg.size["shortest_edge"],) * 2
-    return [_resize(x, base_h, base_w, cfg.resample)] + tiles
+    return [resize_array(x, base_h, base_w, cfg.resample)] + tiles
 
 
 def _normalize(x: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
@@ -538,7 +541,7 @@ def preprocess(image, config) -> np.ndarray:
     cfg = as_image_config(config)
     name = image_name(image) if isinstance(image, (str, os.PathLike)) or is_in_memory(image) \
         else getattr(image, "filename", None)
-    image = _to_pil(image)
+    image = to_pil(image)
     check_aspect_ratio(image.width, image.height, cfg, name)
     if cfg.exif_transpose:
         image = apply_exif_orientation(image)
@@ -581,7 +584,7 @@ def preprocess_batch(images, config) -> dict:
     cfg = as_image_config(config)
     pixels, sizes = [], []
     for image in images:
-        image = _to_pil(image)
+        image = to_pil(image)
         if cfg.exif_transpose:
             image = apply_exif_orientation(image)
         sizes.append((image.height, image.width))

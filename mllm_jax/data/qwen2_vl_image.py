@@ -172,7 +172,7 @@ def merged_tokens(height: int, width: int, config) -> int:
 
 
 def _upright_rgb(image, cfg: Qwen2VLImageConfig) -> np.ndarray:
-    image = image_lib._to_pil(image)
+    image = image_lib.to_pil(image)
     if cfg.exif_transpose:
         image = image_lib.apply_exif_orientation(image)
     if cfg.do_convert_rgb:
@@ -206,7 +206,7 @@ def preprocess(image, config) -> tuple[np.ndarray, np.ndarray]:
     x = _upright_rgb(image, cfg)
     if cfg.do_resize:
         h, w = resized_size(x.shape[0], x.shape[1], cfg)
-        x = image_lib._resize(x, h, w, cfg.resample)
+        x = image_lib.resize_array(x, h, w, cfg.resample)
     if cfg.do_rescale:
         x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
     else:
@@ -238,7 +238,7 @@ def image_size(image, config) -> tuple[int, int]:
     cfg = as_qwen2_vl_config(config)
     if isinstance(image, (str, os.PathLike)) or image_lib.is_in_memory(image):
         return image_lib.read_image_size(image, exif_transpose=cfg.exif_transpose)
-    image = image_lib._to_pil(image)
+    image = image_lib.to_pil(image)
     if cfg.exif_transpose:
         image = image_lib.apply_exif_orientation(image)
     return image.height, image.width

@@ -2,16 +2,17 @@
 that builds them from configs (`build_model`) and answers what the rest of the package asks
 of a model (`tokens_per_image`, `is_multimodal`, ...).
 
-Importing this package registers the built-in families: encoders `clip`, `eva`; connectors
-`linear`, `mlp2x_gelu`, `qformer`; decoders `llama`, `mistral`, `qwen2`, `opt`, `t5`
-(encoder-decoder); models `llava`, `llava_next`, `causal_lm`, `seq2seq_lm`, `clip_vision`, `blip2`,
-`instructblip`, `blip2_qformer` (BLIP-2's stage-1 Q-Former pre-training), `qwen2_vl`
-(with its encoder `qwen2_vl_vision`); checkpoint layout
+Importing this package registers the built-in families: encoders `clip`, `eva`, `siglip`;
+connectors `linear`, `mlp2x_gelu`, `qformer`; decoders `llama`, `mistral`, `qwen2`, `opt`,
+`t5` (encoder-decoder); models `llava`, `llava_next`, `causal_lm`, `seq2seq_lm`,
+`clip_vision`, `siglip_vision`, `blip2`, `instructblip`, `blip2_qformer` (BLIP-2's stage-1
+Q-Former pre-training), `qwen2_vl` and `qwen2_5_vl` (with their encoders `qwen2_vl_vision`,
+`qwen2_5_vl_vision`); checkpoint layout
 `llava_repo` (the LLaVA repository's checkpoints, read into `llava`). A new family is a
 module plus a `registry.register_*` call.
 """
 from mllm_jax.models import (blip2, blip2_qformer, connectors, decoders,  # noqa: F401
-                             encoders, llava_repo, qwen2_vl)  # (registrations)
+                             encoders, llava_next, llava_repo, qwen2_vl)  # (registrations)
 from mllm_jax.models.llava import Llava
 from mllm_jax.models.llm import CausalLM
 from mllm_jax.models.registry import (CheckpointLayout, ConnectorSpec, DecoderSpec, EncoderSpec,
