@@ -3,14 +3,11 @@ import os
 import shutil
 import tempfile
 
-# Must happen before jax is imported anywhere: tests shard over a simulated 8-device mesh.
-# XLA's CPU backend spends most of a tiny program's compile time in LLVM's optimiser; the
-# tests' programs are compile-bound, so they are built without it (the same float semantics:
-# LLVM may not reassociate either way).
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-).strip()
+from compile_flags import xla_flags
+
+# Must happen before jax is imported anywhere: tests shard over a simulated 8-device mesh,
+# and their programs are built for compile speed (compile_flags.py).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests that compile for a TPU topology (libtpu installed, no TPU) may run in both xdist
 # workers at once; libtpu otherwise admits one process per machine.

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from compile_flags import xla_flags
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -61,9 +62,8 @@ def executed(tmp_path_factory):
             + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]),
         "MLLM_JAX_WORKDIR": str(tmp / "work"),
         "JAX_PLATFORMS": "cpu",
-        # One CPU device, as on a CPU runtime; tiny programs compile faster without LLVM's
-        # optimiser (as in conftest.py).
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",
+        # One CPU device, as on a CPU runtime; built for compile speed (compile_flags.py).
+        "XLA_FLAGS": xla_flags(),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from compile_flags import xla_flags
 
 from mllm_jax.cli import main
 
@@ -28,8 +29,7 @@ def test_a_second_trainer_on_a_workdir_in_use_refuses_and_the_first_finishes_unh
         tmp_path, capsys):
     workdir = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-               "--xla_backend_optimization_level=0",
+               XLA_FLAGS=xla_flags(1),
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     params = tmp_path / "first.npz"
     go = tmp_path / "go"  # the first trainer waits after step 1 until this exists

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from compile_flags import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "llava15_tiny_stage2.py")
@@ -28,8 +29,7 @@ class Run:
     def __init__(self, workdir, *args, sets=SINGLE, devices=2, cache_dir=None):
         env = dict(os.environ)
         # Compiled as the test process compiles (conftest.py: no LLVM optimisation).
-        env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                            "--xla_backend_optimization_level=0")
+        env["XLA_FLAGS"] = xla_flags(devices)
         env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         if cache_dir:
