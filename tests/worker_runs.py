@@ -28,7 +28,7 @@ class Run:
 
     def __init__(self, workdir, *args, sets=SINGLE, devices=2, cache_dir=None):
         env = dict(os.environ)
-        # Compiled as the test process compiles (conftest.py: no LLVM optimisation).
+        # Compiled as the test process compiles (compile_flags.py).
         env["XLA_FLAGS"] = xla_flags(devices)
         env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")

@@ -79,13 +79,12 @@ from mllm_jax.data import templates as T
 from mllm_jax.data.collate import collate
 # Mixtures have their own module; their names stay importable from here.
 from mllm_jax.data.mixture import MixturePipeline, mixture_choices  # noqa: F401
-from mllm_jax.data.paths import OUTSIDE_ROOT  # noqa: F401
 # A record's checks have their own module; their names stay importable from here.
 from mllm_jax.data.record_checks import (  # noqa: F401
     EMPTY_TEXT, IMAGE_ASPECT_RATIO, IMAGE_COUNT_MISMATCH, IMAGE_TOO_LARGE,
-    MALFORMED_CONVERSATION, MISSING_IMAGE, REASONS, TEXT_NOT_ENCODABLE, TOKENIZATION_MISMATCH,
-    TOO_MANY_IMAGES, UNREADABLE_IMAGE, Bad, check_conversation, decode_images,
-    fixed_image_shape, preference_conversations)
+    MALFORMED_CONVERSATION, MISSING_IMAGE, OUTSIDE_ROOT, REASONS, TEXT_NOT_ENCODABLE,
+    TOKENIZATION_MISMATCH, TOO_MANY_IMAGES, UNREADABLE_IMAGE, Bad, check_conversation,
+    decode_images, fixed_image_shape, preference_conversations)
 
 MODES = ("lm", "dpo", "image_text")  # image_text: one image and its caption (data.pairs)
 
